@@ -1,0 +1,3 @@
+from locallearn.cli import main
+
+main()

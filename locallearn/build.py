@@ -1,0 +1,128 @@
+"""The only wiring: config -> backbone -> split -> method aux nets -> task head -> LocalModel.
+
+This is the one module that imports every plug-in; a plug-in is one file plus one line in a dict here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from locallearn.backbones import resnet_cifar
+from locallearn.backbones.base import Backbone
+from locallearn.config import Config, ConfigError, from_dict
+from locallearn.methods.base import AuxContext, Method
+from locallearn.methods.bp import BP
+from locallearn.methods.dgl import DGL
+from locallearn.methods.infopro import InfoPro
+from locallearn.methods.man import MAN_DEFAULTS, Momentum, MomentumConfig
+from locallearn.model import LocalModel
+from locallearn.split import resolve_cuts
+from locallearn.tasks.base import HeadLoss, Task
+from locallearn.tasks.classification import Classification, ClassificationConfig
+from locallearn.types import InputInfo
+
+log = logging.getLogger(__name__)
+
+BACKBONES: dict[str, Callable[..., Backbone]] = {
+    "resnet20": resnet_cifar.resnet20,
+    "resnet32": resnet_cifar.resnet32,
+    "resnet56": resnet_cifar.resnet56,
+    "resnet110": resnet_cifar.resnet110,
+}
+METHODS: dict[str, type[Method]] = {"bp": BP, "dgl": DGL, "infopro": InfoPro}
+MOMENTUM: dict[str, dict[str, Any]] = MAN_DEFAULTS  # "+man" / "+manpp" suffixes, composable with any base
+TASKS: dict[str, Callable[..., Task]] = {"classification": Classification}
+
+
+def method_names() -> list[str]:
+    bases = [name for name in METHODS if name != "bp"]
+    return ["bp", *bases, *(f"{b}+{m}" for b in bases for m in MOMENTUM)]
+
+
+def build_method(name: str, options: dict[str, dict[str, Any]] | None = None) -> Method:
+    """``"infopro"``, ``"dgl+manpp"``, ... with options ``{section: {field: value}}``.
+
+    Sections: the base method's name (``infopro``) and ``momentum`` for the MAN / MAN++ wrapper.
+    """
+    options = dict(options or {})
+    base_name, _, wrapper = name.partition("+")
+    if base_name not in METHODS or (wrapper and wrapper not in MOMENTUM):
+        raise ConfigError(f"unknown method {name!r}; choose from {method_names()}")
+    base_cls = METHODS[base_name]
+    if wrapper and base_name == "bp":
+        raise ConfigError("bp is end-to-end (K = 1): it has no aux net for a momentum aux to wrap")
+    allowed = {base_name} | ({"momentum"} if wrapper else set())
+    for section in options:
+        if section not in allowed:
+            raise ConfigError(
+                f"method options section {section!r} does not apply to method {name!r}; valid: {sorted(allowed)}"
+            )
+    base = base_cls(from_dict(base_cls.Config, options.get(base_name, {}), f"method.{base_name}"))
+    if not wrapper:
+        return base
+    momentum = {**MOMENTUM[wrapper], **options.get("momentum", {})}
+    return Momentum(base, from_dict(MomentumConfig, momentum, "method.momentum"), wrapper)
+
+
+def resolved_method_options(method: Method) -> dict[str, dict[str, Any]]:
+    """The method's full option sections, defaults filled in (written to config.yaml)."""
+    if isinstance(method, Momentum):
+        return {
+            method.base.name: dataclasses.asdict(method.base.cfg),
+            "momentum": dataclasses.asdict(method.cfg),
+        }
+    return {method.name: dataclasses.asdict(method.cfg)} if dataclasses.asdict(method.cfg) else {}
+
+
+def build_backbone(name: str, in_chans: int, **kw) -> Backbone:
+    if name not in BACKBONES:
+        raise ConfigError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
+    return BACKBONES[name](in_chans=in_chans, **kw)
+
+
+def build_task(cfg: Config, num_classes: int) -> Task:
+    if cfg.task.name not in TASKS:
+        raise ConfigError(f"unknown task {cfg.task.name!r}; choose from {sorted(TASKS)}")
+    return TASKS[cfg.task.name](num_classes, ClassificationConfig(label_smoothing=cfg.task.label_smoothing))
+
+
+def build_model(cfg: Config, inputs: InputInfo, num_classes: int) -> tuple[LocalModel, Method, Task]:
+    """Build the LocalModel for ``cfg`` on data shaped like ``inputs``."""
+    backbone = build_backbone(cfg.model.backbone, inputs.channels, droprate=cfg.model.droprate)
+    method = build_method(cfg.method.name, cfg.method.options)
+    task = build_task(cfg, num_classes)
+    k_total = cfg.model.num_blocks
+    try:
+        cuts = resolve_cuts(
+            len(backbone),
+            k_total,
+            cfg.model.split,
+            cfg.model.cuts,
+            cfg.model.backbone,
+            getattr(backbone, "stage_block_to_layer", None),
+        )
+        method.check(k_total)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    auxes: list[nn.Module] = []
+    layers, info = list(backbone.layers), backbone.feature_info
+    for k, cut in enumerate(cuts):
+        ctx = AuxContext(
+            k=k,
+            num_blocks=k_total,
+            feature=info[cut - 1],
+            inputs=inputs,
+            task=task,
+            next_layers=layers[cut:],
+            next_features=info[cut:],
+            init_weights=backbone.init_weights,
+        )
+        auxes.append(method.make_aux(k, ctx))
+    head = task.build_head(info[-1])
+    auxes.append(HeadLoss(task, head))
+    return LocalModel(backbone, cuts, auxes), method, task

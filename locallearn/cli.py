@@ -1,0 +1,175 @@
+"""``locallearn train|eval|list``: the command line. The only module that prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from locallearn.config import ConfigError
+
+log = logging.getLogger("locallearn")
+
+# `locallearn train` with no arguments: InfoPro+MAN++ against bp on the embedded digits, ~2 min on 2 cores.
+QUICKSTART = {
+    "data": {"name": "digits", "batch_size": 64, "test_batch_size": 512},
+    "model": {"backbone": "resnet32", "num_blocks": 16, "split": "infopro"},
+    "method": {"name": "infopro+manpp", "infopro": {"loss": "cross_entropy"}},
+    "optim": {"lr": 0.05, "epochs": 12, "warmup_epochs": 1.0},
+    "compare": ["bp"],
+    "engine": {"device": "auto"},
+    "checkpoint_every": 1,
+}
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"locallearn: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def setup_logging(run_dir: Path | None = None, verbose: bool = True) -> None:
+    root = logging.getLogger("locallearn")
+    root.setLevel(logging.INFO)
+    root.handlers.clear()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    console.setLevel(logging.INFO if verbose else logging.WARNING)
+    root.addHandler(console)
+    if run_dir is not None:
+        fh = logging.FileHandler(run_dir / "train.log")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(fh)
+
+
+def print_table(summaries: list[dict]) -> None:
+    from locallearn.metrics.memory import fmt_bytes
+
+    bp = next((s for s in summaries if s["method"] == "bp"), None)
+    header = f"{'method':<18} {'K':>3} {'test acc':>9} {'best':>7} {'peak act. mem':>14} {'vs bp':>6} {'step':>8} {'params (aux)':>18}"
+    print(header)
+    print("-" * len(header))
+    for s in summaries:
+        mem = s["memory"].get("peak_activation_bytes")
+        ratio = (
+            f"{mem / bp['memory']['peak_activation_bytes']:.2f}x"
+            if bp and mem and bp["memory"].get("peak_activation_bytes")
+            else "-"
+        )
+        params = f"{s['params']['backbone'] / 1e6:.2f}M ({s['params']['aux'] / 1e6:.2f}M)"
+        print(
+            f"{s['method']:<18} {s['num_blocks']:>3} {s['final']:>8.2f}% {s['best']:>6.2f}% "
+            f"{fmt_bytes(mem) if mem else '-':>14} {ratio:>6} {s['median_step_time_s'] * 1e3:>6.0f}ms {params:>18}"
+        )
+    if summaries:
+        s = summaries[0]
+        print(
+            f"\n{s['dataset']}, {s['train_images']} training images, {s['epochs']} epochs, "
+            f"batch {s['memory'].get('batch_size', '?')}, device {s['device']}. "
+            "Peak activation memory = bytes saved for backward, largest block (see README)."
+        )
+        for s in summaries:
+            print(f"  {s['method']}: {s['run_dir']}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from locallearn.config import load_config
+    from locallearn.runner import Run, comparison_config
+
+    if args.resume:
+        run = Run.resume(args.resume)
+        setup_logging(run.run_dir)
+        summaries = [run.fit()]
+        print_table(summaries)
+        return
+    base = QUICKSTART if (args.config is None and not args.overrides) or args.quickstart else None
+    cfg = load_config(args.config, args.overrides, base=base)
+    configs = [cfg] + [comparison_config(cfg, m) for m in cfg.compare]
+    summaries = []
+    for c in configs:
+        run = Run(c)
+        setup_logging(run.run_dir)
+        log.info(
+            "training %s on %s (K=%d, cuts %s) -> %s",
+            c.method.name,
+            c.data.name,
+            run.model.num_blocks,
+            run.model.cuts,
+            run.run_dir,
+        )
+        summaries.append(run.fit())
+    print()
+    print_table(summaries)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from locallearn.runner import evaluate_checkpoint
+
+    setup_logging()
+    result = evaluate_checkpoint(args.checkpoint, args.device)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    from locallearn.build import BACKBONES, METHODS, MOMENTUM, TASKS, method_names
+    from locallearn.data import DATASETS
+    from locallearn.split import TABLES
+
+    print("backbones:")
+    for name, make in BACKBONES.items():
+        print(f"  {name:<12} {len(make(in_chans=3))} layers")
+    print("methods:")
+    for name, cls in METHODS.items():
+        print(f"  {name:<12} {cls.paper}")
+    print(f"  momentum aux (compose with any base above but bp): {', '.join('+' + m for m in MOMENTUM)}")
+    print(f"  all names: {', '.join(method_names())}")
+    print("tasks:\n  " + ", ".join(TASKS))
+    print("datasets:\n  " + ", ".join(DATASETS))
+    print("split tables (model.split=NAME model.num_blocks=K):")
+    for table, arches in TABLES.items():
+        for arch, ks in arches.items():
+            print(f"  {table:<17} {arch:<10} K = {', '.join(str(k) for k in [1, *ks])}")
+    print("  even              any        K = 1..number of layers")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="locallearn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train",
+        help="train a model",
+        description="Train with a YAML config and dotted overrides (optim.lr=0.05). With no arguments at all, "
+        "runs the quick start: InfoPro+MAN++ and bp on the embedded digits data, side by side.",
+    )
+    train.add_argument("-c", "--config", help="YAML config file")
+    train.add_argument("--resume", metavar="RUN", help="continue a run from its directory or checkpoint.pt")
+    train.add_argument("--quickstart", action="store_true", help="start from the quick-start settings")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.num_blocks=8")
+    train.set_defaults(func=cmd_train)
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on its test set")
+    ev.add_argument("checkpoint", help="checkpoint.pt or its run directory")
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=cmd_eval)
+    ls = sub.add_parser("list", help="list backbones, methods, tasks, datasets and split tables")
+    ls.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from locallearn.data import DataError
+    from locallearn.engine.checkpoint import CheckpointError
+
+    try:
+        args.func(args)
+    except (ConfigError, DataError, CheckpointError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail(
+            "interrupted; the last finished epoch is in the run directory's checkpoint.pt (--resume it)", 130
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Typed run configuration: dataclass defaults, a YAML file over them, dotted overrides over that.
+
+Defaults are the papers' values where a paper sets one (source in the comment). Unknown keys and
+values of the wrong type are errors (``ConfigError``), reported as one line by the CLI. Method
+options live in ``method.<name>`` sections (``method.infopro.ixx_1=5``); they are checked against the
+method's own ``Config`` dataclass when the model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration the user wrote is wrong (unknown key, bad type, unreadable YAML)."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet32"
+    num_blocks: int = 16  # K, all gradient-isolated blocks including the last (MAN++ Table I: K=16)
+    split: str = "even"  # even | cuts | infopro | infopro_balanced | manpp (split.py)
+    cuts: list[int] | None = None  # explicit first-layer indices of blocks 1..K-1
+    droprate: float = 0.0  # InfoPro --droprate 0.0
+
+
+@dataclass
+class MethodConfig:
+    name: str = "infopro+manpp"  # base method, optionally "+man" / "+manpp"
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method.<section>.<field>
+
+
+@dataclass
+class TaskConfig:
+    name: str = "classification"
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"
+    root: str = "data"  # where dataset files are expected (torchvision layouts)
+    download: bool = False  # only when the user asks for it
+    batch_size: int = 1024  # InfoPro / MAN++ CIFAR-10: batch 1024
+    test_batch_size: int = 1024
+    augment: bool = True  # the papers' crops and flips (PRIOR_ART §2.5)
+    train_subset: int | None = None  # first N (class-balanced) training images
+    test_subset: int | None = None
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.8  # InfoPro / MAN++ CIFAR-10 at batch 1024
+    momentum: float = 0.9  # SGD momentum (not the EMA momentum)
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
+    epochs: int = 400  # MAN++ CIFAR recipe (InfoPro: 160)
+    schedule: str = "cosine"  # cosine | constant
+    warmup_epochs: float = 10.0  # InfoPro --cos_lr: linear warm-up over the first 10 epochs
+    warmup_lr: float = 0.01  # ... starting from lr 0.01
+
+
+@dataclass
+class EngineConfig:
+    mode: str = "sequential"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    channels_last: bool = False
+    measure_memory: bool = True  # saved-tensor accounting on the first training step
+    threads: int | None = None  # torch.set_num_threads (CPU)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    out_dir: str = "runs"
+    name: str | None = None  # run directory name; default derived from method/backbone/K/data
+    compare: list[str] = field(
+        default_factory=list
+    )  # also train these methods (e.g. ["bp"]) on the same budget
+    checkpoint_every: int = 1  # epochs
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if errors else ConfigError(f"{where}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown config key {path!r}; valid keys here: {sorted(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, path)
+        else:
+            kwargs[key] = _check_type(value, tp, path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _method_section(data: dict[str, Any]) -> dict[str, Any]:
+    """``method:`` in YAML may list per-method sections beside ``name``; gather them into options."""
+    method = dict(data.get("method") or {})
+    options = dict(method.pop("options", {}) or {})
+    name = method.pop("name", None)
+    for section, values in method.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"method.{section}: expected a mapping of options, got {values!r}")
+        options.setdefault(section, {}).update(values)
+    out: dict[str, Any] = {"options": options}
+    if name is not None:
+        out["name"] = name
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. optim.lr=0.05)")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot parse the value ({e.__class__.__name__})") from None
+    return key.split("."), value
+
+
+def merge(base: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = base
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {k!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None
+) -> Config:
+    """Defaults <- ``base`` <- YAML file <- dotted overrides."""
+    data: dict[str, Any] = {}
+    for layer in (base or {}), (load_yaml(path) if path else {}):
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                _deep_update(data[key], value)
+            else:
+                data[key] = value
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[0] == "method" and len(keys) == 2 and keys[1] not in ("name", "options"):
+            raise ConfigError(f"override {text!r}: method options go in method.<section>.<field>")
+        merge(data, keys, value)
+    if "method" in data:
+        data["method"] = _method_section(data)
+    return from_dict(Config, data)
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _deep_update(dst[key], value)
+        else:
+            dst[key] = value
+
+
+def dump_yaml(cfg: Config) -> str:
+    data = to_dict(cfg)
+    options = data["method"].pop("options")
+    data["method"].update(options)
+    return yaml.safe_dump(data, sort_keys=False)

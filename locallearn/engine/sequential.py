@@ -1,0 +1,101 @@
+"""Sequential driver: per batch, ``local_step`` over blocks 0..K-1, then the momentum syncs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from locallearn.engine.step import local_step
+from locallearn.model import LocalModel
+from locallearn.types import Batch
+
+
+def sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(
+    model: LocalModel,
+    batch: Batch,
+    optimizers: list[torch.optim.Optimizer],
+    scalers: list | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    meter=None,
+) -> list[dict[str, torch.Tensor]]:
+    """One batch through every block; returns each block's aux outputs."""
+    h, outs = batch.x, []
+    for k in range(model.num_blocks):
+        track = meter.track() if meter is not None else nullcontext()
+        scaler = scalers[k] if scalers else None
+        h, out = local_step(model.body(k), model.auxes[k], h, batch, optimizers[k], scaler, autocast(), track)
+        outs.append(out)
+    model.sync_momentum()
+    return outs
+
+
+def train_epoch(
+    model: LocalModel,
+    batches: Iterable[Batch],
+    optimizers: list[torch.optim.Optimizer],
+    schedule,
+    device: torch.device,
+    scalers: list | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    meter=None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    progress=None,
+) -> dict[str, float | list[float]]:
+    """Train for one pass over ``batches``. ``meter`` (if given) is active on the first step only."""
+    model.train()
+    losses = torch.zeros(model.num_blocks, dtype=torch.float64)
+    n_batches, step_times, seen = 0, [], 0
+    for batch in batches:
+        batch = batch.to(device, non_blocking=True)
+        batch.x = batch.x.contiguous(memory_format=memory_format)
+        sync_device(device)
+        t0 = time.perf_counter()
+        outs = train_step(model, batch, optimizers, scalers, autocast, meter if n_batches == 0 else None)
+        schedule.step()
+        sync_device(device)
+        step_times.append(time.perf_counter() - t0)
+        losses += torch.stack([o["loss"].detach().float().cpu() for o in outs]).double()
+        n_batches += 1
+        seen += len(batch)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{outs[-1]['loss'].item():.3f}", lr=f"{schedule.lr:.3g}")
+    return {
+        "block_losses": (losses / max(n_batches, 1)).tolist(),
+        "step_times": step_times,
+        "images": seen,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: LocalModel,
+    batches: Iterable[Batch],
+    task,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> dict[str, float]:
+    """Backbone + head only; metrics averaged over images (percent for accuracies) plus the loss."""
+    model.eval()
+    totals: dict[str, float] = {}
+    loss_sum, n = 0.0, 0
+    for batch in batches:
+        batch = batch.to(device, non_blocking=True)
+        with autocast():
+            output = model(batch.x.contiguous(memory_format=memory_format))
+        loss_sum += task.loss(output, batch).item() * len(batch)
+        for key, value in task.metrics(output, batch).items():
+            totals[key] = totals.get(key, 0.0) + value
+        n += len(batch)
+    out = {key: 100.0 * value / max(n, 1) for key, value in totals.items()}
+    out["loss"] = loss_sum / max(n, 1)
+    return out

@@ -1,0 +1,69 @@
+"""The method contract: a factory of aux nets.
+
+``Method.build_aux(k, ctx)`` returns the aux of block ``k`` (k < K-1; the last block is trained by the
+task head). The aux's ``forward(h, batch)`` returns ``{'loss': tensor, ...logs}``. A method declares
+what the engine must honour: ``window`` (how many blocks one local loss may span) and ``needs_next``
+(the aux reads a later layer's live weights every step; the engine then calls ``aux.sync(layer)``
+after the optimizer steps, with the live first layer of block k+1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from locallearn.tasks.base import Task
+from locallearn.types import FeatureInfo, InputInfo
+
+
+@dataclass
+class AuxContext:
+    """Everything an aux net may know about where it sits."""
+
+    k: int  # block index (0-based)
+    num_blocks: int  # K
+    feature: FeatureInfo  # output of block k = input of the aux
+    inputs: InputInfo  # the image the network eats (decoders reconstruct it)
+    task: Task
+    next_layers: list[nn.Module]  # live layers after the cut (read-only: copy, never register them)
+    next_features: list[FeatureInfo]  # their FeatureInfo
+    init_weights: Callable[[nn.Module], None]  # the backbone family's initialisation
+
+    def with_feature(self, feature: FeatureInfo) -> AuxContext:
+        """The context of an aux that is fed another feature (e.g. the next layer's output)."""
+        return dataclasses.replace(self, feature=feature)
+
+    def spatial(self, feature: FeatureInfo | None = None) -> int:
+        """Side length of the feature map (input size / reduction)."""
+        f = feature or self.feature
+        return max(1, self.inputs.size // f.reduction)
+
+
+class Method:
+    """Base class. Subclasses set ``name``, ``Config`` (a dataclass) and implement ``build_aux``."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    Config: ClassVar[type] = type(None)
+    window: ClassVar[int] = 1
+    needs_next: ClassVar[bool] = False
+
+    def __init__(self, cfg: Any = None) -> None:
+        self.cfg = cfg if cfg is not None else self.Config()
+
+    def build_aux(self, k: int, ctx: AuxContext) -> nn.Module:
+        raise NotImplementedError
+
+    def make_aux(self, k: int, ctx: AuxContext) -> nn.Module:
+        """``build_aux`` followed by the backbone family's initialisation (InfoPro's init loop runs over
+        the aux nets too, PRIOR_ART §1). Wrappers that copy live layers override this."""
+        aux = self.build_aux(k, ctx)
+        ctx.init_weights(aux)
+        return aux
+
+    def check(self, num_blocks: int) -> None:
+        """Refuse impossible settings with a clear ValueError."""

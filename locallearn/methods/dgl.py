@@ -1,0 +1,102 @@
+"""DGL: Decoupled Greedy Learning (Belilovsky, Eickenberg, Oyallon, ICML 2020, arXiv 1901.08164).
+
+Each block is trained by a small classifier on its output with cross-entropy; no gradient crosses
+blocks. Two heads:
+
+- ``mlp-sr`` (default, the official ``auxillary_classifier2`` of eugenium/DGL, PRIOR_ART §3.1):
+  adaptive avg-pool to ceil(S/4) -> ``n_conv`` x [1x1 conv C->C, BN, ReLU] -> avg-pool to 2x2 ->
+  flatten (4C) -> ``n_mlp`` x [Linear 4C->4C, BN1d, ReLU] -> task local head.
+- ``manpp`` (the head the MAN++ / MLAAN code calls DGL, PRIOR_ART §3.3): avg-pool to 8x8 ->
+  3 x [1x1 conv, BN, ReLU] to ``feature_dim`` -> GAP -> 3 x [Linear, BN1d, ReLU] at 4*feature_dim ->
+  task local head. About 0.64 M parameters per head at feature_dim 128.
+
+Deviations from the official code: the head ends in the task's ``local_head`` (a Linear for
+classification), so the same head serves any task; ``NLC`` token features are pooled over tokens
+first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from locallearn.methods.base import AuxContext, Method
+from locallearn.types import Batch
+
+
+@dataclass
+class DGLConfig:
+    head: str = "mlp-sr"  # eugenium/DGL --type_aux default; "manpp" = MAN++'s auxDGL head
+    n_conv: int = 3  # mlp-sr: n_lin = 3
+    n_mlp: int = 3  # mlp-sr: mlp_layers = 3
+    feature_dim: int = 128  # manpp head: --aux_net_feature_dim 128
+
+
+def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def mlp(width: int, n: int) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for _ in range(n):
+        layers += [nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+    return layers
+
+
+class TokensToMap(nn.Module):
+    """Lets a conv head read ``NLC`` tokens: drops the class token and lays patches on a square grid."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() == 4:
+            return h
+        tokens = h[:, 1:] if math.isqrt(h.shape[1] - 1) ** 2 == h.shape[1] - 1 else h
+        side = math.isqrt(tokens.shape[1])
+        return tokens.transpose(1, 2).reshape(h.shape[0], h.shape[2], side, side)
+
+
+class AdaptivePool(nn.Module):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(h, self.size)
+
+
+class DGLAux(nn.Module):
+    def __init__(self, ctx: AuxContext, cfg: DGLConfig) -> None:
+        super().__init__()
+        self.task = ctx.task
+        c = ctx.feature.num_chs
+        if cfg.head == "mlp-sr":
+            layers: list[nn.Module] = [TokensToMap(), AdaptivePool(math.ceil(ctx.spatial() / 4))]
+            for _ in range(cfg.n_conv):
+                layers += conv_bn_relu(c, c)
+            layers += [AdaptivePool(2), nn.Flatten(), *mlp(4 * c, cfg.n_mlp)]
+            width = 4 * c
+        elif cfg.head == "manpp":
+            fd = cfg.feature_dim
+            layers = [TokensToMap(), AdaptivePool(8), *conv_bn_relu(c, fd), *conv_bn_relu(fd, fd)]
+            layers += [*conv_bn_relu(fd, fd), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+            layers += [nn.Linear(fd, 4 * fd), nn.BatchNorm1d(4 * fd), nn.ReLU(inplace=True), *mlp(4 * fd, 2)]
+            width = 4 * fd
+        else:
+            raise ValueError(f"unknown DGL head {cfg.head!r}; choose 'mlp-sr' or 'manpp'")
+        self.body = nn.Sequential(*layers)
+        self.head = ctx.task.local_head(width)
+
+    def forward(self, h: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        return {"loss": self.task.loss(self.head(self.body(h)), batch)}
+
+
+class DGL(Method):
+    name = "dgl"
+    paper = "Belilovsky et al., Decoupled Greedy Learning of CNNs, ICML 2020 (arXiv 1901.08164)"
+    Config = DGLConfig
+
+    def build_aux(self, k: int, ctx: AuxContext) -> nn.Module:
+        return DGLAux(ctx, self.cfg)

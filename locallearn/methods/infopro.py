@@ -1,0 +1,172 @@
+"""InfoPro: Information Propagation (Wang, Ni, Song, Yang, Huang, ICLR 2021, arXiv 2101.10832).
+
+Each block keeps the information of its input (a decoder reconstructs the image from the block's
+output, BCE against the un-normalised image) while making it task-discriminative (an aux classifier
+with supervised-contrastive or cross-entropy loss). Local loss of cut k:
+``lambda1_k * L_recon + lambda2_k * L_aux``, with (lambda1, lambda2) interpolated linearly by *block
+index* from (ixx_1, ixy_1) at the first cut to (ixx_2, ixy_2) at the last (ratio = k / (K-2)).
+
+Heads (PRIOR_ART §2.2): decoder = bilinear upsample (align_corners) to the input size ->
+conv3x3(C, 12w, bias) -> BN -> ReLU -> conv3x3(12w, image channels) -> sigmoid. Aux classifier
+``XcYf``: X 3x3 convs to ``mid`` (32 for C <= 16, else 64; the first strided when the map is larger
+than 8x8), BN, ReLU, GAP, then Y linear layers (hidden ``feature_dim``); the output is a 128-d
+projection for ``contrast`` (SupCon, tau 0.07, one view; anchors without a positive contribute 0)
+or the task's local head for ``cross_entropy``.
+
+Deviations from the official code: lambda is interpolated by block index also where MAN/MAN++ use the
+stage index (PRIOR_ART §6.4); the decoder's sigmoid + BCE is computed as BCE-with-logits (the same
+function, stable under mixed precision); a loss term whose weight is 0 is not computed (the official
+code computes it and multiplies by 0: same gradients, wasted memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from locallearn.methods.base import AuxContext, Method
+from locallearn.types import Batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InfoProConfig:
+    loss: str = (
+        "contrast"  # InfoPro comand.sh: --local_loss_mode contrast ("cross_entropy" for MAN/MAN++ READMEs)
+    )
+    aux_net: str = "1c2f"  # InfoPro default; MAN/MAN++ argparse default is 2c2f (PRIOR_ART §2.2)
+    widen: int = 1  # --aux_net_widen 1
+    feature_dim: int = 128  # --aux_net_feature_dim 128
+    temperature: float = 0.07  # SupConLoss(temperature=0.07)
+    # CIFAR-10 ResNet-32 K=16 row of InfoPro comand.sh (PRIOR_ART §2.4)
+    ixx_1: float = 5.0
+    ixy_1: float = 0.05
+    ixx_2: float = 0.2
+    ixy_2: float = 0.5
+
+
+def lambdas(cfg: InfoProConfig, k: int, num_blocks: int) -> tuple[float, float]:
+    """(lambda1, lambda2) of cut k = 0..K-2, interpolated by block index (InfoPro resnet.py forward)."""
+    ratio = k / (num_blocks - 2) if num_blocks > 2 else 0.0
+    return (
+        cfg.ixx_1 * (1 - ratio) + cfg.ixx_2 * ratio,
+        cfg.ixy_1 * (1 - ratio) + cfg.ixy_2 * ratio,
+    )
+
+
+def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al.) with one view per sample, contrast_mode 'all'.
+
+    ``features`` are L2-normalised (B, D). An anchor with no positive in the batch contributes 0
+    and still counts in the mean (InfoPro's ``mask_sum[mask_sum == 0] += 1``).
+    """
+    features = features.float()
+    n = features.shape[0]
+    logits = features @ features.T / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    not_self = ~torch.eye(n, dtype=torch.bool, device=features.device)
+    positive = (labels[:, None] == labels[None, :]) & not_self
+    exp_logits = torch.exp(logits) * not_self
+    log_prob = logits - torch.log(exp_logits.sum(dim=1, keepdim=True))
+    pos_count = positive.sum(dim=1).clamp(min=1)
+    mean_log_prob_pos = (positive * log_prob).sum(dim=1) / pos_count
+    return -mean_log_prob_pos.mean()
+
+
+class Decoder(nn.Module):
+    """Reconstructs the input image from a feature map; returns logits (sigmoid is in the loss)."""
+
+    def __init__(self, in_chs: int, image_chs: int, image_size: int, widen: int = 1) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.net = nn.Sequential(
+            nn.Conv2d(in_chs, 12 * widen, 3, padding=1, bias=True),
+            nn.BatchNorm2d(12 * widen),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(12 * widen, image_chs, 3, padding=1),
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        size = (self.image_size, self.image_size)
+        return self.net(F.interpolate(h, size=size, mode="bilinear", align_corners=True))
+
+
+def aux_classifier(ctx: AuxContext, cfg: InfoProConfig) -> nn.Module:
+    match = re.fullmatch(r"(\d)c(\d)f", cfg.aux_net)
+    if not match or int(match[2]) < 1:
+        raise ValueError(f"aux_net must look like '1c2f' (convs, linears >= 1), got {cfg.aux_net!r}")
+    n_conv, n_fc = int(match[1]), int(match[2])
+    c, w = ctx.feature.num_chs, cfg.widen
+    mid = (32 if c <= 16 else 64) * w
+    layers: list[nn.Module] = []
+    for i in range(n_conv):
+        stride = 2 if i == 0 and ctx.spatial() > 8 else 1
+        layers += [
+            nn.Conv2d(c if i == 0 else mid, mid, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(),
+        ]
+    width = mid if n_conv else c
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    for _ in range(n_fc - 1):
+        layers += [nn.Linear(width, cfg.feature_dim * w), nn.ReLU(inplace=True)]
+        width = cfg.feature_dim * w
+    if cfg.loss == "contrast":
+        layers.append(nn.Linear(width, cfg.feature_dim))
+    else:
+        layers.append(ctx.task.local_head(width))
+    return nn.Sequential(*layers)
+
+
+class InfoProAux(nn.Module):
+    def __init__(self, ctx: AuxContext, cfg: InfoProConfig) -> None:
+        super().__init__()
+        if cfg.loss not in ("contrast", "cross_entropy"):
+            raise ValueError(f"infopro loss must be 'contrast' or 'cross_entropy', got {cfg.loss!r}")
+        if ctx.feature.fmt != "NCHW":
+            raise ValueError("infopro's decoder needs NCHW feature maps")
+        self.task = ctx.task
+        self.cfg = cfg
+        self.lambda1, self.lambda2 = lambdas(cfg, ctx.k, ctx.num_blocks)
+        if self.lambda1 == 0 and self.lambda2 == 0:
+            log.warning(
+                "infopro: both loss weights are 0 at cut %d of %d, so block %d will not train",
+                ctx.k,
+                ctx.num_blocks - 1,
+                ctx.k,
+            )
+        c = ctx.feature.num_chs
+        self.decoder = Decoder(c, ctx.inputs.channels, ctx.inputs.size, cfg.widen) if self.lambda1 else None
+        self.classifier = aux_classifier(ctx, cfg) if self.lambda2 else None
+
+    def forward(self, h: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        loss = h.new_zeros((), dtype=torch.float32)
+        if self.decoder is not None:
+            target = batch.image.clamp(0, 1)
+            out["recon"] = F.binary_cross_entropy_with_logits(self.decoder(h).float(), target.float())
+            loss = loss + self.lambda1 * out["recon"]
+        if self.classifier is not None:
+            z = self.classifier(h)
+            if self.cfg.loss == "contrast":
+                out["aux"] = supcon_loss(F.normalize(z.float(), dim=1), batch.y, self.cfg.temperature)
+            else:
+                out["aux"] = self.task.loss(z, batch)
+            loss = loss + self.lambda2 * out["aux"]
+        out["loss"] = loss
+        return out
+
+
+class InfoPro(Method):
+    name = "infopro"
+    paper = "Wang et al., Revisiting Locally Supervised Learning (InfoPro), ICLR 2021 (arXiv 2101.10832)"
+    Config = InfoProConfig
+
+    def build_aux(self, k: int, ctx: AuxContext) -> nn.Module:
+        return InfoProAux(ctx, self.cfg)

@@ -1,0 +1,341 @@
+"""A training run: data, model, optimizers, the epoch loop, measurements, run directory, resume."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+import platform
+import random
+import statistics
+import subprocess
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from locallearn import __version__
+from locallearn.build import build_model, resolved_method_options
+from locallearn.config import Config, ConfigError, dump_yaml, from_dict, to_dict
+from locallearn.data import Loader, load_datasets
+from locallearn.engine import checkpoint
+from locallearn.engine.optim import StepSchedule, build_optimizer
+from locallearn.engine.sequential import evaluate, train_epoch
+from locallearn.metrics.memory import ActivationMeter
+
+log = logging.getLogger(__name__)
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"engine.device: unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"engine.device={name!r} but CUDA is not available on this machine")
+    return device
+
+
+def autocast_factory(amp: str, device: torch.device):
+    if amp == "none":
+        return nullcontext
+    if amp not in ("bf16", "fp16"):
+        raise ConfigError(f"engine.amp must be none, bf16 or fp16, got {amp!r}")
+    if device.type != "cuda":
+        raise ConfigError(f"engine.amp={amp} needs a CUDA device (got {device.type})")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return partial(torch.autocast, device_type="cuda", dtype=dtype)
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment() -> dict[str, str]:
+    return {
+        "locallearn": __version__,
+        "git": git_revision(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_name(cfg: Config) -> str:
+    if cfg.name:
+        return cfg.name
+    return f"{cfg.data.name}-{cfg.model.backbone}-K{cfg.model.num_blocks}-{cfg.method.name}"
+
+
+def fresh_run_dir(cfg: Config) -> Path:
+    base = Path(cfg.out_dir) / run_name(cfg)
+    path, i = base, 1
+    while path.exists():
+        path = base.with_name(f"{base.name}-{i}")
+        i += 1
+    path.mkdir(parents=True)
+    return path
+
+
+class Run:
+    """Everything one training run holds; ``fit`` trains to the end, checkpointing every epoch."""
+
+    def __init__(self, cfg: Config, run_dir: Path | None = None, quiet: bool = False) -> None:
+        self.cfg = cfg
+        self.quiet = quiet
+        if cfg.engine.threads:
+            torch.set_num_threads(cfg.engine.threads)
+        seed_everything(cfg.seed)
+        self.device = select_device(cfg.engine.device)
+        self.autocast = autocast_factory(cfg.engine.amp, self.device)
+        train_set, test_set = load_datasets(cfg.data.name, cfg.data.root, cfg.data.download)
+        train_set, test_set = train_set.subset(cfg.data.train_subset), test_set.subset(cfg.data.test_subset)
+        self.train_loader = Loader(train_set, cfg.data.batch_size, True, cfg.seed, cfg.data.augment)
+        self.test_loader = Loader(test_set, cfg.data.test_batch_size, False)
+        self.model, self.method, self.task = build_model(cfg, train_set.info, train_set.num_classes)
+        cfg.method.options = resolved_method_options(self.method)
+        self.memory_format = torch.channels_last if cfg.engine.channels_last else torch.contiguous_format
+        self.model.to(self.device, memory_format=self.memory_format)
+        self.optimizers = [
+            build_optimizer(self.model.block_parameters(k), cfg.optim) for k in range(self.model.num_blocks)
+        ]
+        self.schedule = StepSchedule(self.optimizers, cfg.optim, len(self.train_loader))
+        fp16 = cfg.engine.amp == "fp16"
+        self.scalers = [torch.amp.GradScaler("cuda") for _ in self.optimizers] if fp16 else None
+        self.epoch = 0  # completed epochs
+        self.history: list[dict[str, Any]] = []
+        self.memory: dict[str, Any] = {}
+        self.step_times: list[float] = []
+        self.run_dir = run_dir or fresh_run_dir(cfg)
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": to_dict(self.cfg),
+            "model": self.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "schedule": self.schedule.state_dict(),
+            "scalers": [s.state_dict() for s in self.scalers] if self.scalers else None,
+            "rng": checkpoint.rng_state(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "memory": self.memory,
+            "step_times": self.step_times,
+            "environment": environment(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+        self.schedule.load_state_dict(state["schedule"])
+        if self.scalers and state.get("scalers"):
+            for scaler, s in zip(self.scalers, state["scalers"]):
+                scaler.load_state_dict(s)
+        checkpoint.set_rng_state(state["rng"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.memory = dict(state["memory"])
+        self.step_times = list(state["step_times"])
+
+    @classmethod
+    def resume(cls, path: str | Path, quiet: bool = False) -> Run:
+        path = Path(path)
+        ckpt = path / "checkpoint.pt" if path.is_dir() else path
+        state = checkpoint.load(ckpt)
+        cfg = config_from_checkpoint(state)
+        run = cls(cfg, run_dir=ckpt.parent, quiet=quiet)
+        run.load_state_dict(state)
+        log.info("resumed %s at epoch %d", ckpt, run.epoch)
+        return run
+
+    # -- training ----------------------------------------------------------------------------
+    def measure_memory(self) -> ActivationMeter | None:
+        if not self.cfg.engine.measure_memory or self.memory:
+            return None
+        return ActivationMeter(self.model)
+
+    def train_one_epoch(self) -> dict[str, Any]:
+        self.train_loader.set_epoch(self.epoch)
+        meter = self.measure_memory()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        bar = tqdm(
+            total=len(self.train_loader),
+            desc=f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}",
+            leave=False,
+            disable=None if not self.quiet else True,
+            dynamic_ncols=True,
+        )
+        t0 = time.perf_counter()
+        with bar:
+            stats = train_epoch(
+                self.model,
+                self.train_loader,
+                self.optimizers,
+                self.schedule,
+                self.device,
+                self.scalers,
+                self.autocast,
+                meter,
+                self.memory_format,
+                bar,
+            )
+        epoch_time = time.perf_counter() - t0
+        if meter is not None:
+            batch = min(self.cfg.data.batch_size, len(self.train_loader.data))
+            self.memory = {
+                "peak_activation_bytes": meter.peak,
+                "batch_size": batch,
+                "activation_bytes_per_image": meter.peak / batch,
+                "block_activation_bytes": meter.block_bytes,
+            }
+        if self.device.type == "cuda":
+            self.memory["cuda_max_allocated"] = torch.cuda.max_memory_allocated(self.device)
+            self.memory["cuda_max_reserved"] = torch.cuda.max_memory_reserved(self.device)
+        # the first steps include one-off costs (allocator, memory meter): keep the rest for the median
+        self.step_times += stats["step_times"][1:] if len(stats["step_times"]) > 1 else stats["step_times"]
+        stats["epoch_time"] = epoch_time
+        return stats
+
+    def fit(self) -> dict[str, Any]:
+        (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+        while self.epoch < self.cfg.optim.epochs:
+            stats = self.train_one_epoch()
+            metrics = evaluate(
+                self.model, self.test_loader, self.task, self.device, self.autocast, self.memory_format
+            )
+            self.epoch += 1
+            row = {
+                "epoch": self.epoch,
+                "lr": self.schedule.lr,
+                "train_loss": stats["block_losses"][-1],
+                "train_local_loss_mean": float(np.mean(stats["block_losses"])),
+                **{f"test_{k}": v for k, v in metrics.items()},
+                "epoch_time_s": stats["epoch_time"],
+                "images_per_s": stats["images"] / stats["epoch_time"],
+            }
+            self.history.append(row)
+            self.write_metrics()
+            main = self.task.main_metric
+            log.info(
+                "epoch %d/%d  test %s %.2f  loss %.4f  (%.1fs)",
+                self.epoch,
+                self.cfg.optim.epochs,
+                main,
+                metrics[main],
+                metrics["loss"],
+                stats["epoch_time"],
+            )
+            if self.epoch % self.cfg.checkpoint_every == 0 or self.epoch == self.cfg.optim.epochs:
+                checkpoint.save(self.run_dir / "checkpoint.pt", self.state_dict())
+        summary = self.summary()
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def write_metrics(self) -> None:
+        path = self.run_dir / "metrics.csv"
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.history[0]))
+            writer.writeheader()
+            for row in self.history:
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        os.replace(tmp, path)
+
+    def summary(self) -> dict[str, Any]:
+        main = f"test_{self.task.main_metric}"
+        values = [row[main] for row in self.history]
+        step = statistics.median(self.step_times) if self.step_times else float("nan")
+        return {
+            "run_dir": str(self.run_dir),
+            "method": self.cfg.method.name,
+            "backbone": self.cfg.model.backbone,
+            "num_blocks": self.model.num_blocks,
+            "cuts": self.model.cuts,
+            "dataset": self.cfg.data.name,
+            "train_images": len(self.train_loader.data),
+            "epochs": self.epoch,
+            "metric": self.task.main_metric,
+            "final": values[-1] if values else None,
+            "best": max(values) if values else None,
+            "final_test_error": 100 - values[-1] if values and self.task.main_metric == "top1" else None,
+            "memory": self.memory,
+            "median_step_time_s": step,
+            "images_per_s": self.cfg.data.batch_size / step if self.step_times else None,
+            "time_per_epoch_s": float(np.mean([r["epoch_time_s"] for r in self.history]))
+            if self.history
+            else None,
+            "params": self.model.parameter_counts(),
+            "device": str(self.device),
+            "seed": self.cfg.seed,
+            "environment": environment(),
+        }
+
+
+def config_from_checkpoint(state: dict[str, Any]) -> Config:
+    try:
+        return from_dict(Config, state["config"])
+    except (KeyError, ConfigError) as e:
+        raise checkpoint.CheckpointError(f"checkpoint holds no usable config ({e})") from None
+
+
+def comparison_config(cfg: Config, method: str) -> Config:
+    """The same run with another method on the same data, schedule and seed (bp: K = 1)."""
+    other = dataclasses.replace(
+        cfg, method=dataclasses.replace(cfg.method, name=method, options={}), compare=[]
+    )
+    if method == "bp":
+        other.model = dataclasses.replace(cfg.model, num_blocks=1, split="even", cuts=None)
+    other.name = f"{run_name(cfg)}-vs-{method}"
+    return other
+
+
+def evaluate_checkpoint(path: str | Path, device: str = "auto") -> dict[str, Any]:
+    ckpt = Path(path) / "checkpoint.pt" if Path(path).is_dir() else Path(path)
+    state = checkpoint.load(ckpt)
+    cfg = config_from_checkpoint(state)
+    cfg.engine.device = device
+    cfg.engine.measure_memory = False
+    _, test_set = load_datasets(cfg.data.name, cfg.data.root, cfg.data.download)
+    test_set = test_set.subset(cfg.data.test_subset)
+    model, _, task = build_model(cfg, test_set.info, test_set.num_classes)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as e:
+        raise checkpoint.CheckpointError(
+            f"checkpoint weights do not fit the model in its config ({e})"
+        ) from None
+    dev = select_device(device)
+    model.to(dev)
+    metrics = evaluate(model, Loader(test_set, cfg.data.test_batch_size, False), task, dev)
+    return {"checkpoint": str(ckpt), "epoch": state["epoch"], "method": cfg.method.name, **metrics}

@@ -1,0 +1,181 @@
+"""Cut a backbone's layer list into K gradient-isolated blocks.
+
+A *cut* is the index of the first layer of a block; K blocks have K-1 cuts, strictly increasing in
+``1 .. num_layers-1``. K counts every block, the last one (trained by the task head) included.
+
+Modes: explicit ``cuts``; ``even`` (equal layers per block, the first blocks take the remainder);
+or a paper table. Paper tables are written as the official code writes them, ``[stage, block]``
+pairs ("cut after unit ``block`` of stage ``stage``", stage 0 = the stem), and converted to cut
+indices here through the backbone's ``stage_block_to_layer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+# InfoPro-Pytorch "Experiments on CIFAR-SVHN-STL10/networks/configs.py" (PRIOR_ART §2.1); K-1 entries,
+# each "cut after [stage, block]". ResNet-110 K=32 and K=55 come from the MAN/MLAAN lists (the entries
+# below minus their end marker), so the stem trains with the first block there, as in those repos.
+_R110_32 = [
+    [1, 1], [1, 2], [1, 4], [1, 5], [1, 7], [1, 9], [1, 11], [1, 13], [1, 14], [1, 16], [1, 17],
+    [2, 1], [2, 2], [2, 4], [2, 5], [2, 7], [2, 9], [2, 11], [2, 13], [2, 14], [2, 16], [2, 17],
+    [3, 1], [3, 3], [3, 4], [3, 6], [3, 7], [3, 9], [3, 11], [3, 13], [3, 15], [3, 17],
+]  # fmt: skip
+_EVERY_110 = [[s, b] for s in (1, 2, 3) for b in range(18)]
+_EVERY_32 = [[s, b] for s in (1, 2, 3) for b in range(5)]
+
+INFOPRO = {
+    "resnet32": {
+        2: [[2, 1]],
+        3: [[1, 4], [2, 4]],
+        4: [[1, 2], [2, 1], [3, 0]],
+        8: [[1, 0], [1, 2], [1, 4], [2, 1], [2, 3], [3, 0], [3, 2]],
+        16: [[0, 0]] + _EVERY_32[:-1],
+    },
+    "resnet110": {
+        2: [[2, 8]],
+        3: [[1, 17], [2, 17]],
+        4: [[1, 11], [2, 7], [3, 3]],
+        8: [[1, 4], [1, 11], [2, 0], [2, 7], [2, 14], [3, 3], [3, 10]],
+        16: [
+            [1, 1],
+            [1, 4],
+            [1, 7],
+            [1, 10],
+            [1, 13],
+            [1, 16],
+            [2, 1],
+            [2, 4],
+            [2, 7],
+            [2, 11],
+            [2, 15],
+            [3, 1],
+            [3, 5],
+            [3, 9],
+            [3, 13],
+        ],  # fmt: skip
+        32: _R110_32[:-1],
+        55: [[0, 0]] + _EVERY_110[:-1],
+    },
+}
+
+# InfoPro* "balanced memory" (InfoPro_balanced_memory in the same file): fewer layers in the early,
+# activation-heavy blocks. Only ResNet-110 on CIFAR-10 (STL-10's 3-block entry differs: [[1, 8], [2, 1]]).
+INFOPRO_BALANCED = {
+    "resnet110": {
+        2: [[1, 14]],
+        3: [[1, 9], [2, 2]],
+        4: [[1, 6], [1, 14], [2, 8]],
+    },
+}
+
+# MAN++ (MAN_PlusPlus "Exp_on_CIFAR-SVHN-STL/networks/config.py", PRIOR_ART §6.3): the repo lists segment
+# *ends* and adds an explicit stem block in front, so its "K" label counts one block fewer than ours
+# whenever the list does not already start at the stem. Keys here are our K (true block count):
+# ResNet-32 paper "K=8" -> 9 blocks, "K=16" -> 16; ResNet-110 "K=32" -> 33, "K=55" -> 55.
+MANPP = {
+    "resnet32": {
+        9: [[0, 0], [1, 0], [1, 2], [1, 4], [2, 1], [2, 3], [3, 0], [3, 2]],
+        16: [[0, 0]] + _EVERY_32[:-1],
+    },
+    "resnet110": {
+        33: [[0, 0]] + _R110_32[:-1],
+        55: [[0, 0]] + _EVERY_110[:-1],
+    },
+}
+
+TABLES: dict[str, dict[str, dict[int, list[list[int]]]]] = {
+    "infopro": INFOPRO,
+    "infopro_balanced": INFOPRO_BALANCED,
+    "manpp": MANPP,
+}
+MODES = ("even", "cuts", *TABLES)
+
+
+def even_cuts(num_layers: int, num_blocks: int) -> list[int]:
+    """Equal layers per block; the first ``num_layers % num_blocks`` blocks get one layer more."""
+    check_num_blocks(num_layers, num_blocks)
+    base, extra = divmod(num_layers, num_blocks)
+    cuts, start = [], 0
+    for k in range(num_blocks - 1):
+        start += base + (1 if k < extra else 0)
+        cuts.append(start)
+    return cuts
+
+
+def check_num_blocks(num_layers: int, num_blocks: int) -> None:
+    if not isinstance(num_blocks, int) or num_blocks < 1:
+        raise ValueError(f"num_blocks (K) must be an integer >= 1, got {num_blocks!r}")
+    if num_blocks > num_layers:
+        raise ValueError(
+            f"num_blocks (K) = {num_blocks} is impossible: the backbone has only {num_layers} layers "
+            f"(valid K: 1..{num_layers})"
+        )
+
+
+def check_cuts(cuts: Sequence[int], num_layers: int) -> list[int]:
+    cuts = list(cuts)
+    if any(not isinstance(c, int) for c in cuts):
+        raise ValueError(f"cuts must be integers, got {cuts}")
+    if any(c < 1 or c > num_layers - 1 for c in cuts):
+        raise ValueError(
+            f"cuts must lie in 1..{num_layers - 1} (layer indices; 0 is the first layer), got {cuts}"
+        )
+    if any(b <= a for a, b in zip(cuts, cuts[1:])):
+        raise ValueError(f"cuts must be strictly increasing, got {cuts}")
+    return cuts
+
+
+def table_cuts(
+    table: str, arch: str, num_blocks: int, num_layers: int, to_layer: Callable[[int, int], int] | None
+) -> list[int]:
+    if table not in TABLES:
+        raise ValueError(f"unknown split table {table!r}; choose from {sorted(TABLES)}")
+    by_arch = TABLES[table]
+    if arch not in by_arch:
+        raise ValueError(
+            f"split table {table!r} has no entry for backbone {arch!r}; it covers {sorted(by_arch)}"
+        )
+    if num_blocks == 1:
+        return []
+    if num_blocks not in by_arch[arch]:
+        raise ValueError(
+            f"split table {table!r} has no K={num_blocks} for {arch}; valid K: {[1, *sorted(by_arch[arch])]}"
+        )
+    if to_layer is None:
+        raise ValueError(f"backbone {arch!r} cannot convert [stage, block] pairs into layer indices")
+    return check_cuts([to_layer(s, b) + 1 for s, b in by_arch[arch][num_blocks]], num_layers)
+
+
+def resolve_cuts(
+    num_layers: int,
+    num_blocks: int,
+    split: str = "even",
+    cuts: Sequence[int] | None = None,
+    arch: str = "",
+    to_layer: Callable[[int, int], int] | None = None,
+) -> list[int]:
+    """Return the K-1 cut indices for a backbone of ``num_layers`` layers."""
+    check_num_blocks(num_layers, num_blocks)
+    if cuts is not None and split not in ("cuts", "even"):
+        raise ValueError(f"give either explicit cuts or split={split!r}, not both")
+    if cuts is not None or split == "cuts":
+        if cuts is None:
+            raise ValueError("split='cuts' needs model.cuts=[...]")
+        cuts = check_cuts(cuts, num_layers)
+        if len(cuts) != num_blocks - 1:
+            raise ValueError(
+                f"{len(cuts)} cuts make {len(cuts) + 1} blocks, but num_blocks (K) = {num_blocks}"
+            )
+        return cuts
+    if split == "even":
+        return even_cuts(num_layers, num_blocks)
+    if split in TABLES:
+        return table_cuts(split, arch, num_blocks, num_layers, to_layer)
+    raise ValueError(f"unknown split {split!r}; choose from {list(MODES)}")
+
+
+def blocks_from_cuts(cuts: Sequence[int], num_layers: int) -> list[range]:
+    """Layer index ranges of each block."""
+    bounds = [0, *cuts, num_layers]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
