@@ -78,7 +78,7 @@ def environment() -> dict[str, str]:
     return {
         "locallearn": __version__,
         "git": git_revision(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
@@ -227,9 +227,11 @@ class Run:
         stats["epoch_time"] = epoch_time
         return stats
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train to ``optim.epochs`` (or only up to epoch ``stop_after``), checkpointing as configured."""
         (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
-        while self.epoch < self.cfg.optim.epochs:
+        last = self.cfg.optim.epochs if stop_after is None else min(stop_after, self.cfg.optim.epochs)
+        while self.epoch < last:
             stats = self.train_one_epoch()
             metrics = evaluate(
                 self.model, self.test_loader, self.task, self.device, self.autocast, self.memory_format

@@ -1,0 +1,45 @@
+"""Small builders shared by the tests: a config on tiny random data, a batch, a model."""
+
+from __future__ import annotations
+
+import torch
+
+from locallearn.build import build_model
+from locallearn.config import load_config
+from locallearn.engine.optim import build_optimizer
+from locallearn.types import Batch, InputInfo
+
+INPUTS = InputInfo(channels=3, size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def make_config(method: str = "dgl", backbone: str = "resnet20", k: int = 4, split: str = "even", **extra):
+    overrides = [
+        f"method.name={method}",
+        f"model.backbone={backbone}",
+        f"model.num_blocks={k}",
+        f"model.split={split}",
+        "optim.lr=0.05",
+        "optim.schedule=constant",
+        "optim.warmup_epochs=0",
+        "data.name=digits",
+    ]
+    overrides += [f"{key}={value}" for key, value in extra.items()]
+    return load_config(None, overrides)
+
+
+def make_model(
+    method: str = "dgl", backbone: str = "resnet20", k: int = 4, inputs: InputInfo = INPUTS, **extra
+):
+    cfg = make_config(method, backbone, k, **extra)
+    model, meth, task = build_model(cfg, inputs, 10)
+    optimizers = [build_optimizer(model.block_parameters(i), cfg.optim) for i in range(model.num_blocks)]
+    return model, optimizers, task, cfg
+
+
+def make_batch(n: int = 8, inputs: InputInfo = INPUTS, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, inputs.channels, inputs.size, inputs.size, generator=g)
+    y = torch.arange(n) % 10
+    mean = torch.tensor(inputs.mean).view(-1, 1, 1)
+    std = torch.tensor(inputs.std).view(-1, 1, 1)
+    return Batch(x, y, mean, std)
