@@ -8,6 +8,7 @@ the files are expected and how to get them. Augmentations follow PRIOR_ART §2.5
 from __future__ import annotations
 
 import gzip
+import pickle
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from locallearn.data import imagefolder
 from locallearn.data.loader import ArrayDataset, Augment
 
 
@@ -29,82 +31,102 @@ CIFAR_AUG = Augment(pad=4, pad_mode="reflect", flip=True)
 FASHION_DIRS = ("fashion-mnist", "FashionMNIST/raw", "/usr/share/datasets/fashion-mnist")
 
 
-def _torchvision(name: str, root: str, download: bool, make: Callable[[], tuple]) -> tuple:
+def _missing(name: str, root: str, where: Path) -> DataError:
+    return DataError(
+        f"{name} not found: expected {str(where.resolve())!r} (the official / torchvision layout under "
+        f"data.root={root!r}). Put the files there, point data.root at them, or run with data.download=true "
+        "on a machine with internet access."
+    )
+
+
+def _download(name: str, root: str, make: Callable[[], object]) -> None:
+    """Fetch a dataset with torchvision's downloader (only when the user asked for it)."""
     try:
-        return make()
-    except (RuntimeError, FileNotFoundError, OSError) as e:
-        if download:
-            raise DataError(f"could not download {name} into {root!r}: {e}") from None
-        raise DataError(
-            f"{name} not found under {str(Path(root).resolve())!r} (torchvision layout). Put the files there, "
-            f"point data.root at them, or run with data.download=true on a machine with internet access."
-        ) from None
+        make()
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"could not download {name} into {root!r}: {e}") from None
 
 
-def _from_nhwc(data: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2)))
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise DataError(f"cannot read {str(path)!r}: {e}") from None
 
 
 def cifar(root: str, download: bool, classes: int) -> tuple[ArrayDataset, ArrayDataset]:
-    from torchvision import datasets
-
-    cls = datasets.CIFAR10 if classes == 10 else datasets.CIFAR100
+    """The python-pickle CIFAR format: ``cifar-10-batches-py/data_batch_1..5, test_batch`` or
+    ``cifar-100-python/train, test``; each a dict with ``data`` (N x 3072 uint8) and labels."""
     name = f"cifar{classes}"
-
-    def make():
-        return cls(root, train=True, download=download), cls(root, train=False, download=download)
-
-    train, test = _torchvision(name, root, download, make)
-    return tuple(
-        ArrayDataset(
-            _from_nhwc(d.data), torch.tensor(d.targets), classes, CIFAR_MEAN, CIFAR_STD, CIFAR_AUG, name
-        )
-        for d in (train, test)
+    folder = Path(root) / ("cifar-10-batches-py" if classes == 10 else "cifar-100-python")
+    parts = (
+        ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]) if classes == 10 else (["train"], ["test"])
     )
+    key = "labels" if classes == 10 else "fine_labels"
+    if not all((folder / f).exists() for part in parts for f in part):
+        if not download:
+            raise _missing(name, root, folder)
+        from torchvision import datasets
+
+        cls = datasets.CIFAR10 if classes == 10 else datasets.CIFAR100
+        _download(name, root, lambda: cls(root, train=True, download=True))
+
+    def read(files: list[str]) -> ArrayDataset:
+        dicts = [_unpickle(folder / f) for f in files]
+        data = np.concatenate([d["data"] for d in dicts]).reshape(-1, 3, 32, 32)
+        labels = torch.tensor([y for d in dicts for y in d[key]])
+        return ArrayDataset(torch.from_numpy(data), labels, classes, CIFAR_MEAN, CIFAR_STD, CIFAR_AUG, name)
+
+    return read(parts[0]), read(parts[1])
 
 
 def svhn(root: str, download: bool) -> tuple[ArrayDataset, ArrayDataset]:
-    from torchvision import datasets
+    """``train_32x32.mat`` / ``test_32x32.mat`` (X: 32x32x3xN, y: N x 1 with 10 meaning digit 0); the
+    train split only, no ``extra`` (InfoPro)."""
+    files = {split: Path(root) / f"{split}_32x32.mat" for split in ("train", "test")}
+    if not all(p.exists() for p in files.values()):
+        if not download:
+            raise _missing("svhn", root, files["train"])
+        from torchvision import datasets
 
-    def make():  # the train split only, no 'extra' (InfoPro)
-        return (
-            datasets.SVHN(root, split="train", download=download),
-            datasets.SVHN(root, split="test", download=download),
-        )
+        for split in files:
+            _download("svhn", root, lambda split=split: datasets.SVHN(root, split=split, download=True))
+    from scipy.io import loadmat
 
-    train, test = _torchvision("svhn", root, download, make)
-    aug = Augment(pad=2, flip=False)
-    return tuple(
-        ArrayDataset(
-            torch.from_numpy(d.data), torch.from_numpy(d.labels.astype(np.int64)), 10, HALF, HALF, aug, "svhn"
-        )
-        for d in (train, test)
-    )
+    def read(path: Path) -> ArrayDataset:
+        try:
+            mat = loadmat(path)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {str(path)!r}: {e}") from None
+        images = torch.from_numpy(np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1)))
+        labels = torch.from_numpy(mat["y"].astype(np.int64).reshape(-1) % 10)
+        return ArrayDataset(images, labels, 10, HALF, HALF, Augment(pad=2, flip=False), "svhn")
+
+    return read(files["train"]), read(files["test"])
 
 
 def stl10(root: str, download: bool) -> tuple[ArrayDataset, ArrayDataset]:
-    from torchvision import datasets
+    """``stl10_binary/{train,test}_{X,y}.bin``: column-major uint8 3x96x96 images, labels 1..10."""
+    folder = Path(root) / "stl10_binary"
+    names = [f"{s}_{t}.bin" for s in ("train", "test") for t in ("X", "y")]
+    if not all((folder / n).exists() for n in names):
+        if not download:
+            raise _missing("stl10", root, folder)
+        from torchvision import datasets
 
-    def make():
-        return (
-            datasets.STL10(root, split="train", download=download),
-            datasets.STL10(root, split="test", download=download),
-        )
+        _download("stl10", root, lambda: datasets.STL10(root, split="train", download=True))
 
-    train, test = _torchvision("stl10", root, download, make)
-    aug = Augment(pad=4, flip=True)
-    return tuple(
-        ArrayDataset(
-            torch.from_numpy(d.data),
-            torch.from_numpy(d.labels.astype(np.int64)),
-            10,
-            HALF,
-            HALF,
-            aug,
-            "stl10",
-        )
-        for d in (train, test)
-    )
+    def read(split: str) -> ArrayDataset:
+        x = np.fromfile(folder / f"{split}_X.bin", dtype=np.uint8)
+        y = np.fromfile(folder / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1
+        if x.size != len(y) * 3 * 96 * 96:
+            raise DataError(f"{str(folder)!r}: {split}_X.bin holds {x.size} bytes for {len(y)} labels")
+        images = np.ascontiguousarray(x.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2))
+        aug = Augment(pad=4, flip=True)
+        return ArrayDataset(torch.from_numpy(images), torch.from_numpy(y), 10, HALF, HALF, aug, "stl10")
+
+    return read("train"), read("test")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -137,7 +159,7 @@ def fashion_mnist(root: str, download: bool) -> tuple[ArrayDataset, ArrayDataset
     if found is None and download:
         from torchvision import datasets
 
-        _torchvision("fashion_mnist", root, True, lambda: datasets.FashionMNIST(root, download=True))
+        _download("fashion_mnist", root, lambda: datasets.FashionMNIST(root, download=True))
         found = Path(root) / "FashionMNIST/raw"
     if found is None:
         raise DataError(
@@ -187,6 +209,7 @@ DATASETS: dict[str, Callable[[str, bool], tuple[ArrayDataset, ArrayDataset]]] = 
     "cifar100": lambda root, dl: cifar(root, dl, 100),
     "svhn": svhn,
     "stl10": stl10,
+    "imagenet": imagefolder.imagenet,  # ImageFolder tree, streamed (not in memory)
 }
 
 
