@@ -1,3 +1,21 @@
-"""locallearn: supervised local learning (DGL, InfoPro, MAN, MAN++, ...) for vision backbones."""
+"""locallearn: supervised local learning (DGL, InfoPro, MAN, MAN++, ...) for vision backbones.
+
+Public API::
+
+    from locallearn import load_config, build_model, Run
+    cfg = load_config("configs/manpp_cifar10/resnet32_k16_infopro_manpp.yaml", ["optim.epochs=10"])
+    summary = Run(cfg).fit()
+"""
 
 __version__ = "0.1.0"
+
+from locallearn.build import BACKBONES, METHODS, build_backbone, build_method, build_model  # noqa: E402
+from locallearn.config import Config, ConfigError, load_config  # noqa: E402
+from locallearn.model import LocalModel  # noqa: E402
+from locallearn.runner import Run, evaluate_checkpoint  # noqa: E402
+from locallearn.types import Batch, FeatureInfo, InputInfo  # noqa: E402
+
+__all__ = [
+    "BACKBONES", "METHODS", "Batch", "Config", "ConfigError", "FeatureInfo", "InputInfo", "LocalModel", "Run",
+    "build_backbone", "build_method", "build_model", "evaluate_checkpoint", "load_config",
+]

@@ -75,21 +75,22 @@ def print_table(summaries: list[dict]) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from locallearn.config import load_config
-    from locallearn.runner import Run, comparison_config
+    from locallearn.runner import comparison_config, make_run, resume_run
 
     if args.resume:
-        run = Run.resume(args.resume)
-        setup_logging(run.run_dir)
+        run = resume_run(args.resume)
+        setup_logging(run.run_dir if run.is_main else None, verbose=run.is_main)  # torchrun: rank 0 speaks
         summaries = [run.fit()]
-        print_table(summaries)
+        if run.is_main:
+            print_table(summaries)
         return
     base = QUICKSTART if (args.config is None and not args.overrides) or args.quickstart else None
     cfg = load_config(args.config, args.overrides, base=base)
     configs = [cfg] + [comparison_config(cfg, m) for m in cfg.compare]
     summaries = []
     for c in configs:
-        run = Run(c)
-        setup_logging(run.run_dir)
+        run = make_run(c)
+        setup_logging(run.run_dir if run.is_main else None, verbose=run.is_main)
         log.info(
             "training %s on %s (K=%d, cuts %s) -> %s",
             c.method.name,
@@ -99,8 +100,9 @@ def cmd_train(args: argparse.Namespace) -> None:
             run.run_dir,
         )
         summaries.append(run.fit())
-    print()
-    print_table(summaries)
+    if run.is_main:
+        print()
+        print_table(summaries)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -160,10 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from locallearn.data import DataError
     from locallearn.engine.checkpoint import CheckpointError
+    from locallearn.engine.distributed import DistributedError
 
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, DistributedError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail(

@@ -109,6 +109,8 @@ def fresh_run_dir(cfg: Config) -> Path:
 class Run:
     """Everything one training run holds; ``fit`` trains to the end, checkpointing every epoch."""
 
+    is_main = True  # the process that writes the run directory's files (rank 0 under torchrun)
+
     def __init__(self, cfg: Config, run_dir: Path | None = None, quiet: bool = False) -> None:
         self.cfg = cfg
         self.quiet = quiet
@@ -229,13 +231,12 @@ class Run:
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train to ``optim.epochs`` (or only up to epoch ``stop_after``), checkpointing as configured."""
-        (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+        if self.is_main:
+            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
         last = self.cfg.optim.epochs if stop_after is None else min(stop_after, self.cfg.optim.epochs)
         while self.epoch < last:
             stats = self.train_one_epoch()
-            metrics = evaluate(
-                self.model, self.test_loader, self.task, self.device, self.autocast, self.memory_format
-            )
+            metrics = self.evaluate()
             self.epoch += 1
             row = {
                 "epoch": self.epoch,
@@ -247,7 +248,8 @@ class Run:
                 "images_per_s": stats["images"] / stats["epoch_time"],
             }
             self.history.append(row)
-            self.write_metrics()
+            if self.is_main:
+                self.write_metrics()
             main = self.task.main_metric
             log.info(
                 "epoch %d/%d  test %s %.2f  loss %.4f  (%.1fs)",
@@ -259,10 +261,17 @@ class Run:
                 stats["epoch_time"],
             )
             if self.epoch % self.cfg.checkpoint_every == 0 or self.epoch == self.cfg.optim.epochs:
-                checkpoint.save(self.run_dir / "checkpoint.pt", self.state_dict())
+                self.save_checkpoint()
         summary = self.summary()
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.model, self.test_loader, self.task, self.device, self.autocast, self.memory_format)
+
+    def save_checkpoint(self) -> None:
+        checkpoint.save(self.run_dir / "checkpoint.pt", self.state_dict())
 
     def write_metrics(self) -> None:
         path = self.run_dir / "metrics.csv"
@@ -341,3 +350,19 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto") -> dict[str, Any
     model.to(dev)
     metrics = evaluate(model, Loader(test_set, cfg.data.test_batch_size, False), task, dev)
     return {"checkpoint": str(ckpt), "epoch": state["epoch"], "method": cfg.method.name, **metrics}
+
+
+def make_run(cfg: Config, run_dir: Path | None = None, quiet: bool = False) -> Run:
+    """The run for ``cfg.engine.mode``: sequential here, pipeline / ddp (under torchrun) in ``parallel``."""
+    if cfg.engine.mode == "sequential":
+        return Run(cfg, run_dir, quiet)
+    from locallearn.parallel import parallel_run
+
+    return parallel_run(cfg, run_dir, quiet)
+
+
+def resume_run(path: str | Path, quiet: bool = False) -> Run:
+    """Continue a run of any mode from its directory (or a checkpoint file)."""
+    from locallearn.parallel import resume_parallel
+
+    return resume_parallel(path, quiet) or Run.resume(path, quiet)

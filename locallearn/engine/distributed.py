@@ -1,0 +1,120 @@
+"""Process-group plumbing shared by the pipeline and DDP engines: launch, device, timeouts, errors.
+
+Jobs are launched by ``torchrun`` (or anything that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT``). Every rank talks over ``torch.distributed``: gloo for CPU
+tensors, NCCL for CUDA tensors. The process group gets ``engine.dist_timeout_s`` as its timeout, so
+a peer that hangs makes the waiting rank's receive / collective fail after that long; a peer that dies
+closes its connections and the waiting rank fails at once. Either way the failure becomes a
+``DistributedError`` naming the peer, the CLI prints it and exits non-zero, and ``torchrun`` then
+stops the remaining workers: no silent hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class DistributedError(RuntimeError):
+    """A rank died, hung or disagrees with the others; the message names it."""
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    timeout_s: float
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def peer(self, rank: int, what: str):
+        """Context manager: turn a failed send / receive with ``rank`` into a ``DistributedError``."""
+        return _named(f"rank {rank}", what, self.timeout_s)
+
+    def collective(self, what: str):
+        """Context manager: the same for a collective over every rank."""
+        others = [r for r in range(self.world) if r != self.rank]
+        who = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {others}"
+        return _named(who, what, self.timeout_s)
+
+
+def launched() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    """``auto``/``cuda`` -> ``cuda:LOCAL_RANK`` when CUDA is there (``auto`` falls back to the CPU)."""
+    if name in ("auto", "cuda"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if name == "cuda":
+            raise DistributedError("engine.device=cuda but CUDA is not available on this machine")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank)
+    return device
+
+
+def init(mode: str, device_name: str, timeout_s: float) -> Context:
+    """Join (or reuse) the default process group of a ``torchrun`` job."""
+    if not launched():
+        raise DistributedError(
+            f"engine.mode={mode} runs one process per rank: launch it with "
+            f"`torchrun --nproc-per-node P -m locallearn train ... engine.mode={mode}`"
+        )
+    if timeout_s <= 0:
+        raise DistributedError(f"engine.dist_timeout_s must be > 0, got {timeout_s}")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = pick_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return Context(rank, world, local_rank, device, timeout_s)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def _named(who: str, what: str, timeout_s: float) -> Iterator[None]:
+    try:
+        yield
+    except DistributedError:
+        raise
+    except RuntimeError as e:  # gloo / NCCL report timeouts and closed connections as RuntimeError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistributedError(
+            f"lost {who} while {what}: it died, hung or was stopped (its connection closed, or no answer "
+            f"within engine.dist_timeout_s={timeout_s:g}s). Underlying error: {first[:300]}"
+        ) from None
+
+
+def broadcast_object(ctx: Context, obj, src: int, what: str):
+    """``obj`` from rank ``src`` on every rank."""
+    box = [obj if ctx.rank == src else None]
+    with ctx.collective(what):
+        dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(ctx: Context, obj, what: str) -> list:
+    out: list = [None] * ctx.world
+    with ctx.collective(what):
+        dist.all_gather_object(out, obj)
+    return out
