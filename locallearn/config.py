@@ -55,6 +55,12 @@ class DataConfig:
     test_subset: int | None = None
     num_workers: int = 0
 
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "test_batch_size", "train_subset", "test_subset"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{key} must be >= 1, got {value}")
+
 
 @dataclass
 class OptimConfig:
@@ -68,6 +74,12 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | constant
     warmup_epochs: float = 10.0  # InfoPro --cos_lr: linear warm-up over the first 10 epochs
     warmup_lr: float = 0.01  # ... starting from lr 0.01
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"optim.epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
+            raise ConfigError("optim.lr must be > 0, optim.warmup_epochs and optim.weight_decay >= 0")
 
 
 @dataclass
