@@ -6,13 +6,14 @@ This is the one module that imports every plug-in; a plug-in is one file plus on
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from locallearn.backbones import resnet_cifar
+from locallearn.backbones import resnet_cifar, torchvision_resnet, torchvision_vgg, vit
 from locallearn.backbones.base import Backbone
 from locallearn.config import Config, ConfigError, from_dict
 from locallearn.methods.base import AuxContext, Method
@@ -21,7 +22,7 @@ from locallearn.methods.dgl import DGL
 from locallearn.methods.infopro import InfoPro
 from locallearn.methods.man import MAN_DEFAULTS, Momentum, MomentumConfig
 from locallearn.model import LocalModel
-from locallearn.split import resolve_cuts
+from locallearn.split import layer_activation_bytes, resolve_cuts
 from locallearn.tasks.base import HeadLoss, Task
 from locallearn.tasks.classification import Classification, ClassificationConfig
 from locallearn.types import InputInfo
@@ -33,6 +34,9 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
     "resnet32": resnet_cifar.resnet32,
     "resnet56": resnet_cifar.resnet56,
     "resnet110": resnet_cifar.resnet110,
+    **torchvision_resnet.FACTORIES,  # resnet18..152, resnext50_32x4d, resnext101_32x8d (ImageNet stem)
+    **torchvision_vgg.FACTORIES,  # vgg11/13/16/19 (+ _bn)
+    **vit.FACTORIES,  # vit_tiny / vit_small / vit_base, patch 16
 }
 METHODS: dict[str, type[Method]] = {"bp": BP, "dgl": DGL, "infopro": InfoPro}
 MOMENTUM: dict[str, dict[str, Any]] = MAN_DEFAULTS  # "+man" / "+manpp" suffixes, composable with any base
@@ -82,7 +86,10 @@ def resolved_method_options(method: Method) -> dict[str, dict[str, Any]]:
 def build_backbone(name: str, in_chans: int, **kw) -> Backbone:
     if name not in BACKBONES:
         raise ConfigError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
-    return BACKBONES[name](in_chans=in_chans, **kw)
+    factory = BACKBONES[name]
+    if "image_size" in kw and "image_size" not in inspect.signature(factory).parameters:
+        kw.pop("image_size")  # only token models (ViT) fix their input size
+    return factory(in_chans=in_chans, **kw)
 
 
 def build_task(cfg: Config, num_classes: int) -> Task:
@@ -93,7 +100,9 @@ def build_task(cfg: Config, num_classes: int) -> Task:
 
 def build_model(cfg: Config, inputs: InputInfo, num_classes: int) -> tuple[LocalModel, Method, Task]:
     """Build the LocalModel for ``cfg`` on data shaped like ``inputs``."""
-    backbone = build_backbone(cfg.model.backbone, inputs.channels, droprate=cfg.model.droprate)
+    backbone = build_backbone(
+        cfg.model.backbone, inputs.channels, droprate=cfg.model.droprate, image_size=inputs.size
+    )
     method = build_method(cfg.method.name, cfg.method.options)
     task = build_task(cfg, num_classes)
     k_total = cfg.model.num_blocks
@@ -105,6 +114,7 @@ def build_model(cfg: Config, inputs: InputInfo, num_classes: int) -> tuple[Local
             cfg.model.cuts,
             cfg.model.backbone,
             getattr(backbone, "stage_block_to_layer", None),
+            costs=lambda: layer_activation_bytes(backbone, inputs.channels, inputs.size),
         )
         method.check(k_total)
     except ValueError as e:

@@ -24,7 +24,8 @@ from tqdm import tqdm
 from locallearn import __version__
 from locallearn.build import build_model, resolved_method_options
 from locallearn.config import Config, ConfigError, dump_yaml, from_dict, to_dict
-from locallearn.data import Loader, load_datasets
+from locallearn.data import load_datasets
+from locallearn.data.imagefolder import make_loader
 from locallearn.engine import checkpoint
 from locallearn.engine.optim import StepSchedule, build_optimizer
 from locallearn.engine.sequential import evaluate, train_epoch
@@ -121,8 +122,11 @@ class Run:
         self.autocast = autocast_factory(cfg.engine.amp, self.device)
         train_set, test_set = load_datasets(cfg.data.name, cfg.data.root, cfg.data.download)
         train_set, test_set = train_set.subset(cfg.data.train_subset), test_set.subset(cfg.data.test_subset)
-        self.train_loader = Loader(train_set, cfg.data.batch_size, True, cfg.seed, cfg.data.augment)
-        self.test_loader = Loader(test_set, cfg.data.test_batch_size, False)
+        workers = cfg.data.num_workers
+        self.train_loader = make_loader(
+            train_set, cfg.data.batch_size, True, cfg.seed, cfg.data.augment, num_workers=workers
+        )
+        self.test_loader = make_loader(test_set, cfg.data.test_batch_size, False, num_workers=workers)
         self.model, self.method, self.task = build_model(cfg, train_set.info, train_set.num_classes)
         cfg.method.options = resolved_method_options(self.method)
         self.memory_format = torch.channels_last if cfg.engine.channels_last else torch.contiguous_format
@@ -348,7 +352,8 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto") -> dict[str, Any
         ) from None
     dev = select_device(device)
     model.to(dev)
-    metrics = evaluate(model, Loader(test_set, cfg.data.test_batch_size, False), task, dev)
+    loader = make_loader(test_set, cfg.data.test_batch_size, False, num_workers=cfg.data.num_workers)
+    metrics = evaluate(model, loader, task, dev)
     return {"checkpoint": str(ckpt), "epoch": state["epoch"], "method": cfg.method.name, **metrics}
 
 

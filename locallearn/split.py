@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
+
+from locallearn.metrics.memory import ActivationMeter
+
 # InfoPro-Pytorch "Experiments on CIFAR-SVHN-STL10/networks/configs.py" (PRIOR_ART §2.1); K-1 entries,
 # each "cut after [stage, block]". ResNet-110 K=32 and K=55 come from the MAN/MLAAN lists (the entries
 # below minus their end marker), so the stem trains with the first block there, as in those repos.
@@ -84,12 +88,49 @@ MANPP = {
     },
 }
 
+# ImageNet tables. Same notation: [stage, block] = "cut after unit `block` of torchvision `layer{stage}`"
+# (ViT: stage 1 = the encoder, block b = encoder block b; VGG: stage s = the convs before the s-th pool).
+# InfoPro ImageNet K=2 (InfoPro-Pytorch "Experiments on ImageNet", k2_infopro, PRIOR_ART §2.7).
+INFOPRO.update(
+    {
+        "resnet101": {2: [[2, 0]]},
+        "resnet152": {2: [[2, 5]]},
+        "resnext101_32x8d": {2: [[2, 2]]},
+    }
+)
+# MAN++ ImageNet (MAN_PlusPlus Exp_on_ImageNet/networks/configs.py, PRIOR_ART §6.3; the trailing end
+# marker [4, 2] dropped). ViT (vit_man.py): K=4 groups of 3 encoder blocks, the embedding in group 0;
+# K=6 (groups of 2) is the paper's other setting, not in the code. VGG-13 K=10 (DGL + MAN++): one conv
+# per block.
+_R101_MANPP = {2: [[2, 0]], 4: [[2, 2], [3, 8], [3, 16]]}
+_VIT_MANPP = {4: [[1, 2], [1, 5], [1, 8]], 6: [[1, 1], [1, 3], [1, 5], [1, 7], [1, 9]]}
+_VGG13_MANPP = {10: [[s, b] for s in range(1, 6) for b in range(2)][:-1]}
+MANPP.update(
+    {
+        "resnet101": _R101_MANPP,
+        "resnext101_32x8d": _R101_MANPP,
+        "resnet152": {2: [[2, 5]], 4: [[2, 6], [3, 13], [3, 25]]},
+        "vgg13": _VGG13_MANPP,
+        "vgg13_bn": _VGG13_MANPP,
+        **{vit: _VIT_MANPP for vit in ("vit_tiny", "vit_small", "vit_base")},
+    }
+)
+# HPFF ImageNet K=4 (Zeudfish/HPFF "Exp on Imagenet" config, PRIOR_ART §9; end marker dropped).
+_R101_HPFF = {4: [[3, 0], [3, 9], [3, 17]]}
+HPFF = {
+    "resnet34": {4: [[2, 0], [3, 0], [3, 5]]},
+    "resnet101": _R101_HPFF,
+    "resnet152": _R101_HPFF,
+    "resnext101_32x8d": _R101_HPFF,
+}
+
 TABLES: dict[str, dict[str, dict[int, list[list[int]]]]] = {
     "infopro": INFOPRO,
     "infopro_balanced": INFOPRO_BALANCED,
     "manpp": MANPP,
+    "hpff": HPFF,
 }
-MODES = ("even", "cuts", *TABLES)
+MODES = ("even", "cuts", "balanced", *TABLES)
 
 
 def even_cuts(num_layers: int, num_blocks: int) -> list[int]:
@@ -154,8 +195,11 @@ def resolve_cuts(
     cuts: Sequence[int] | None = None,
     arch: str = "",
     to_layer: Callable[[int, int], int] | None = None,
+    costs: Callable[[], Sequence[float]] | None = None,
 ) -> list[int]:
-    """Return the K-1 cut indices for a backbone of ``num_layers`` layers."""
+    """Return the K-1 cut indices for a backbone of ``num_layers`` layers.
+
+    ``costs`` (for ``balanced``) returns one cost per layer, e.g. ``layer_activation_bytes``."""
     check_num_blocks(num_layers, num_blocks)
     if cuts is not None and split not in ("cuts", "even"):
         raise ValueError(f"give either explicit cuts or split={split!r}, not both")
@@ -170,6 +214,10 @@ def resolve_cuts(
         return cuts
     if split == "even":
         return even_cuts(num_layers, num_blocks)
+    if split == "balanced":
+        if costs is None:
+            raise ValueError("split='balanced' needs per-layer costs (the backbone and a dummy batch)")
+        return balanced_cuts(costs(), num_blocks)
     if split in TABLES:
         return table_cuts(split, arch, num_blocks, num_layers, to_layer)
     raise ValueError(f"unknown split {split!r}; choose from {list(MODES)}")
@@ -179,3 +227,51 @@ def blocks_from_cuts(cuts: Sequence[int], num_layers: int) -> list[range]:
     """Layer index ranges of each block."""
     bounds = [0, *cuts, num_layers]
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def balanced_cuts(costs: Sequence[float], num_blocks: int) -> list[int]:
+    """Cuts that minimise the largest block cost (sum of its layers' costs); ties go to later cuts.
+
+    With activation bytes as costs this is InfoPro*'s idea ("balanced memory", fewer layers in the
+    early, high-resolution blocks) for any backbone: peak training memory is the largest block's.
+    """
+    n = len(costs)
+    check_num_blocks(n, num_blocks)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + float(c))
+    inf = float("inf")
+    # best[k][i]: smallest max-cost splitting layers[:i] into k blocks; arg[k][i]: the last cut.
+    best = [[inf] * (n + 1) for _ in range(num_blocks + 1)]
+    arg = [[0] * (n + 1) for _ in range(num_blocks + 1)]
+    best[0][0] = 0.0
+    for k in range(1, num_blocks + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value <= best[k][i]:
+                    best[k][i], arg[k][i] = value, j
+    cuts, i = [], n
+    for k in range(num_blocks, 1, -1):
+        i = arg[k][i]
+        cuts.append(i)
+    return sorted(cuts)
+
+
+def layer_activation_bytes(backbone, channels: int, size: int, batch: int = 2) -> list[int]:
+    """Bytes each layer saves for backward on a dummy ``batch`` of ``size``x``size`` images (the
+    memory meter's count; linear in the batch size, so the split does not depend on it). Runs in
+    training mode; BN running statistics are restored afterwards."""
+    meter = ActivationMeter(backbone)
+    was_training = backbone.training
+    buffers = [b.detach().clone() for b in backbone.buffers()]
+    backbone.train()
+    h = torch.zeros(batch, channels, size, size)
+    for layer in backbone.layers:
+        with meter.track():
+            h = layer(h.detach().requires_grad_())
+    with torch.no_grad():
+        for b, saved in zip(backbone.buffers(), buffers):
+            b.copy_(saved)
+    backbone.train(was_training)
+    return meter.block_bytes
