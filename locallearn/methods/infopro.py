@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from locallearn.methods.base import AuxContext, Method
+from locallearn.methods.infopro_imagenet import ImageNetDecoder, imagenet_classifier, is_wide
 from locallearn.types import Batch
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class InfoProConfig:
     ixy_1: float = 0.05
     ixx_2: float = 0.2
     ixy_2: float = 0.5
+    heads: str = "auto"  # cifar (§2.2) | imagenet (§2.7) | auto: imagenet above 64 channels / on tokens
 
 
 def lambdas(cfg: InfoProConfig, k: int, num_blocks: int) -> tuple[float, float]:
@@ -129,8 +131,9 @@ class InfoProAux(nn.Module):
         super().__init__()
         if cfg.loss not in ("contrast", "cross_entropy"):
             raise ValueError(f"infopro loss must be 'contrast' or 'cross_entropy', got {cfg.loss!r}")
-        if ctx.feature.fmt != "NCHW":
-            raise ValueError("infopro's decoder needs NCHW feature maps")
+        wide = is_wide(ctx, cfg.heads)
+        if ctx.feature.fmt != "NCHW" and not wide:
+            raise ValueError("infopro's CIFAR heads need NCHW feature maps; use heads='imagenet' or 'auto'")
         self.task = ctx.task
         self.cfg = cfg
         self.lambda1, self.lambda2 = lambdas(cfg, ctx.k, ctx.num_blocks)
@@ -142,6 +145,10 @@ class InfoProAux(nn.Module):
                 ctx.k,
             )
         c = ctx.feature.num_chs
+        if wide:
+            self.decoder = ImageNetDecoder(c, ctx.inputs.channels, ctx.inputs.size) if self.lambda1 else None
+            self.classifier = imagenet_classifier(ctx, cfg.loss, cfg.feature_dim) if self.lambda2 else None
+            return
         self.decoder = Decoder(c, ctx.inputs.channels, ctx.inputs.size, cfg.widen) if self.lambda1 else None
         self.classifier = aux_classifier(ctx, cfg) if self.lambda2 else None
 

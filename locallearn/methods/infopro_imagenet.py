@@ -1,0 +1,70 @@
+"""InfoPro's ImageNet aux nets (PRIOR_ART §2.7), for wide feature maps (more than 64 channels).
+
+The CIFAR heads upsample the C-channel map to the full image before their first conv; at C = 512
+and 224 px that is hundreds of MB per image, so the ImageNet code narrows first and upsamples in
+steps. Decoder: 1x1 conv C->128, BN, ReLU, up to S/4; 3x3 128->32, BN, ReLU, up to S/2; 3x3 32->12,
+BN, ReLU, up to S; 3x3 12->image channels (logits; the sigmoid is in the BCE). Classifier: 1x1 conv
+C->m, 3x3 s2 m->2m, 3x3 s2 2m->4m, 1x1 4m->2048 (each + BN + ReLU), GAP, then the task's local head
+(or a ``feature_dim`` projection for SupCon). m = 128 for C = 512 as in the official code.
+
+Deviations: upsampling is bilinear with ``align_corners=True`` (as the CIFAR decoder) to S/4, S/2, S
+for any input size S instead of the fixed 56 / 112 / 224; for C other than 512 the classifier widths
+scale with C (m = C / 4, at least 32), our guess for MAN++'s 1024-channel head. ``NLC`` tokens are
+laid out on their patch grid first (class token dropped).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from locallearn.methods.base import AuxContext
+from locallearn.methods.dgl import TokensToMap
+
+
+def cbr(cin: int, cout: int, k: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class Resize(nn.Module):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(h, size=(self.size, self.size), mode="bilinear", align_corners=True)
+
+
+class ImageNetDecoder(nn.Sequential):
+    def __init__(self, in_chs: int, image_chs: int, image_size: int) -> None:
+        s = image_size
+        super().__init__(
+            TokensToMap(),
+            *cbr(in_chs, 128, 1),
+            Resize(max(1, s // 4)),
+            *cbr(128, 32, 3),
+            Resize(max(1, s // 2)),
+            *cbr(32, 12, 3),
+            Resize(s),
+            nn.Conv2d(12, image_chs, 3, padding=1),
+        )
+
+
+def imagenet_classifier(ctx: AuxContext, loss: str, feature_dim: int) -> nn.Module:
+    c = ctx.feature.num_chs
+    m = max(32, c // 4)
+    layers = [TokensToMap(), *cbr(c, m, 1), *cbr(m, 2 * m, 3, 2), *cbr(2 * m, 4 * m, 3, 2)]
+    layers += [*cbr(4 * m, 2048, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    layers.append(nn.Linear(2048, feature_dim) if loss == "contrast" else ctx.task.local_head(2048))
+    return nn.Sequential(*layers)
+
+
+def is_wide(ctx: AuxContext, heads: str) -> bool:
+    """Which heads InfoPro uses here: ``auto`` picks the ImageNet ones above 64 channels (the CIFAR
+    heads were designed for 16 / 32 / 64) and for token sequences."""
+    if heads not in ("auto", "cifar", "imagenet"):
+        raise ValueError(f"infopro heads must be 'auto', 'cifar' or 'imagenet', got {heads!r}")
+    if heads == "auto":
+        return ctx.feature.num_chs > 64 or ctx.feature.fmt == "NLC"
+    return heads == "imagenet"
