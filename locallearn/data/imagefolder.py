@@ -1,0 +1,163 @@
+"""ImageNet-style data: a torchvision ``ImageFolder`` tree (``root/train/<class>/*``, ``root/val/...``)
+streamed from disk by a ``torch.utils.data.DataLoader`` with worker processes.
+
+Transforms are the standard ImageNet ones the papers use (PRIOR_ART §2.7): train RandomResizedCrop
++ horizontal flip; test resize to size * 256/224 then center crop. ``StreamingLoader`` keeps the
+in-memory ``Loader``'s interface (``set_epoch``, ``len``, ``.data``, batches of ``Batch`` carrying
+mean / std) so the runner treats both alike; shuffling is seeded by (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from locallearn.types import Batch, InputInfo
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageFolderData:
+    """One split of an ImageFolder tree. Decoding and transforms happen in the loader's workers."""
+
+    def __init__(
+        self,
+        folder,
+        train: bool,
+        size: int = 224,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+        name: str = "imagenet",
+        indices: list[int] | None = None,
+    ) -> None:
+        self.folder = folder
+        self.train = train
+        self.size = size
+        self.mean, self.std = mean, std
+        self.name = name
+        self.indices = indices
+        self.num_classes = len(folder.classes)
+
+    def __len__(self) -> int:
+        return len(self.folder) if self.indices is None else len(self.indices)
+
+    @property
+    def info(self) -> InputInfo:
+        return InputInfo(3, self.size, self.mean, self.std)
+
+    @property
+    def targets(self) -> list[int]:
+        targets = self.folder.targets
+        return targets if self.indices is None else [targets[i] for i in self.indices]
+
+    def subset(self, n: int | None) -> ImageFolderData:
+        """The first ``n`` images in a class-balanced, deterministic order, or all of them."""
+        if n is None or n >= len(self):
+            return self
+        if n < 1:
+            raise ValueError(f"subset size must be >= 1, got {n}")
+        base = list(range(len(self.folder))) if self.indices is None else self.indices
+        seen: dict[int, int] = {}
+        ranked = []
+        for i in base:
+            c = self.folder.targets[i]
+            ranked.append((seen.get(c, 0), c, i))
+            seen[c] = seen.get(c, 0) + 1
+        keep = sorted(i for _, _, i in sorted(ranked)[:n])
+        return ImageFolderData(self.folder, self.train, self.size, self.mean, self.std, self.name, keep)
+
+    def dataset(self):
+        return self.folder if self.indices is None else Subset(self.folder, self.indices)
+
+
+def transform(train: bool, size: int):
+    from torchvision import transforms as T
+
+    if train:
+        return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor()])
+    return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor()])
+
+
+def imagenet(root: str, download: bool, size: int = 224) -> tuple[ImageFolderData, ImageFolderData]:
+    from torchvision.datasets import ImageFolder
+
+    from locallearn.data.datasets import DataError  # datasets.py registers this module: import late
+
+    if download:
+        raise DataError(
+            "ImageNet cannot be downloaded automatically; put the ImageFolder tree under data.root"
+        )
+    parts = []
+    for split, train in (("train", True), ("val", False)):
+        path = Path(root) / split
+        if not path.is_dir():
+            raise DataError(
+                f"imagenet: {str(path.resolve())!r} not found; data.root must hold train/<class>/*.JPEG "
+                "and val/<class>/*.JPEG (torchvision ImageFolder layout)"
+            )
+        try:
+            parts.append(ImageFolderData(ImageFolder(str(path), transform(train, size)), train, size))
+        except (FileNotFoundError, OSError) as e:
+            raise DataError(f"imagenet: cannot read {str(path)!r}: {e}") from None
+    train_set, val_set = parts
+    if train_set.folder.classes != val_set.folder.classes:
+        raise DataError("imagenet: train/ and val/ hold different class folders")
+    return train_set, val_set
+
+
+class StreamingLoader:
+    """Iterates ``Batch``es over an ``ImageFolderData`` with ``num_workers`` processes."""
+
+    def __init__(
+        self, data: ImageFolderData, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.data = data
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.num_workers = num_workers
+        self.epoch = 0
+        self.mean = torch.tensor(data.mean).view(-1, 1, 1)
+        self.std = torch.tensor(data.std).view(-1, 1, 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.data) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        loader = DataLoader(
+            self.data.dataset(),
+            batch_size=self.batch_size,
+            shuffle=self.train,
+            num_workers=self.num_workers,
+            generator=gen,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
+        for x, y in loader:
+            yield Batch((x - self.mean) / self.std, y, self.mean, self.std)
+
+
+def make_loader(
+    data, batch_size: int, train: bool, seed: int = 0, augment: bool = True, num_workers: int = 0
+):
+    """The right loader for ``data``: streaming for ImageFolder trees, in-memory otherwise."""
+    if isinstance(data, ImageFolderData):
+        if not augment and train:
+            folder = copy.copy(data.folder)  # same files, test-time transform
+            folder.transform = transform(False, data.size)
+            data = ImageFolderData(folder, True, data.size, data.mean, data.std, data.name, data.indices)
+        return StreamingLoader(data, batch_size, train, seed, num_workers)
+    from locallearn.data.loader import Loader
+
+    return Loader(data, batch_size, train, seed, augment)
