@@ -16,11 +16,15 @@ from torch import nn
 from locallearn.backbones import resnet_cifar, torchvision_resnet, torchvision_vgg, vit
 from locallearn.backbones.base import Backbone
 from locallearn.config import Config, ConfigError, from_dict
+from locallearn.methods.auglocal import AugLocal
 from locallearn.methods.base import AuxContext, Method
 from locallearn.methods.bp import BP
 from locallearn.methods.dgl import DGL
 from locallearn.methods.infopro import InfoPro
 from locallearn.methods.man import MAN_DEFAULTS, Momentum, MomentumConfig
+from locallearn.methods.mlaan import MLAAN
+from locallearn.methods.predsim import PredSim
+from locallearn.methods.slm import SLM
 from locallearn.model import LocalModel
 from locallearn.split import layer_activation_bytes, resolve_cuts
 from locallearn.tasks.base import HeadLoss, Task
@@ -38,14 +42,22 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
     **torchvision_vgg.FACTORIES,  # vgg11/13/16/19 (+ _bn)
     **vit.FACTORIES,  # vit_tiny / vit_small / vit_base, patch 16
 }
-METHODS: dict[str, type[Method]] = {"bp": BP, "dgl": DGL, "infopro": InfoPro}
+METHODS: dict[str, type[Method]] = {
+    "bp": BP,
+    "dgl": DGL,
+    "infopro": InfoPro,
+    "predsim": PredSim,
+    "auglocal": AugLocal,
+    "mlaan": MLAAN,
+    "slm": SLM,
+}
 MOMENTUM: dict[str, dict[str, Any]] = MAN_DEFAULTS  # "+man" / "+manpp" suffixes, composable with any base
 TASKS: dict[str, Callable[..., Task]] = {"classification": Classification}
 
 
 def method_names() -> list[str]:
-    bases = [name for name in METHODS if name != "bp"]
-    return ["bp", *bases, *(f"{b}+{m}" for b in bases for m in MOMENTUM)]
+    composable = [name for name, cls in METHODS.items() if cls.composes_with_momentum]
+    return [*METHODS, *(f"{b}+{m}" for b in composable for m in MOMENTUM)]
 
 
 def build_method(name: str, options: dict[str, dict[str, Any]] | None = None) -> Method:
@@ -58,8 +70,11 @@ def build_method(name: str, options: dict[str, dict[str, Any]] | None = None) ->
     if base_name not in METHODS or (wrapper and wrapper not in MOMENTUM):
         raise ConfigError(f"unknown method {name!r}; choose from {method_names()}")
     base_cls = METHODS[base_name]
-    if wrapper and base_name == "bp":
-        raise ConfigError("bp is end-to-end (K = 1): it has no aux net for a momentum aux to wrap")
+    if wrapper and not base_cls.composes_with_momentum:
+        raise ConfigError(
+            f"{base_name} does not compose with a momentum aux; +{wrapper} composes with: "
+            f"{', '.join(n for n, c in METHODS.items() if c.composes_with_momentum)}"
+        )
     allowed = {base_name} | ({"momentum"} if wrapper else set())
     for section in options:
         if section not in allowed:
@@ -131,8 +146,9 @@ def build_model(cfg: Config, inputs: InputInfo, num_classes: int) -> tuple[Local
             next_layers=layers[cut:],
             next_features=info[cut:],
             init_weights=backbone.init_weights,
+            num_layers=len(layers),
         )
         auxes.append(method.make_aux(k, ctx))
     head = task.build_head(info[-1])
-    auxes.append(HeadLoss(task, head))
-    return LocalModel(backbone, cuts, auxes), method, task
+    auxes.append(method.make_head(HeadLoss(task, head)))
+    return LocalModel(backbone, cuts, auxes, window=method.window), method, task

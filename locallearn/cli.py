@@ -124,7 +124,11 @@ def cmd_list(args: argparse.Namespace) -> None:
     print("methods:")
     for name, cls in METHODS.items():
         print(f"  {name:<12} {cls.paper}")
-    print(f"  momentum aux (compose with any base above but bp): {', '.join('+' + m for m in MOMENTUM)}")
+    composable = [name for name, cls in METHODS.items() if cls.composes_with_momentum]
+    print(
+        f"  momentum aux {', '.join('+' + m for m in MOMENTUM)} composes with: {', '.join(composable)}"
+        f" (not {', '.join(n for n in METHODS if n not in composable)})"
+    )
     print(f"  all names: {', '.join(method_names())}")
     print("tasks:\n  " + ", ".join(TASKS))
     print("datasets:\n  " + ", ".join(DATASETS))

@@ -15,8 +15,11 @@ class LocalModel(nn.Module):
     """Parameters live in ``backbone`` (layer by layer) and ``auxes`` (one per block). ``body(k)`` is a
     view of block k's layers; ``forward`` is the plain inference path (backbone + head)."""
 
-    def __init__(self, backbone: Backbone, cuts: Sequence[int], auxes: Sequence[nn.Module]) -> None:
+    def __init__(
+        self, backbone: Backbone, cuts: Sequence[int], auxes: Sequence[nn.Module], window: int = 1
+    ) -> None:
         super().__init__()
+        self.window = window  # how many blocks one local loss spans (the method's ``window``)
         ranges = blocks_from_cuts(cuts, len(backbone))
         if len(auxes) != len(ranges):
             raise ValueError(f"{len(ranges)} blocks but {len(auxes)} aux nets")

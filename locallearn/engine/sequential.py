@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from locallearn.engine.step import local_step
+from locallearn.engine.step import Cascade, local_step
 from locallearn.model import LocalModel
 from locallearn.types import Batch
 
@@ -26,12 +26,32 @@ def train_step(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     meter=None,
 ) -> list[dict[str, torch.Tensor]]:
-    """One batch through every block; returns each block's aux outputs."""
-    h, outs = batch.x, []
+    """One batch through every block; returns each block's aux outputs.
+
+    Window 2 (MLAAN): block k's loss also spans block k-1 (run again on its cached detached input),
+    so block k's optimizer steps after block k+1's backward; the last block steps both."""
+    h, outs, last = batch.x, [], model.num_blocks - 1
+    window = getattr(model, "window", 1)
+    if window not in (1, 2):
+        raise ValueError(f"the sequential engine supports window 1 or 2, got {window}")
+    h_prev = None  # detached input of block k-1
     for k in range(model.num_blocks):
         track = meter.track() if meter is not None else nullcontext()
         scaler = scalers[k] if scalers else None
-        h, out = local_step(model.body(k), model.auxes[k], h, batch, optimizers[k], scaler, autocast(), track)
+        cascade = Cascade(model.body(k - 1), h_prev, optimizers[k - 1]) if window == 2 and k > 0 else None
+        h_prev = h
+        h, out = local_step(
+            model.body(k),
+            model.auxes[k],
+            h,
+            batch,
+            optimizers[k],
+            scaler,
+            autocast(),
+            track,
+            cascade=cascade,
+            defer_step=window == 2 and k < last,
+        )
         outs.append(out)
     model.sync_momentum()
     return outs

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from locallearn.types import Batch
+
+
+@dataclass
+class Cascade:
+    """What a window-2 step needs of block k-1: its body, its cached detached input, its optimizer
+    (which steps only after block k's loss has reached it)."""
+
+    body: nn.Module
+    h: torch.Tensor
+    optimizer: torch.optim.Optimizer
 
 
 def local_step(
@@ -19,18 +30,35 @@ def local_step(
     scaler: torch.amp.GradScaler | None = None,
     autocast: AbstractContextManager | None = None,
     track: AbstractContextManager | None = None,
+    cascade: Cascade | None = None,
+    defer_step: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Train one block on its detached input; return its detached output and the aux's outputs."""
+    """Train one block on its detached input; return its detached output and the aux's outputs.
+
+    With ``cascade`` (window 2), block k-1 runs again on its detached input and block k on that
+    output; the aux gets it as ``cascade=`` and its loss reaches blocks k-1 and k only, after which
+    block k-1's optimizer steps. ``defer_step`` keeps this block's gradients for the next block's
+    cascade instead of stepping now.
+    """
+    if cascade is not None and scaler is not None:
+        raise ValueError("window-2 methods do not support fp16 loss scaling (one scale per block); use bf16")
     with track or nullcontext(), autocast or nullcontext():
-        h = body(h.detach())  # no gradient ever leaves the block
-        out = aux(h, batch)  # the last block's aux is the task head + task loss
+        h = body(h.detach())  # no gradient ever leaves the block (or the two blocks of a cascade)
+        if cascade is None:
+            out = aux(h, batch)  # the last block's aux is the task head + task loss
+        else:
+            out = aux(h, batch, cascade=body(cascade.body(cascade.h.detach())))
     loss = out["loss"]
     if loss.requires_grad:  # a block whose loss weights are all 0 has nothing to learn this step
         (scaler.scale(loss) if scaler is not None else loss).backward()  # frees this block's graph
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizers = [] if cascade is None else [cascade.optimizer]
+    optimizers += [] if defer_step else [optimizer]
+    for opt in optimizers:
+        if any(p.grad is not None for group in opt.param_groups for p in group["params"]):
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+        opt.zero_grad(set_to_none=True)
     return h.detach(), out

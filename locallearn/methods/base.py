@@ -5,6 +5,11 @@ task head). The aux's ``forward(h, batch)`` returns ``{'loss': tensor, ...logs}`
 what the engine must honour: ``window`` (how many blocks one local loss may span) and ``needs_next``
 (the aux reads a later layer's live weights every step; the engine then calls ``aux.sync(layer)``
 after the optimizer steps, with the live first layer of block k+1).
+
+``window = 2`` (MLAAN's cascade): for k >= 1 the engine also runs block k-1 again on its cached,
+detached input, feeds that through block k, and calls ``aux(h, batch, cascade=z)``; the loss of block
+k then reaches blocks k-1 and k, and block k-1's optimizer steps after block k's backward. The last
+block's aux is what ``make_head`` returns (default: the task head and loss unchanged).
 """
 
 from __future__ import annotations
@@ -32,10 +37,23 @@ class AuxContext:
     next_layers: list[nn.Module]  # live layers after the cut (read-only: copy, never register them)
     next_features: list[FeatureInfo]  # their FeatureInfo
     init_weights: Callable[[nn.Module], None]  # the backbone family's initialisation
+    num_layers: int = (
+        0  # layers of the whole backbone (the cut sits before layer num_layers - len(next_layers))
+    )
 
     def with_feature(self, feature: FeatureInfo) -> AuxContext:
         """The context of an aux that is fed another feature (e.g. the next layer's output)."""
         return dataclasses.replace(self, feature=feature)
+
+    def after_next(self) -> AuxContext:
+        """The context of an aux fed layer ``n``'s output (the first layer after the cut): what a base
+        method sees behind a momentum aux, which stands in for layer ``n``."""
+        return dataclasses.replace(
+            self,
+            feature=self.next_features[0],
+            next_layers=self.next_layers[1:],
+            next_features=self.next_features[1:],
+        )
 
     def spatial(self, feature: FeatureInfo | None = None) -> int:
         """Side length of the feature map (input size / reduction)."""
@@ -51,6 +69,7 @@ class Method:
     Config: ClassVar[type] = type(None)
     window: ClassVar[int] = 1
     needs_next: ClassVar[bool] = False
+    composes_with_momentum: ClassVar[bool] = True  # may be wrapped by "+man" / "+manpp"
 
     def __init__(self, cfg: Any = None) -> None:
         self.cfg = cfg if cfg is not None else self.Config()
@@ -64,6 +83,12 @@ class Method:
         aux = self.build_aux(k, ctx)
         ctx.init_weights(aux)
         return aux
+
+    def make_head(self, head: nn.Module) -> nn.Module:
+        """The aux of the last block, given the task's ``HeadLoss``. Methods whose last block needs
+        more than the task loss (MLAAN's cascade, the feature bank's writer) wrap it; the wrapper
+        must expose the task head as ``.head``."""
+        return head
 
     def check(self, num_blocks: int) -> None:
         """Refuse impossible settings with a clear ValueError."""

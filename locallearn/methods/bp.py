@@ -22,6 +22,7 @@ class BP(Method):
     name = "bp"
     paper = "end-to-end backpropagation (baseline)"
     Config = BPConfig
+    composes_with_momentum = False  # K = 1: no aux net to wrap
 
     def check(self, num_blocks: int) -> None:
         if num_blocks != 1:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from locallearn.methods.base import AuxContext, Method
+from locallearn.methods.vit_aux import vit_base_aux
 from locallearn.types import Batch
 
 
@@ -122,9 +123,17 @@ class Momentum(Method):
         self.base.check(num_blocks)
 
     def build_aux(self, k: int, ctx: AuxContext) -> nn.Module:
-        layer, feature = ctx.next_layers[0], ctx.next_features[0]
-        base_aux = self.base.make_aux(k, ctx.with_feature(feature))
-        return MomentumAux(layer, base_aux, self.cfg, ctx.init_weights)
+        # The fused copies stand in for layer n, so the base aux sees the network from after layer n
+        # (AugLocal samples and SLM replicates the layers behind it, not layer n again).
+        inner = ctx.after_next()
+        if inner.feature.fmt == "NLC" and inner.next_layers:  # MAN++ ViT aux: LB spans two blocks
+            base_aux = vit_base_aux(self.base, k, inner, self.cfg.init)
+        else:
+            base_aux = self.base.make_aux(k, inner)
+        return MomentumAux(ctx.next_layers[0], base_aux, self.cfg, ctx.init_weights)
+
+    def make_head(self, head: nn.Module) -> nn.Module:
+        return self.base.make_head(head)
 
     def make_aux(self, k: int, ctx: AuxContext) -> nn.Module:
         return self.build_aux(k, ctx)  # the base aux is initialised; the copies are set up by ``init``
