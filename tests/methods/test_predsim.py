@@ -1,4 +1,3 @@
-
 import torch
 import torch.nn.functional as F
 from methods_util import tiny_batch, tiny_model
