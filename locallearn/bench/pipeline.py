@@ -1,0 +1,150 @@
+"""``locallearn bench pipeline``: throughput of the pipeline engine against one process, same compute.
+
+One local-learning model (default ResNet-32, K=4, DGL, synthetic CIFAR-sized batches) is trained for
+``--steps`` timed steps after ``--warmup`` steps, three ways: one process with 1 thread; one process
+with P threads (the same total compute as P ranks); and P ranks of the pipeline engine
+(``engine/pipeline.py``, gloo, 1 thread each, blocks balanced by the memory meter, in-flight depth 2).
+Throughput = images per second from the first to the last timed step (pipeline: the slowest rank).
+The speed-up curve runs over P = 2..min(K, --max-ranks). On a machine with fewer free cores than P,
+or shared with other jobs, the numbers measure contention as much as the engine: the header says so.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from locallearn.bench.common import build_cell, header, markdown_table, synthetic_batch, write_csv
+
+COLUMNS = ["setting", "processes", "threads_each", "images_per_s", "speedup_vs_1x1", "vs_1proc_same_threads"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cell(backbone: str, k: int, method: str):
+    torch.manual_seed(0)
+    return build_cell(backbone, k, method)
+
+
+def sequential(
+    backbone: str, k: int, method: str, batch: int, steps: int, warmup: int, threads: int
+) -> float:
+    from locallearn.engine.sequential import train_step
+
+    torch.set_num_threads(threads)
+    cell = _cell(backbone, k, method)
+    data = synthetic_batch(batch)
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        train_step(cell.model, data, cell.optimizers)
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def _rank(rank: int, world: int, port: int, spec: tuple, out: mp.Queue) -> None:
+    import torch.distributed as dist
+
+    from locallearn.engine import distributed, pipeline
+    from locallearn.engine.step import local_step
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    backbone, k, method, batch, steps, warmup = spec
+    ctx = distributed.init("pipeline", "cpu", 120.0)
+    cell = _cell(backbone, k, method)
+    model, data = cell.model, synthetic_batch(batch)
+    sizes = pipeline.partition([float(c) for c in pipeline.block_costs(model, data)], world)
+    stage = pipeline.stages(sizes)[rank]
+    pipe = pipeline.Pipe(ctx, 2, data.mean, data.std)
+    dist.barrier()
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        h, b = (data.x, data) if stage.first else pipe.recv()[1:]
+        for blk in stage.blocks:
+            h, _ = local_step(model.body(blk), model.auxes[blk], h, b, cell.optimizers[blk])
+        if not stage.last:
+            pipe.send(i, h, b, with_image=True)
+    pipe.flush()
+    elapsed = time.perf_counter() - t0
+    out.put((rank, elapsed, sizes))
+    distributed.shutdown()
+
+
+def pipelined(backbone: str, k: int, method: str, batch: int, steps: int, warmup: int, world: int):
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), _free_port()
+    spec = (backbone, k, method, batch, steps, warmup)
+    procs = [ctx.Process(target=_rank, args=(r, world, port, spec, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    return steps * batch / max(e for _, e, _ in results), results[0][2]
+
+
+def run(
+    backbone: str, k: int, method: str, batch: int, steps: int, warmup: int, max_ranks: int, out: str
+) -> str:
+    threads = torch.get_num_threads()
+    rows = []
+    base = sequential(backbone, k, method, batch, steps, warmup, 1)
+    rows.append({"setting": "sequential", "processes": 1, "threads_each": 1, "images_per_s": base})
+    sizes_seen = {}
+    for p in range(2, min(k, max_ranks) + 1):
+        same = sequential(backbone, k, method, batch, steps, warmup, p)
+        rows.append({"setting": "sequential", "processes": 1, "threads_each": p, "images_per_s": same})
+        ips, sizes = pipelined(backbone, k, method, batch, steps, warmup, p)
+        sizes_seen[p] = sizes
+        rows.append({"setting": "pipeline", "processes": p, "threads_each": 1, "images_per_s": ips,
+                     "vs_1proc_same_threads": ips / same})  # fmt: skip
+    torch.set_num_threads(threads)
+    for row in rows:
+        row["speedup_vs_1x1"] = row["images_per_s"] / base
+    out_dir = Path(out)
+    write_csv(out_dir / "pipeline.csv", rows, COLUMNS)
+    notes = [
+        f"model: {backbone}, K={k}, method {method}, synthetic 32x32 batches, {steps} timed steps after {warmup}",
+        f"blocks per rank (memory-meter balance): {sizes_seen}",
+        f"CPU cores visible: {os.cpu_count()}; other jobs may share them (see the load average at run time: "
+        f"{os.getloadavg()[0]:.1f})",
+    ]
+    lines = header("Pipeline (PPLL) throughput vs one process", str(batch), notes=notes)
+    lines += markdown_table(rows, COLUMNS)
+    text = "\n".join(lines) + "\n"
+    (out_dir / "pipeline.md").write_text(text)
+    return text
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--backbone", default="resnet32")
+    p.add_argument("--num-blocks", type=int, default=4)
+    p.add_argument("--method", default="dgl", help="a window-1 method")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--max-ranks", type=int, default=4, help="largest P of the curve (P <= K)")
+    p.add_argument("--out", default="benchmarks/results")
+
+
+def main(args) -> str:
+    return run(
+        args.backbone,
+        args.num_blocks,
+        args.method,
+        args.batch,
+        args.steps,
+        args.warmup,
+        args.max_ranks,
+        args.out,
+    )
