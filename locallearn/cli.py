@@ -1,4 +1,4 @@
-"""``locallearn train|eval|list``: the command line. The only module that prints."""
+"""``locallearn train|eval|list|bench``: the command line. The only module that prints."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ import logging
 import sys
 from pathlib import Path
 
+from locallearn.bench import accuracy, memory, pipeline, speed
 from locallearn.config import ConfigError
 
 log = logging.getLogger("locallearn")
+
+# `locallearn bench NAME`: a bench is a module with add_arguments(parser) and main(args) -> Markdown report.
+BENCHES = {"memory": memory, "speed": speed, "accuracy": accuracy, "pipeline": pipeline}
 
 # `locallearn train` with no arguments: InfoPro+MAN++ against bp on the embedded digits, ~2 min on 2 cores.
 QUICKSTART = {
@@ -139,6 +143,11 @@ def cmd_list(args: argparse.Namespace) -> None:
     print("  even              any        K = 1..number of layers")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    setup_logging()
+    print(args.bench_main(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="locallearn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
     ls = sub.add_parser("list", help="list backbones, methods, tasks, datasets and split tables")
     ls.set_defaults(func=cmd_list)
+    bench = sub.add_parser("bench", help="benchmarks: write tables and plots into benchmarks/results/")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    for name, module in BENCHES.items():
+        doc = module.__doc__ or name
+        b = benches.add_parser(name, help=doc.splitlines()[0], description=doc)
+        module.add_arguments(b)
+        b.set_defaults(func=cmd_bench, bench_main=module.main)
     return parser
 
 

@@ -1,0 +1,229 @@
+"""Shared pieces of the benchmarks: model cells, synthetic batches, training steps, table writers."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import math
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint_sequential
+
+from locallearn.build import build_model
+from locallearn.config import Config, load_config
+from locallearn.engine.optim import build_optimizer
+from locallearn.engine.sequential import train_step
+from locallearn.model import LocalModel
+from locallearn.runner import git_revision
+from locallearn.types import Batch, InputInfo
+
+CHECKPOINT = "checkpoint"  # pseudo-method: bp with torch.utils.checkpoint over ~sqrt(K) segments
+DEFAULT_METHODS = ["bp", CHECKPOINT, "dgl", "dgl+manpp", "infopro", "infopro+manpp"]
+CIFAR = InputInfo(channels=3, size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+
+
+def checkpoint_segments(num_blocks: int) -> int:
+    """About sqrt(K) segments, the usual choice (Chen et al. 2016): ResNet-32 K=16 -> 4, K=55 -> 7."""
+    return max(1, round(math.sqrt(num_blocks)))
+
+
+def parse_cell(text: str) -> tuple[str, int]:
+    """``resnet32:16`` -> (``resnet32``, 16)."""
+    name, _, k = text.partition(":")
+    if not name or not k.isdigit():
+        raise ValueError(f"cell {text!r} must look like BACKBONE:K (e.g. resnet32:16)")
+    return name, int(k)
+
+
+def method_config(
+    backbone: str, num_blocks: int, method: str, overrides: Sequence[str] = (), base: dict | None = None
+) -> Config:
+    """The config of one cell; ``bp`` and ``checkpoint`` are end-to-end (K = 1)."""
+    e2e = method in ("bp", CHECKPOINT)
+    return load_config(
+        None,
+        [
+            f"model.backbone={backbone}",
+            f"model.num_blocks={1 if e2e else num_blocks}",
+            "model.split=even",
+            f"method.name={'bp' if e2e else method}",
+            *overrides,
+        ],
+        base=base,
+    )
+
+
+@dataclass
+class Cell:
+    """One method on one backbone, with its optimizers and a way to run a training step."""
+
+    method: str
+    model: LocalModel
+    optimizers: list[torch.optim.Optimizer]
+    segments: int = 0  # > 0: activation checkpointing over this many segments
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def step(self, batch: Batch, meter=None) -> None:
+        if self.segments:
+            checkpointed_step(self.model, batch, self.optimizers[0], self.segments)
+        else:
+            train_step(self.model, batch, self.optimizers, meter=meter)
+
+
+def build_cell(
+    backbone: str,
+    num_blocks: int,
+    method: str,
+    inputs: InputInfo = CIFAR,
+    num_classes: int = 10,
+    overrides: Sequence[str] = (),
+    device: torch.device | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> Cell:
+    cfg = method_config(backbone, num_blocks, method, overrides)
+    model, _, _ = build_model(cfg, inputs, num_classes)
+    model.to(device or torch.device("cpu"), memory_format=memory_format)
+    model.train()
+    opts = [build_optimizer(model.block_parameters(k), cfg.optim) for k in range(model.num_blocks)]
+    for opt in opts:  # a small fixed lr: benchmarks must not diverge on random data
+        for group in opt.param_groups:
+            group["lr"] = 0.01
+    segments = checkpoint_segments(num_blocks) if method == CHECKPOINT else 0
+    return Cell(method, model, opts, segments)
+
+
+def checkpointed_step(
+    model: LocalModel, batch: Batch, optimizer: torch.optim.Optimizer, segments: int
+) -> None:
+    """End-to-end step with non-reentrant activation checkpointing of the backbone (exact gradients)."""
+    body = model.body(0)
+    h = checkpoint_sequential(body, min(segments, len(body)), batch.x, use_reentrant=False)
+    out = model.auxes[0](h, batch)
+    out["loss"].backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def synthetic_batch(
+    batch_size: int,
+    inputs: InputInfo = CIFAR,
+    num_classes: int = 10,
+    seed: int = 0,
+    device: torch.device | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, inputs.channels, inputs.size, inputs.size, generator=gen)
+    y = torch.randint(0, num_classes, (batch_size,), generator=gen)
+    mean = torch.tensor(inputs.mean).view(-1, 1, 1)
+    std = torch.tensor(inputs.std).view(-1, 1, 1)
+    batch = Batch(x, y, mean, std).to(device or torch.device("cpu"))
+    batch.x = batch.x.contiguous(memory_format=memory_format)
+    return batch
+
+
+def param_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameter bytes, trainable parameter bytes)."""
+    params = list(model.parameters())
+    total = sum(p.numel() * p.element_size() for p in params)
+    return total, sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+
+
+def optimizer_state_bytes(optimizers: Sequence[torch.optim.Optimizer]) -> int:
+    return sum(
+        v.numel() * v.element_size()
+        for opt in optimizers
+        for state in opt.state.values()
+        for v in state.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    )
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
+    if torch.cuda.is_available():
+        text += f"; CUDA: {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def header(title: str, batch: str, dtype: str = "float32", notes: Sequence[str] = ()) -> list[str]:
+    """The lines every results file starts with: how to rerun it and where it ran."""
+    argv = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    prog = "locallearn" if Path(sys.argv[0]).name == "locallearn" else f"python {sys.argv[0]}"
+    lines = [
+        f"# {title}",
+        "",
+        f"- command: `{prog} {argv}`" if argv else "- command: (called from Python)",
+        f"- machine: {machine()}",
+        f"- torch {torch.__version__}, python {platform.python_version()}, locallearn git {git_revision()}",
+        f"- batch size: {batch}; dtype: {dtype}",
+        f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
+    ]
+    lines += [f"- {n}" for n in notes]
+    return lines + [""]
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.{digits}g}" if abs(value) < 1e5 else f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(c)) for c in columns) + " |")
+    return lines
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def gib(n: float | None) -> float | None:
+    return None if n is None else n / 2**30
+
+
+def mib(n: float | None) -> float | None:
+    return None if n is None else n / 2**20
+
+
+def plt():
+    """matplotlib with a file-only backend (``pip install locallearn[plot]``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+Status = Callable[[str], None]
