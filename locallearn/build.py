@@ -113,6 +113,15 @@ def build_task(cfg: Config, num_classes: int) -> Task:
     return TASKS[cfg.task.name](num_classes, ClassificationConfig(label_smoothing=cfg.task.label_smoothing))
 
 
+def check_config(cfg: Config) -> None:
+    """Fail fast on names and options, before any data is read."""
+    if cfg.model.backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone {cfg.model.backbone!r}; choose from {sorted(BACKBONES)}")
+    if cfg.task.name not in TASKS:
+        raise ConfigError(f"unknown task {cfg.task.name!r}; choose from {sorted(TASKS)}")
+    build_method(cfg.method.name, cfg.method.options)
+
+
 def build_model(cfg: Config, inputs: InputInfo, num_classes: int) -> tuple[LocalModel, Method, Task]:
     """Build the LocalModel for ``cfg`` on data shaped like ``inputs``."""
     backbone = build_backbone(

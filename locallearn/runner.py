@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from locallearn import __version__
-from locallearn.build import build_model, resolved_method_options
+from locallearn.build import build_model, check_config, resolved_method_options
 from locallearn.config import Config, ConfigError, dump_yaml, from_dict, to_dict
 from locallearn.data import load_datasets
 from locallearn.data.imagefolder import make_loader
@@ -115,6 +115,7 @@ class Run:
     def __init__(self, cfg: Config, run_dir: Path | None = None, quiet: bool = False) -> None:
         self.cfg = cfg
         self.quiet = quiet
+        check_config(cfg)
         if cfg.engine.threads:
             torch.set_num_threads(cfg.engine.threads)
         seed_everything(cfg.seed)
