@@ -74,8 +74,8 @@ def test_checkpoint_peak_with_one_segment_is_bp():
     layers = {"input": 5.0, "layer0": 10.0, "layer1": 20.0, "layer2": 30.0}
     inputs = {0: 5.0, 1: 4.0, 2: 3.0}
     assert checkpoint_peak(layers, inputs, 7.0, 1) == 5 + 10 + 20 + 30 + 7
-    # 3 segments of one layer: inputs of the two checkpointed segments held, then the biggest phase
-    assert checkpoint_peak(layers, inputs, 7.0, 3) == (5 + 4) + max(3 + 30 + 7 + 5, 10, 20)
+    # 3 segments of one layer: the tail runs with both checkpointed inputs held; segment i with inputs 0..i
+    assert checkpoint_peak(layers, inputs, 7.0, 3) == max(5 + 4 + 3 + 30 + 7, 5 + 10, 5 + 4 + 20)
 
 
 def test_speed_bench(tmp_path):

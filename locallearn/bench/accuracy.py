@@ -130,8 +130,11 @@ def run(
     if full:
         budget.update(FULL)
     methods = list(dict.fromkeys(["bp", *methods]))
+    # the costliest methods first, so that parallel workers finish together
     jobs_args = [
-        overrides(budget, backbone, k, m, s, runs_dir, threads, device) for s in seeds for m in methods
+        overrides(budget, backbone, k, m, s, runs_dir, threads, device)
+        for m in reversed(methods)
+        for s in seeds
     ]
     t0 = time.perf_counter()
     if jobs > 1:

@@ -14,7 +14,8 @@ computed analytically from measured pieces: the bytes each layer of the ``bp`` m
 to the layer whose op first saved the storage) and each layer's input size. During backward the
 checkpointed segments' inputs stay alive while one segment at a time is recomputed; the last segment
 (``checkpoint_sequential`` runs it normally) and the head are held from forward to the start of backward:
-``peak = sum(inputs of checkpointed segments) + max(tail input + tail + head, max_i segment_i)``.
+``peak = max(all held inputs + tail input + tail + head, max_i (inputs of segments 0..i + segment_i))``
+(backward frees segment i's input once that segment is done). A live-lifetime run cross-checks it.
 On CUDA the real checkpointed step also reports ``max_memory_allocated``.
 """
 
@@ -277,17 +278,20 @@ def scaled(meters: dict[int, BreakdownMeter], at: int, check: int) -> tuple[list
 
 
 def checkpoint_peak(layers: dict[str, float], inputs: dict[int, float], head: float, segments: int) -> float:
-    """Peak saved bytes of ``checkpoint_sequential`` from per-layer measurements (module docstring)."""
+    """Peak saved bytes of ``checkpoint_sequential`` from per-layer measurements (module docstring).
+
+    ``layers``: bytes each layer saves, its input excluded (``input`` = the image); ``inputs``: bytes of
+    each layer's input. Backward runs the segments in reverse and each frees its saved input when done,
+    so while segment i is recomputed only the inputs of segments 0..i are still held."""
     n = len(inputs)
     size = n // segments
     starts = list(range(0, size * (segments - 1), size))
-    held = sum(inputs[s] for s in starts)
-    phases = [sum(layers.get(f"layer{i}", 0.0) for i in range(s, s + size)) for s in starts]
+    own = [sum(layers.get(f"layer{i}", 0.0) for i in range(s, s + size)) for s in starts]
+    phases = [sum(inputs[s] for s in starts[: i + 1]) + own[i] for i in range(len(starts))]
     tail_start = starts[-1] + size if starts else 0
-    tail = inputs[tail_start] * (tail_start > 0) + sum(
-        layers.get(f"layer{i}", 0.0) for i in range(tail_start, n)
-    )
-    return held + max([tail + head + layers.get("input", 0.0), *phases])
+    tail = sum(layers.get(f"layer{i}", 0.0) for i in range(tail_start, n)) + head
+    tail += sum(inputs[s] for s in starts) + (inputs[tail_start] if starts else layers.get("input", 0.0))
+    return max([tail, *phases])
 
 
 def cuda_peak(
