@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from locallearn.data.loader import EpochLoader, Loader
 from locallearn.types import Batch, InputInfo
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -110,31 +111,17 @@ def imagenet(root: str, download: bool, size: int = 224) -> tuple[ImageFolderDat
     return train_set, val_set
 
 
-class StreamingLoader:
+class StreamingLoader(EpochLoader):
     """Iterates ``Batch``es over an ``ImageFolderData`` with ``num_workers`` processes."""
 
     def __init__(
         self, data: ImageFolderData, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.data = data
-        self.batch_size = batch_size
-        self.train = train
-        self.seed = seed
+        super().__init__(data, batch_size, train, seed)
         self.num_workers = num_workers
-        self.epoch = 0
-        self.mean = torch.tensor(data.mean).view(-1, 1, 1)
-        self.std = torch.tensor(data.std).view(-1, 1, 1)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return -(-len(self.data) // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        gen = self.generator()
         loader = DataLoader(
             self.data.dataset(),
             batch_size=self.batch_size,
@@ -158,6 +145,4 @@ def make_loader(
             folder.transform = transform(False, data.size)
             data = ImageFolderData(folder, True, data.size, data.mean, data.std, data.name, data.indices)
         return StreamingLoader(data, batch_size, train, seed, num_workers)
-    from locallearn.data.loader import Loader
-
     return Loader(data, batch_size, train, seed, augment)

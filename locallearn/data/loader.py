@@ -84,19 +84,16 @@ def random_crop(x: torch.Tensor, pad: int, mode: str, gen: torch.Generator) -> t
     return xp[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
 
 
-class Loader:
-    """Iterates ``Batch``es over an ``ArrayDataset``; call ``set_epoch`` before each epoch."""
+class EpochLoader:
+    """What every loader shares: batch count, per-epoch seeding, the normalisation the batches carry."""
 
-    def __init__(
-        self, data: ArrayDataset, batch_size: int, train: bool, seed: int = 0, augment: bool = True
-    ) -> None:
+    def __init__(self, data, batch_size: int, train: bool, seed: int = 0) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.data = data
         self.batch_size = batch_size
         self.train = train
         self.seed = seed
-        self.augment = augment and train
         self.epoch = 0
         self.mean = torch.tensor(data.mean).view(-1, 1, 1)
         self.std = torch.tensor(data.std).view(-1, 1, 1)
@@ -107,8 +104,22 @@ class Loader:
     def __len__(self) -> int:
         return -(-len(self.data) // self.batch_size)
 
+    def generator(self) -> torch.Generator:
+        """Shuffling and augmentation randomness of this epoch, a function of (seed, epoch) only."""
+        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+
+
+class Loader(EpochLoader):
+    """Iterates ``Batch``es over an ``ArrayDataset``; call ``set_epoch`` before each epoch."""
+
+    def __init__(
+        self, data: ArrayDataset, batch_size: int, train: bool, seed: int = 0, augment: bool = True
+    ) -> None:
+        super().__init__(data, batch_size, train, seed)
+        self.augment = augment and train
+
     def __iter__(self) -> Iterator[Batch]:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        gen = self.generator()
         n = len(self.data)
         order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
         aug = self.data.augment
