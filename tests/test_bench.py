@@ -101,7 +101,7 @@ def test_accuracy_bench(tmp_path):
         + [
             "--methods",
             "dgl",
-            "dgl+manpp",
+            "dgl+manpp[momentum.init=copy]",  # a variant: options of the momentum aux
             "--seeds",
             "0",
             "1",
@@ -124,14 +124,17 @@ def test_accuracy_bench(tmp_path):
         ]
     )
     rows = {r["method"]: r for r in read_csv(tmp_path / "accuracy.csv")}
-    assert list(rows) == ["bp", "dgl", "dgl+manpp"]
+    manpp = "dgl+manpp[momentum.init=copy]"
+    assert list(rows) == ["bp", "dgl", manpp]
+    config = (tmp_path / "runs" / "dgl+manpp_momentum.init=copy_-seed0" / "config.yaml").read_text()
+    assert "init: copy" in config
     for r in rows.values():
         errors = [float(e) for e in r["errors"].split(" / ")]
         assert r["seeds"] == "2" and close(float(r["test_error_mean"]), sum(errors) / 2)
     err = {m: float(r["test_error_mean"]) for m, r in rows.items()}
     if err["dgl"] != err["bp"]:
-        gap = (err["dgl"] - err["dgl+manpp"]) / (err["dgl"] - err["bp"])
-        assert close(float(rows["dgl+manpp"]["gap_closed"]), gap)
+        gap = (err["dgl"] - err[manpp]) / (err["dgl"] - err["bp"])
+        assert close(float(rows[manpp]["gap_closed"]), gap)
     curves = read_csv(tmp_path / "accuracy_curves.csv")
     assert len(curves) == 3 * 2 * 2  # methods x seeds x epochs
     md = (tmp_path / "accuracy.md").read_text()
@@ -139,3 +142,13 @@ def test_accuracy_bench(tmp_path):
     assert "Table I ordering" in md
     for png in ("accuracy_curves.png", "accuracy_vs_memory.png"):
         assert (tmp_path / png).stat().st_size > 0
+
+
+def test_pipeline_bench_groups_blocks_by_time_or_memory():
+    from locallearn.bench.pipeline import block_sizes
+
+    for balance in ("time", "memory"):
+        sizes = block_sizes("resnet20", 3, "dgl", 4, 2, balance)
+        assert len(sizes) == 2 and sum(sizes) == 3 and min(sizes) >= 1
+    with pytest.raises(ValueError, match="balance"):
+        block_sizes("resnet20", 3, "dgl", 4, 2, "flops")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import re
 import statistics
 import time
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from typing import Any
 from locallearn.bench.common import CHECKPOINT, header, markdown_table, read_csv, write_csv
 
 log = logging.getLogger(__name__)
+SAFE = re.compile(r"[^\w+.=-]")  # characters kept in run directory names
 
 METHODS = ["bp", "dgl", "dgl+manpp", "infopro", "infopro+manpp"]
 BASES = {"dgl+manpp": "dgl", "infopro+manpp": "infopro", "dgl+man": "dgl", "infopro+man": "infopro"}
@@ -50,6 +52,20 @@ COLUMNS = [
 ]
 
 
+def parse_spec(spec: str) -> tuple[str, list[str]]:
+    """``"dgl+manpp[momentum.init=copy,momentum.momentum=0.95]"`` -> the method name and its option
+    overrides (``method.momentum.init=copy``, ...): variants of one method side by side in one grid."""
+    match = re.fullmatch(r"([\w+]+)(?:\[(.*)\])?", spec)
+    if not match:
+        raise ValueError(f"bad method spec {spec!r}; use NAME or NAME[section.field=value,...]")
+    options = [f"method.{o.strip()}" for o in (match[2] or "").split(",") if o.strip()]
+    return match[1], options
+
+
+def base_of(spec: str) -> str | None:
+    return BASES.get(parse_spec(spec)[0])
+
+
 def overrides(
     budget: dict[str, Any],
     backbone: str,
@@ -60,11 +76,12 @@ def overrides(
     threads: int | None,
     device: str,
 ) -> list[str]:
-    e2e = method == "bp"
+    name, options = parse_spec(method)
+    e2e = name == "bp"
     out = [
         f"seed={seed}",
         f"out_dir={runs_dir}",
-        f"name={method}-seed{seed}",
+        f"name={SAFE.sub('_', method)}-seed{seed}",
         f"data.name={budget['dataset']}",
         f"data.batch_size={budget['batch_size']}",
         "data.test_batch_size=500",
@@ -73,7 +90,8 @@ def overrides(
         f"model.backbone={backbone}",
         f"model.num_blocks={1 if e2e else k}",
         "model.split=even",
-        f"method.name={method}",
+        f"method.name={name}",
+        *options,
         f"optim.lr={budget['lr']}",
         f"optim.epochs={budget['epochs']}",
         f"optim.warmup_epochs={budget['warmup_epochs']}",
@@ -85,14 +103,16 @@ def overrides(
     return out
 
 
-def train_one(args: list[str]) -> dict[str, Any]:
-    """One run in a worker process: its summary plus the per-epoch history."""
+def train_one(job: tuple[str, list[str]]) -> dict[str, Any]:
+    """One run in a worker process: its summary (labelled with the method spec) plus the history."""
     from locallearn.config import load_config
     from locallearn.runner import Run
 
+    label, args = job
     run = Run(load_config(None, args), quiet=True)
     summary = run.fit()
     summary["history"] = run.history
+    summary["method"] = label
     return summary
 
 
@@ -132,7 +152,7 @@ def run(
     methods = list(dict.fromkeys(["bp", *methods]))
     # the costliest methods first, so that parallel workers finish together
     jobs_args = [
-        overrides(budget, backbone, k, m, s, runs_dir, threads, device)
+        (m, overrides(budget, backbone, k, m, s, runs_dir, threads, device))
         for m in reversed(methods)
         for s in seeds
     ]
@@ -177,7 +197,7 @@ def write(
     bp_mem = rows[0]["peak_activation_MiB"]
     for r in rows:
         r["ratio_to_bp"] = r["peak_activation_MiB"] / bp_mem
-        base = BASES.get(r["method"])
+        base = base_of(r["method"])
         if base in mean and "bp" in mean and mean[base] != mean["bp"]:
             r["gap_closed"] = (mean[base] - r["test_error_mean"]) / (mean[base] - mean["bp"])
     write_csv(out_dir / f"{name}.csv", rows, COLUMNS)
@@ -200,8 +220,9 @@ def write(
     )
     lines += markdown_table(rows, COLUMNS)
     lines += ["", "## Table I ordering (bp < base+MAN++ < base)", ""]
-    for m, base in BASES.items():
-        if m in mean and base in mean:
+    for m in methods:
+        base = base_of(m)
+        if base in mean and m in mean:
             ok = mean["bp"] < mean[m] < mean[base]
             lines.append(
                 f"- {m}: bp {mean['bp']:.2f} / {m} {mean[m]:.2f} / {base} {mean[base]:.2f} -> "
@@ -281,7 +302,9 @@ def plot_vs_memory(rows, ckpt_ratio: float | None, path: Path, budget) -> None:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument(
+        "--methods", nargs="+", default=METHODS, help="method names, or variants: 'dgl+manpp[momentum.init=copy]'"
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--backbone", default="resnet32")
     p.add_argument("-k", "--num-blocks", type=int, default=16)

@@ -3,7 +3,10 @@
 One local-learning model (default ResNet-32, K=4, DGL, synthetic CIFAR-sized batches) is trained for
 ``--steps`` timed steps after ``--warmup`` steps, three ways: one process with 1 thread; one process
 with P threads (the same total compute as P ranks); and P ranks of the pipeline engine
-(``engine/pipeline.py``, gloo, 1 thread each, blocks balanced by the memory meter, in-flight depth 2).
+(``engine/pipeline.py``, gloo, 1 thread each, in-flight depth 2). Blocks are grouped by measured step
+time (``--balance time``, default: throughput is set by the slowest rank) or, as training does by
+default, by the memory meter's activation bytes (``--balance memory``), which on a ResNet puts the
+activation-heavy first block alone on rank 0 and so leaves the ranks' compute unequal.
 Throughput = images per second from the first to the last timed step (pipeline: the slowest rank).
 The speed-up curve runs over P = 2..min(K, --max-ranks). On a machine with fewer free cores than P,
 or shared with other jobs, the numbers measure contention as much as the engine: the header says so.
@@ -58,11 +61,10 @@ def _rank(rank: int, world: int, port: int, spec: tuple, out: mp.Queue) -> None:
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    backbone, k, method, batch, steps, warmup = spec
+    backbone, k, method, batch, steps, warmup, sizes = spec
     ctx = distributed.init("pipeline", "cpu", 120.0)
     cell = _cell(backbone, k, method)
     model, data = cell.model, synthetic_batch(batch)
-    sizes = pipeline.partition([float(c) for c in pipeline.block_costs(model, data)], world)
     stage = pipeline.stages(sizes)[rank]
     pipe = pipeline.Pipe(ctx, 2, data.mean, data.std)
     dist.barrier()
@@ -80,10 +82,42 @@ def _rank(rank: int, world: int, port: int, spec: tuple, out: mp.Queue) -> None:
     distributed.shutdown()
 
 
-def pipelined(backbone: str, k: int, method: str, batch: int, steps: int, warmup: int, world: int):
+def block_times(backbone: str, k: int, method: str, batch: int, reps: int = 5) -> list[float]:
+    """Median time of each block's ``local_step`` (1 thread), measured in this process."""
+    from locallearn.engine.step import local_step
+
+    torch.set_num_threads(1)
+    cell, data = _cell(backbone, k, method), synthetic_batch(batch)
+    times = [[] for _ in range(k)]
+    for _ in range(reps + 1):  # the first round warms up
+        h = data.x
+        for blk in range(k):
+            t0 = time.perf_counter()
+            h, _ = local_step(cell.model.body(blk), cell.model.auxes[blk], h, data, cell.optimizers[blk])
+            times[blk].append(time.perf_counter() - t0)
+    return [sorted(t[1:])[len(t[1:]) // 2] for t in times]
+
+
+def block_sizes(backbone: str, k: int, method: str, batch: int, world: int, balance: str) -> list[int]:
+    from locallearn.engine import pipeline
+
+    if balance == "time":
+        costs = block_times(backbone, k, method, batch)
+    elif balance == "memory":
+        cell = _cell(backbone, k, method)
+        costs = [float(c) for c in pipeline.block_costs(cell.model, synthetic_batch(batch))]
+    else:
+        raise ValueError(f"--balance must be 'time' or 'memory', got {balance!r}")
+    return pipeline.partition(costs, world)
+
+
+def pipelined(
+    backbone: str, k: int, method: str, batch: int, steps: int, warmup: int, world: int, balance: str = "time"
+):
+    sizes = block_sizes(backbone, k, method, batch, world, balance)
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), _free_port()
-    spec = (backbone, k, method, batch, steps, warmup)
+    spec = (backbone, k, method, batch, steps, warmup, sizes)
     procs = [ctx.Process(target=_rank, args=(r, world, port, spec, queue)) for r in range(world)]
     for p in procs:
         p.start()
@@ -94,7 +128,15 @@ def pipelined(backbone: str, k: int, method: str, batch: int, steps: int, warmup
 
 
 def run(
-    backbone: str, k: int, method: str, batch: int, steps: int, warmup: int, max_ranks: int, out: str
+    backbone: str,
+    k: int,
+    method: str,
+    batch: int,
+    steps: int,
+    warmup: int,
+    max_ranks: int,
+    out: str,
+    balance: str = "time",
 ) -> str:
     threads = torch.get_num_threads()
     rows = []
@@ -104,7 +146,7 @@ def run(
     for p in range(2, min(k, max_ranks) + 1):
         same = sequential(backbone, k, method, batch, steps, warmup, p)
         rows.append({"setting": "sequential", "processes": 1, "threads_each": p, "images_per_s": same})
-        ips, sizes = pipelined(backbone, k, method, batch, steps, warmup, p)
+        ips, sizes = pipelined(backbone, k, method, batch, steps, warmup, p, balance)
         sizes_seen[p] = sizes
         rows.append({"setting": "pipeline", "processes": p, "threads_each": 1, "images_per_s": ips,
                      "vs_1proc_same_threads": ips / same})  # fmt: skip
@@ -115,7 +157,7 @@ def run(
     write_csv(out_dir / "pipeline.csv", rows, COLUMNS)
     notes = [
         f"model: {backbone}, K={k}, method {method}, synthetic 32x32 batches, {steps} timed steps after {warmup}",
-        f"blocks per rank (memory-meter balance): {sizes_seen}",
+        f"blocks per rank ({balance} balance): {sizes_seen}",
         f"CPU cores visible: {os.cpu_count()}; other jobs may share them (see the load average at run time: "
         f"{os.getloadavg()[0]:.1f})",
     ]
@@ -134,6 +176,7 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--max-ranks", type=int, default=4, help="largest P of the curve (P <= K)")
+    p.add_argument("--balance", choices=["time", "memory"], default="time", help="how blocks are grouped")
     p.add_argument("--out", default="benchmarks/results")
 
 
@@ -147,4 +190,5 @@ def main(args) -> str:
         args.warmup,
         args.max_ranks,
         args.out,
+        args.balance,
     )
