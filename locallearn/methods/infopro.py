@@ -96,7 +96,9 @@ class Decoder(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         size = (self.image_size, self.image_size)
-        return self.net(F.interpolate(h, size=size, mode="bilinear", align_corners=True))
+        if h.shape[-2:] != size:  # at full resolution the resize is the identity: skip its copy
+            h = F.interpolate(h, size=size, mode="bilinear", align_corners=True)
+        return self.net(h)
 
 
 def aux_classifier(ctx: AuxContext, cfg: InfoProConfig) -> nn.Module:
