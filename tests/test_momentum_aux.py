@@ -130,3 +130,24 @@ def test_base_aux_is_sized_for_the_next_layer_output():
     assert aux.base.body[2].in_channels == 32
     out = aux(torch.randn(2, 16, 8, 8), make_batch(2))
     assert torch.isfinite(out["loss"])
+
+
+def test_recompute_gives_the_same_gradients_and_saves_the_copies_activations():
+    from locallearn.metrics.memory import ActivationMeter
+
+    grads, peaks = [], []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model, optimizers, *_ = make_model(
+            "infopro+manpp", "resnet20", 4, **{"method.momentum.recompute": recompute}
+        )
+        aux, h = model.auxes[0], torch.randn(4, 16, 8, 8, requires_grad=True)
+        meter = ActivationMeter(model)
+        with meter.track():
+            loss = aux(h, make_batch(4))["loss"]
+        loss.backward()
+        grads.append([h.grad, *(p.grad for p in aux.parameters() if p.requires_grad)])
+        peaks.append(meter.peak)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert peaks[1] < peaks[0]

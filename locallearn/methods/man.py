@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from locallearn.methods.base import AuxContext, Method
 from locallearn.methods.vit_aux import vit_base_aux
@@ -46,6 +47,10 @@ class MomentumConfig:
     ema: bool = True  # Table VII switches
     lb: bool = True
     scale: bool = True  # MAN++; MAN has no scale
+    # ours, not the papers': recompute the LB / EMA copies during backward instead of keeping their
+    # activations (exact gradients; one more forward of the next layer per block). Their BN running
+    # statistics see each batch twice, which changes nothing: the aux is not used at evaluation.
+    recompute: bool = False
 
 
 class MomentumAux(nn.Module):
@@ -62,6 +67,7 @@ class MomentumAux(nn.Module):
         if not 0.0 <= cfg.momentum <= 1.0:
             raise ValueError(f"EMA momentum must lie in [0, 1], got {cfg.momentum}")
         self.momentum = cfg.momentum
+        self.recompute = cfg.recompute
         self.lb = self._copy(layer, cfg.init, init_weights) if cfg.lb else None
         self.ema = self._copy(layer, cfg.init, init_weights) if cfg.ema else None
         if self.ema is not None:
@@ -76,14 +82,20 @@ class MomentumAux(nn.Module):
             init_weights(twin)
         return twin
 
+    def branch(self, copy_: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(copy_, h, use_reentrant=False)
+        return copy_(h)
+
     def fuse(self, h: torch.Tensor) -> torch.Tensor:
         if self.lb is None:
-            return self.ema(h)
+            return self.branch(self.ema, h)
         if self.ema is None:
-            return self.lb(h)
+            return self.branch(self.lb, h)
+        lb, ema = self.branch(self.lb, h), self.branch(self.ema, h)
         if self.scale is None:
-            return self.lb(h) + self.ema(h)
-        return self.scale * self.lb(h) + (2 - self.scale) * self.ema(h)
+            return lb + ema
+        return self.scale * lb + (2 - self.scale) * ema
 
     def forward(self, h: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         out = dict(self.base(self.fuse(h), batch))
