@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from locallearn.bench.common import CHECKPOINT, header, markdown_table, read_csv, write_csv
+from locallearn.bench.common import CHECKPOINT, header, markdown_table, parse_spec, read_csv, write_csv
 
 log = logging.getLogger(__name__)
 SAFE = re.compile(r"[^\w+.=-]")  # characters kept in run directory names
@@ -50,16 +50,6 @@ COLUMNS = [
     "ratio_to_bp",
     "time_per_epoch_s",
 ]
-
-
-def parse_spec(spec: str) -> tuple[str, list[str]]:
-    """``"dgl+manpp[momentum.init=copy,momentum.momentum=0.95]"`` -> the method name and its option
-    overrides (``method.momentum.init=copy``, ...): variants of one method side by side in one grid."""
-    match = re.fullmatch(r"([\w+]+)(?:\[(.*)\])?", spec)
-    if not match:
-        raise ValueError(f"bad method spec {spec!r}; use NAME or NAME[section.field=value,...]")
-    options = [f"method.{o.strip()}" for o in (match[2] or "").split(",") if o.strip()]
-    return match[1], options
 
 
 def base_of(spec: str) -> str | None:
@@ -303,7 +293,10 @@ def plot_vs_memory(rows, ckpt_ratio: float | None, path: Path, budget) -> None:
 
 def add_arguments(p) -> None:
     p.add_argument(
-        "--methods", nargs="+", default=METHODS, help="method names, or variants: 'dgl+manpp[momentum.init=copy]'"
+        "--methods",
+        nargs="+",
+        default=METHODS,
+        help="method names, or variants: 'dgl+manpp[momentum.init=copy]'",
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--backbone", default="resnet32")

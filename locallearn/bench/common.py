@@ -7,6 +7,7 @@ import datetime
 import math
 import os
 import platform
+import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -26,7 +27,11 @@ from locallearn.runner import git_revision
 from locallearn.types import Batch, InputInfo
 
 CHECKPOINT = "checkpoint"  # pseudo-method: bp with torch.utils.checkpoint over ~sqrt(K) segments
-DEFAULT_METHODS = ["bp", CHECKPOINT, "dgl", "dgl+manpp", "infopro", "infopro+manpp"]
+RECOMPUTE = "[momentum.recompute=true]"  # MAN++ copies recomputed in backward (MomentumConfig.recompute)
+DEFAULT_METHODS = [
+    "bp", CHECKPOINT, "dgl", "dgl+manpp", f"dgl+manpp{RECOMPUTE}", "infopro", "infopro+manpp",
+    f"infopro+manpp{RECOMPUTE}",
+]  # fmt: skip
 CIFAR = InputInfo(channels=3, size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
 
 
@@ -43,10 +48,22 @@ def parse_cell(text: str) -> tuple[str, int]:
     return name, int(k)
 
 
+def parse_spec(spec: str) -> tuple[str, list[str]]:
+    """``"dgl+manpp[momentum.init=copy,momentum.momentum=0.95]"`` -> the method name and its option
+    overrides (``method.momentum.init=copy``, ...): variants of one method side by side in one grid."""
+    match = re.fullmatch(r"([\w+]+)(?:\[(.*)\])?", spec)
+    if not match:
+        raise ValueError(f"bad method spec {spec!r}; use NAME or NAME[section.field=value,...]")
+    options = [f"method.{o.strip()}" for o in (match[2] or "").split(",") if o.strip()]
+    return match[1], options
+
+
 def method_config(
     backbone: str, num_blocks: int, method: str, overrides: Sequence[str] = (), base: dict | None = None
 ) -> Config:
-    """The config of one cell; ``bp`` and ``checkpoint`` are end-to-end (K = 1)."""
+    """The config of one cell; ``bp`` and ``checkpoint`` are end-to-end (K = 1). ``method`` may be a
+    variant spec (``infopro+manpp[momentum.recompute=true]``)."""
+    method, options = parse_spec(method)
     e2e = method in ("bp", CHECKPOINT)
     return load_config(
         None,
@@ -55,6 +72,7 @@ def method_config(
             f"model.num_blocks={1 if e2e else num_blocks}",
             "model.split=even",
             f"method.name={'bp' if e2e else method}",
+            *options,
             *overrides,
         ],
         base=base,
