@@ -16,6 +16,18 @@ from locallearn.runner import Run, evaluate_checkpoint  # noqa: E402
 from locallearn.types import Batch, FeatureInfo, InputInfo  # noqa: E402
 
 __all__ = [
-    "BACKBONES", "METHODS", "Batch", "Config", "ConfigError", "FeatureInfo", "InputInfo", "LocalModel", "Run",
-    "build_backbone", "build_method", "build_model", "evaluate_checkpoint", "load_config",
+    "BACKBONES",
+    "METHODS",
+    "Batch",
+    "Config",
+    "ConfigError",
+    "FeatureInfo",
+    "InputInfo",
+    "LocalModel",
+    "Run",
+    "build_backbone",
+    "build_method",
+    "build_model",
+    "evaluate_checkpoint",
+    "load_config",
 ]

@@ -92,7 +92,9 @@ class EngineConfig:
     threads: int | None = None  # torch.set_num_threads (CPU)
     # engine.mode=pipeline (engine/pipeline.py) and ddp (engine/ddp.py)
     pipeline_depth: int = 2  # batches sent to the next rank but not yet received by it (bounded queue)
-    pipeline_blocks: list[int] | None = None  # blocks per rank, e.g. [3, 1]; None = balanced by the memory meter
+    pipeline_blocks: list[int] | None = (
+        None  # blocks per rank, e.g. [3, 1]; None = balanced by the memory meter
+    )
     sync_every: int = 1  # momentum aux: ship the next block's first layer backward every N steps ...
     sync_lag: int = 1  # ... and apply the copy made this many steps earlier (deterministic staleness)
     dist_timeout_s: float = 300.0  # a rank silent this long ends the job with an error naming it

@@ -273,7 +273,9 @@ class Run:
         return summary
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.model, self.test_loader, self.task, self.device, self.autocast, self.memory_format)
+        return evaluate(
+            self.model, self.test_loader, self.task, self.device, self.autocast, self.memory_format
+        )
 
     def save_checkpoint(self) -> None:
         checkpoint.save(self.run_dir / "checkpoint.pt", self.state_dict())

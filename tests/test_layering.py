@@ -54,7 +54,9 @@ def test_plugins_use_only_types_and_contracts(family):
 def test_engine_never_imports_a_plugin():
     for path in modules("engine"):
         for module in runtime_imports(path):
-            assert module.split(".")[1] not in (*PLUGIN_FAMILIES, "build"), f"{path.relative_to(PKG)} imports {module}"
+            assert module.split(".")[1] not in (*PLUGIN_FAMILIES, "build"), (
+                f"{path.relative_to(PKG)} imports {module}"
+            )
 
 
 def test_only_build_wires_plugins():
