@@ -37,9 +37,8 @@ class AuxContext:
     next_layers: list[nn.Module]  # live layers after the cut (read-only: copy, never register them)
     next_features: list[FeatureInfo]  # their FeatureInfo
     init_weights: Callable[[nn.Module], None]  # the backbone family's initialisation
-    num_layers: int = (
-        0  # layers of the whole backbone (the cut sits before layer num_layers - len(next_layers))
-    )
+    # layers of the whole backbone (the cut sits before layer num_layers - len(next_layers))
+    num_layers: int = 0
 
     def with_feature(self, feature: FeatureInfo) -> AuxContext:
         """The context of an aux that is fed another feature (e.g. the next layer's output)."""
