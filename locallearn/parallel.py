@@ -22,12 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from locallearn.config import Config, ConfigError, to_dict
 from locallearn.engine import checkpoint, ddp, distributed, pipeline
 from locallearn.engine.distributed import Context
-from locallearn.metrics.memory import ActivationMeter
 from locallearn.runner import Run, config_from_checkpoint, environment, fresh_run_dir
 from locallearn.types import Batch
 
@@ -172,12 +170,12 @@ class PipelineRun(_DistributedRun):
     # -- training ----------------------------------------------------------------------------
     def train_one_epoch(self) -> dict[str, Any]:
         self.train_loader.set_epoch(self.epoch)
-        meter = ActivationMeter(self.model) if self.cfg.engine.measure_memory and not self.memory else None
+        meter = self.measure_memory()
         steps = len(self.train_loader)
-        bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}", leave=False,
-                   disable=True if self.quiet else None, dynamic_ncols=True)  # fmt: skip
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
-        with bar:
+        with self.progress_bar(steps) as bar:
             stats = pipeline.train_epoch(
                 self.model,
                 self.stage,
@@ -199,17 +197,7 @@ class PipelineRun(_DistributedRun):
         stats["epoch_time"] = time.perf_counter() - t0  # until the last rank has finished
         stats["block_losses"] = [loss for losses, _ in gathered for loss in losses]
         stats["images"] = len(self.train_loader.data)
-        if meter is not None:
-            block_bytes = [b for _, bb in gathered for b in bb]
-            batch = min(self.cfg.data.batch_size, len(self.train_loader.data))
-            self.memory = {
-                "peak_activation_bytes": max(block_bytes),
-                "batch_size": batch,
-                "activation_bytes_per_image": max(block_bytes) / batch,
-                "block_activation_bytes": block_bytes,
-            }
-        times = stats["step_times"]
-        self.step_times += times[1:] if len(times) > 1 else times
+        self.record_epoch(stats, [b for _, bb in gathered for b in bb] if meter is not None else None)
         return stats
 
     def evaluate(self) -> dict[str, float]:

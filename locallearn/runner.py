@@ -191,20 +191,40 @@ class Run:
             return None
         return ActivationMeter(self.model)
 
-    def train_one_epoch(self) -> dict[str, Any]:
-        self.train_loader.set_epoch(self.epoch)
-        meter = self.measure_memory()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        bar = tqdm(
-            total=len(self.train_loader),
+    def progress_bar(self, total: int) -> tqdm:
+        return tqdm(
+            total=total,
             desc=f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}",
             leave=False,
             disable=None if not self.quiet else True,
             dynamic_ncols=True,
         )
+
+    def record_epoch(self, stats: dict[str, Any], block_bytes: list[int] | None) -> None:
+        """Keep what the first epoch measured (activation bytes per block, CUDA peaks) and the step
+        times; shared by every engine mode."""
+        if block_bytes:
+            batch = min(self.cfg.data.batch_size, len(self.train_loader.data))
+            self.memory = {
+                "peak_activation_bytes": max(block_bytes),
+                "batch_size": batch,
+                "activation_bytes_per_image": max(block_bytes) / batch,
+                "block_activation_bytes": list(block_bytes),
+            }
+        if self.device.type == "cuda":
+            self.memory["cuda_max_allocated"] = torch.cuda.max_memory_allocated(self.device)
+            self.memory["cuda_max_reserved"] = torch.cuda.max_memory_reserved(self.device)
+        # the first steps include one-off costs (allocator, memory meter): keep the rest for the median
+        times = stats["step_times"]
+        self.step_times += times[1:] if len(times) > 1 else times
+
+    def train_one_epoch(self) -> dict[str, Any]:
+        self.train_loader.set_epoch(self.epoch)
+        meter = self.measure_memory()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
-        with bar:
+        with self.progress_bar(len(self.train_loader)) as bar:
             stats = train_epoch(
                 self.model,
                 self.train_loader,
@@ -217,21 +237,8 @@ class Run:
                 self.memory_format,
                 bar,
             )
-        epoch_time = time.perf_counter() - t0
-        if meter is not None:
-            batch = min(self.cfg.data.batch_size, len(self.train_loader.data))
-            self.memory = {
-                "peak_activation_bytes": meter.peak,
-                "batch_size": batch,
-                "activation_bytes_per_image": meter.peak / batch,
-                "block_activation_bytes": meter.block_bytes,
-            }
-        if self.device.type == "cuda":
-            self.memory["cuda_max_allocated"] = torch.cuda.max_memory_allocated(self.device)
-            self.memory["cuda_max_reserved"] = torch.cuda.max_memory_reserved(self.device)
-        # the first steps include one-off costs (allocator, memory meter): keep the rest for the median
-        self.step_times += stats["step_times"][1:] if len(stats["step_times"]) > 1 else stats["step_times"]
-        stats["epoch_time"] = epoch_time
+        stats["epoch_time"] = time.perf_counter() - t0
+        self.record_epoch(stats, meter.block_bytes if meter is not None else None)
         return stats
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
