@@ -213,6 +213,18 @@ DATASETS: dict[str, Callable[[str, bool], tuple[ArrayDataset, ArrayDataset]]] = 
 }
 
 
+def _detection(name: str) -> Callable:
+    def load(root: str, download: bool):
+        from locallearn.data.detection import DETECTION_DATASETS  # it imports this module: import late
+
+        return DETECTION_DATASETS[name](root, download)
+
+    return load
+
+
+DATASETS.update({n: _detection(n) for n in ("coco", "voc", "voc0712")})  # DetectionDataset splits
+
+
 def load_datasets(name: str, root: str = "data", download: bool = False) -> tuple[ArrayDataset, ArrayDataset]:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
