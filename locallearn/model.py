@@ -9,6 +9,32 @@ from torch import nn
 
 from locallearn.backbones.base import Backbone
 from locallearn.split import blocks_from_cuts
+from locallearn.types import FeatureBank
+
+INPUT = -1  # the layer index of the bank entry "input" (written before layer 0)
+
+
+class Body(nn.Module):
+    """Block k's layers, run in order; the outputs of the layers in ``taps`` go to the feature bank.
+
+    A view: the layers are owned by the backbone (this module is never registered)."""
+
+    writes_bank = True  # the engine passes the batch's bank to ``forward``
+
+    def __init__(self, layers: list[nn.Module], indices: range, taps: dict[int, str]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.taps = [taps.get(i) for i in indices]
+        self.input_tap = taps.get(INPUT) if indices.start == 0 else None
+
+    def forward(self, h: torch.Tensor, bank: FeatureBank | None = None) -> torch.Tensor:
+        if bank is not None and self.input_tap:
+            bank.write(self.input_tap, h)
+        for layer, tap in zip(self.layers, self.taps):
+            h = layer(h)
+            if bank is not None and tap:
+                bank.write(tap, h)
+        return h
 
 
 class LocalModel(nn.Module):
@@ -16,7 +42,12 @@ class LocalModel(nn.Module):
     view of block k's layers; ``forward`` is the plain inference path (backbone + head)."""
 
     def __init__(
-        self, backbone: Backbone, cuts: Sequence[int], auxes: Sequence[nn.Module], window: int = 1
+        self,
+        backbone: Backbone,
+        cuts: Sequence[int],
+        auxes: Sequence[nn.Module],
+        window: int = 1,
+        taps: dict[int, str] | None = None,
     ) -> None:
         super().__init__()
         self.window = window  # how many blocks one local loss spans (the method's ``window``)
@@ -26,8 +57,10 @@ class LocalModel(nn.Module):
         self.backbone = backbone
         self.cuts = list(cuts)
         self.auxes = nn.ModuleList(auxes)
+        # layer index -> bank entry name: the layers whose output later aux nets or the head read
+        self.taps = dict(taps or {})
         # Views, not registered submodules: parameters stay owned by ``backbone`` (one state_dict key each).
-        self._bodies = tuple(nn.Sequential(*(backbone.layers[i] for i in r)) for r in ranges)
+        self._bodies = tuple(Body([backbone.layers[i] for i in r], r, self.taps) for r in ranges)
         self.ranges = ranges
 
     @property
@@ -38,7 +71,7 @@ class LocalModel(nn.Module):
     def head(self) -> nn.Module:
         return self.auxes[-1].head
 
-    def body(self, k: int) -> nn.Sequential:
+    def body(self, k: int) -> Body:
         return self._bodies[k]
 
     def block_parameters(self, k: int) -> Iterator[nn.Parameter]:
@@ -48,8 +81,19 @@ class LocalModel(nn.Module):
                 if p.requires_grad:
                     yield p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+    @property
+    def head_reads(self) -> tuple[str, ...]:
+        """Bank entries the task head reads besides the last layer's output."""
+        return tuple(getattr(self.head, "reads", ()))
+
+    def forward(self, x: torch.Tensor, bank: FeatureBank | None = None) -> torch.Tensor:
+        """Inference: the backbone, then the head (fed the bank entries it reads)."""
+        if not self.taps:
+            return self.head(self.backbone(x))
+        bank = FeatureBank() if bank is None else bank
+        for body in self._bodies:
+            x = body(x, bank)
+        return self.head(x, bank) if self.head_reads else self.head(x)
 
     @torch.no_grad()
     def sync_momentum(self) -> None:

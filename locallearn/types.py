@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -14,17 +15,25 @@ class FeatureInfo:
     num_chs: channels (``NCHW``) or embedding width (``NLC``).
     reduction: input resolution divided by this layer's spatial resolution (1 = full resolution).
     fmt: ``"NCHW"`` for feature maps, ``"NLC"`` for token sequences.
+    stage: the backbone's stage this layer belongs to, in the papers' ``[stage, block]`` notation
+    (0 = the stem or embedding; a stage = the run of layers between two down-samplings as the model's
+    authors group them). Set by the backbone, never inferred from shapes (a VGG layer that ends in a
+    max-pool changes shape mid-stage). Not part of equality: two FeatureInfo are equal when the tensors
+    they describe have the same shape.
     """
 
     num_chs: int
     reduction: int
     fmt: str = "NCHW"
+    stage: int = field(default=0, compare=False)
 
     def __post_init__(self) -> None:
         if self.num_chs <= 0 or self.reduction <= 0:
             raise ValueError(f"FeatureInfo needs positive num_chs and reduction, got {self}")
         if self.fmt not in ("NCHW", "NLC"):
             raise ValueError(f"FeatureInfo.fmt must be 'NCHW' or 'NLC', got {self.fmt!r}")
+        if self.stage < 0:
+            raise ValueError(f"FeatureInfo.stage must be >= 0, got {self.stage}")
 
 
 @dataclass(frozen=True)
@@ -37,14 +46,80 @@ class InputInfo:
     std: tuple[float, ...]
 
 
+def move(obj: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+    """``obj`` with every tensor inside (nested lists, tuples, dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, dict):
+        return {k: move(v, device, non_blocking) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(move(v, device, non_blocking) for v in obj)
+    return obj
+
+
+class FeatureBank:
+    """Named features of one batch that later blocks' aux nets and the task head read as *inputs*
+    (memory-augmented MAN, Eq. 5: ``f_A(x; F_bank, W)``).
+
+    The engine makes a fresh bank for every batch and carries it on the ``Batch``; a block writes
+    entries while its body runs (``LocalModel`` taps the layers that were asked for). Every entry is
+    detached on write: a reader's loss can never reach the block that wrote it, which is what keeps
+    gradient isolation with the bank in use. Names: ``"input"`` is the network input, ``"C{s}"`` the
+    last feature map at stride ``2**s`` (the map before each down-sampling, e.g. ``C3``, ``C4``).
+    """
+
+    def __init__(self, entries: dict[str, torch.Tensor] | None = None) -> None:
+        self._entries: dict[str, torch.Tensor] = {}
+        for name, t in (entries or {}).items():
+            self.write(name, t)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        self._entries[name] = t.detach()
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self._entries:
+            have = ", ".join(self._entries) or "nothing"
+            raise KeyError(f"feature bank has no entry {name!r} for this batch (it holds: {have})")
+        return self._entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def items(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self._entries.items())
+
+    def nbytes(self) -> int:
+        """Bytes the bank holds, each storage once."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self._entries.values()}
+        return sum(storages.values())
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> FeatureBank:
+        return FeatureBank(move(self._entries, device, non_blocking))
+
+
 @dataclass
 class Batch:
-    """One training batch. ``x`` is normalised; ``image`` restores the un-normalised [0, 1] image."""
+    """One batch. ``x`` is the normalised input; ``image`` restores the un-normalised [0, 1] image.
+
+    ``targets`` is whatever the task trains on: a label tensor (classification, also readable as
+    ``y``), per-image ``{"boxes", "labels", ...}`` dicts (detection, as torchvision's detection models
+    take them), label maps (segmentation), high-resolution images (super-resolution). ``bank`` is the
+    batch's feature bank (see ``FeatureBank``), empty until a block writes to it.
+    """
 
     x: torch.Tensor
-    y: torch.Tensor
+    targets: Any
     mean: torch.Tensor | None = None  # (C, 1, 1)
     std: torch.Tensor | None = None
+    bank: FeatureBank = field(default_factory=FeatureBank)
+
+    @property
+    def y(self) -> Any:
+        """The targets; for classification, the label tensor."""
+        return self.targets
 
     @property
     def image(self) -> torch.Tensor:
@@ -53,10 +128,13 @@ class Batch:
         return self.x * self.std + self.mean
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-
-        return Batch(move(self.x), move(self.y), move(self.mean), move(self.std))
+        return Batch(
+            move(self.x, device, non_blocking),
+            move(self.targets, device, non_blocking),
+            move(self.mean, device, non_blocking),
+            move(self.std, device, non_blocking),
+            self.bank.to(device, non_blocking),
+        )
 
     def __len__(self) -> int:
         return self.x.shape[0]

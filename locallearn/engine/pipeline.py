@@ -27,6 +27,7 @@ spans several blocks (``window > 1``) are refused.
 from __future__ import annotations
 
 import copy
+import pickle
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -38,15 +39,14 @@ import torch.distributed as dist
 from torch import nn
 
 from locallearn.engine.distributed import Context, DistributedError
+from locallearn.engine.errors import check_finite
 from locallearn.engine.step import local_step
 from locallearn.metrics.memory import ActivationMeter
 from locallearn.model import LocalModel
-from locallearn.types import Batch
+from locallearn.types import Batch, FeatureBank, move
 
 ACT_TAG, PARAM_TAG = 1, 2
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8]
-MAX_DIMS = 6
-SPEC = 2 + MAX_DIMS  # dtype code, ndim (-1 = absent), dims
 
 
 def check_method(window: int, num_blocks: int, world: int) -> None:
@@ -96,10 +96,10 @@ def block_costs(model: LocalModel, batch: Batch) -> list[int]:
     twin = copy.deepcopy(model).train()
     meter = ActivationMeter(twin)
     with torch.random.fork_rng(devices=[]):
-        h = batch.x
+        h, batch = batch.x, Batch(batch.x, batch.targets, batch.mean, batch.std)  # a bank of its own
         for k in range(twin.num_blocks):
-            with meter.track():
-                h = twin.body(k)(h.detach())
+            with meter.track(batch.bank):
+                h = twin.body(k)(h.detach(), batch.bank)
                 twin.auxes[k](h, batch)
     return meter.block_bytes
 
@@ -127,23 +127,19 @@ def stages(sizes: list[int]) -> list[Stage]:
     return out
 
 
-def _spec(t: torch.Tensor | None) -> list[int]:
-    if t is None:
-        return [0, -1] + [0] * MAX_DIMS
-    if t.dim() > MAX_DIMS or t.dtype not in DTYPES:
-        raise DistributedError(
-            f"cannot send a {t.dtype} tensor of shape {tuple(t.shape)} through the pipeline"
-        )
-    return [DTYPES.index(t.dtype), t.dim(), *t.shape, *[0] * (MAX_DIMS - t.dim())]
-
-
-def _empty(spec: list[int], device: torch.device) -> torch.Tensor | None:
-    code, ndim = spec[0], spec[1]
-    return None if ndim < 0 else torch.empty(spec[2 : 2 + ndim], dtype=DTYPES[code], device=device)
+def _spec(t: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...]]:
+    if t.dtype not in DTYPES:
+        raise DistributedError(f"cannot send a {t.dtype} tensor of shape {tuple(t.shape)} through the pipeline")
+    return t.dtype, tuple(t.shape)
 
 
 class Pipe:
-    """Activations forward: ``send`` to rank+1 (asynchronous, bounded), ``recv`` from rank-1."""
+    """Activations forward: ``send`` to rank+1 (asynchronous, bounded), ``recv`` from rank-1.
+
+    One message is the activation, the input image (training only), the targets and every feature
+    bank entry written so far: the next rank's aux nets and head read the bank exactly as in the
+    sequential engine. A small pickled description (batch index, shapes, bank names, and targets that
+    are not one tensor, e.g. detection's per-image dicts) goes first, then the tensors themselves."""
 
     def __init__(self, ctx: Context, depth: int, mean: torch.Tensor, std: torch.Tensor) -> None:
         if depth < 1:
@@ -153,9 +149,23 @@ class Pipe:
         self.inflight: deque[tuple[list, list[torch.Tensor]]] = deque()
 
     def send(self, index: int, h: torch.Tensor, batch: Batch, with_image: bool) -> None:
-        x = batch.x if with_image else None
-        header = torch.tensor([index, *_spec(h), *_spec(x), *_spec(batch.y)], dtype=torch.int64)
-        tensors = [header] + [t.contiguous() for t in (h, x, batch.y) if t is not None]
+        tensors = [h] + ([batch.x] if with_image else [])
+        targets_tensor = isinstance(batch.targets, torch.Tensor)
+        if targets_tensor:
+            tensors.append(batch.targets)
+        names = [name for name, _ in batch.bank.items()]
+        tensors += [t for _, t in batch.bank.items()]
+        meta = {
+            "index": index,
+            "image": with_image,
+            "specs": [_spec(t) for t in tensors],
+            "targets": None if targets_tensor else move(batch.targets, "cpu"),
+            "targets_tensor": targets_tensor,
+            "bank": names,
+        }
+        payload = torch.frombuffer(bytearray(pickle.dumps(meta)), dtype=torch.uint8).to(self.ctx.device)
+        header = torch.tensor([payload.numel()], dtype=torch.int64, device=self.ctx.device)
+        tensors = [header, payload] + [t.contiguous() for t in tensors]
         peer = self.ctx.rank + 1
         with self.ctx.peer(peer, f"sending batch {index} forward"):
             works = [dist.isend(t, peer, tag=ACT_TAG) for t in tensors]
@@ -174,16 +184,22 @@ class Pipe:
             self._wait_oldest()
 
     def recv(self) -> tuple[int, torch.Tensor, Batch]:
-        peer = self.ctx.rank - 1
-        header = torch.empty(1 + 3 * SPEC, dtype=torch.int64)
+        peer, device = self.ctx.rank - 1, self.ctx.device
+        header = torch.empty(1, dtype=torch.int64, device=device)
         with self.ctx.peer(peer, "waiting for the next activation"):
             dist.recv(header, peer, tag=ACT_TAG)
-            spec = header.tolist()
-            h, x, y = (_empty(spec[1 + i * SPEC : 1 + (i + 1) * SPEC], self.ctx.device) for i in range(3))
-            works = [dist.irecv(t, peer, tag=ACT_TAG) for t in (h, x, y) if t is not None]
+            payload = torch.empty(int(header.item()), dtype=torch.uint8, device=device)
+            dist.recv(payload, peer, tag=ACT_TAG)
+            meta = pickle.loads(payload.cpu().numpy().tobytes())
+            tensors = [torch.empty(shape, dtype=dtype, device=device) for dtype, shape in meta["specs"]]
+            works = [dist.irecv(t, peer, tag=ACT_TAG) for t in tensors]
             for w in works:
                 w.wait()
-        return spec[0], h, Batch(h if x is None else x, y, self.mean, self.std)
+        h = tensors.pop(0)
+        x = tensors.pop(0) if meta["image"] else h
+        targets = tensors.pop(0) if meta["targets_tensor"] else move(meta["targets"], device)
+        bank = FeatureBank(dict(zip(meta["bank"], tensors)))
+        return meta["index"], h, Batch(x, targets, self.mean, self.std, bank)
 
 
 def _flat(layer: nn.Module) -> torch.Tensor:
@@ -312,7 +328,7 @@ def train_epoch(
         t0 = time.perf_counter()
         outs = []
         for k in stage.blocks:
-            track = meter.track() if meter is not None and i == 0 else nullcontext()
+            track = meter.track(batch.bank) if meter is not None and i == 0 else nullcontext()
             scaler = scalers[k] if scalers else None
             h, out = local_step(
                 model.body(k), model.auxes[k], h, batch, optimizers[k], scaler, autocast(), track
@@ -324,9 +340,11 @@ def train_epoch(
         _sync_local(model, stage)
         schedule.step()
         step_times.append(time.perf_counter() - t0)
-        losses += torch.stack([o["loss"].detach().float().cpu() for o in outs]).double()
+        step_losses = torch.stack([o["loss"].detach().float().cpu() for o in outs]).double()
+        check_finite(step_losses, i, stage.blocks.start)
+        losses += step_losses
         n += 1
-        images += len(batch.y)
+        images += len(batch)
         if progress is not None:
             progress.update(1)
     pipe.flush()
@@ -348,24 +366,18 @@ def evaluate(
 ) -> dict[str, float] | None:
     """The plain forward through the pipe; the last rank returns the metrics (others ``None``)."""
     model.eval()
-    totals: dict[str, float] = {}
-    loss_sum, n = 0.0, 0
+    evaluator = task.evaluator()
     for i, (h, batch) in enumerate(_inputs(stage, pipe, batches, steps, device, memory_format)):
         with autocast():
             for k in stage.blocks:
-                h = model.body(k)(h)
+                h = model.body(k)(h, batch.bank)
             if stage.last:
-                output = model.head(h)
+                output = model.head(h, batch.bank) if model.head_reads else model.head(h)
         if not stage.last:
             pipe.send(i, h, batch, with_image=False)
             continue
-        loss_sum += task.loss(output, batch).item() * len(batch.y)
-        for key, value in task.metrics(output, batch).items():
-            totals[key] = totals.get(key, 0.0) + value
-        n += len(batch.y)
+        evaluator.update(output, batch)
     pipe.flush()
     if not stage.last:
         return None
-    out = {key: 100.0 * value / max(n, 1) for key, value in totals.items()}
-    out["loss"] = loss_sum / max(n, 1)
-    return out
+    return evaluator.compute()

@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from locallearn.engine.errors import check_finite
 from locallearn.engine.step import Cascade, local_step
 from locallearn.model import LocalModel
 from locallearn.types import Batch
@@ -36,7 +37,7 @@ def train_step(
         raise ValueError(f"the sequential engine supports window 1 or 2, got {window}")
     h_prev = None  # detached input of block k-1
     for k in range(model.num_blocks):
-        track = meter.track() if meter is not None else nullcontext()
+        track = meter.track(batch.bank) if meter is not None else nullcontext()
         scaler = scalers[k] if scalers else None
         cascade = Cascade(model.body(k - 1), h_prev, optimizers[k - 1]) if window == 2 and k > 0 else None
         h_prev = h
@@ -82,7 +83,9 @@ def train_epoch(
         schedule.step()
         sync_device(device)
         step_times.append(time.perf_counter() - t0)
-        losses += torch.stack([o["loss"].detach().float().cpu() for o in outs]).double()
+        step_losses = torch.stack([o["loss"].detach().float().cpu() for o in outs]).double()
+        check_finite(step_losses, n_batches)
+        losses += step_losses
         n_batches += 1
         seen += len(batch)
         if progress is not None:
@@ -104,18 +107,13 @@ def evaluate(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     memory_format: torch.memory_format = torch.contiguous_format,
 ) -> dict[str, float]:
-    """Backbone + head only; metrics averaged over images (percent for accuracies) plus the loss."""
+    """Backbone + head only; the task's evaluator turns the outputs into metrics (classification:
+    means over images, percent for accuracies, plus the loss)."""
     model.eval()
-    totals: dict[str, float] = {}
-    loss_sum, n = 0.0, 0
+    evaluator = task.evaluator()
     for batch in batches:
         batch = batch.to(device, non_blocking=True)
         with autocast():
-            output = model(batch.x.contiguous(memory_format=memory_format))
-        loss_sum += task.loss(output, batch).item() * len(batch)
-        for key, value in task.metrics(output, batch).items():
-            totals[key] = totals.get(key, 0.0) + value
-        n += len(batch)
-    out = {key: 100.0 * value / max(n, 1) for key, value in totals.items()}
-    out["loss"] = loss_sum / max(n, 1)
-    return out
+            output = model(batch.x.contiguous(memory_format=memory_format), batch.bank)
+        evaluator.update(output, batch)
+    return evaluator.compute()

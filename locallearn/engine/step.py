@@ -43,7 +43,8 @@ def local_step(
     if cascade is not None and scaler is not None:
         raise ValueError("window-2 methods do not support fp16 loss scaling (one scale per block); use bf16")
     with track or nullcontext(), autocast or nullcontext():
-        h = body(h.detach())  # no gradient ever leaves the block (or the two blocks of a cascade)
+        # no gradient ever leaves the block (or the two blocks of a cascade); bank entries are detached
+        h = body(h.detach(), batch.bank) if getattr(body, "writes_bank", False) else body(h.detach())
         if cascade is None:
             out = aux(h, batch)  # the last block's aux is the task head + task loss
         else:

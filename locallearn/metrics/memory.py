@@ -23,8 +23,9 @@ class ActivationMeter:
         self.block_bytes: list[int] = []
 
     @contextmanager
-    def track(self) -> Iterator[None]:
-        """Count what one block's forward (body + aux) saves for its backward."""
+    def track(self, bank=None) -> Iterator[None]:
+        """Count what one block's forward (body + aux) saves for its backward, plus what the batch's
+        feature ``bank`` holds once the block has run (its entries stay alive for later blocks)."""
         seen: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -39,6 +40,8 @@ class ActivationMeter:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield
+        for _, t in bank.items() if bank is not None else ():
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         self.block_bytes.append(sum(seen.values()))
 
     def reset(self) -> None:

@@ -1,33 +1,90 @@
-"""The task contract: the final head and loss, a light local head for aux nets, and a metric."""
+"""The task contract: the final head and loss, light heads for aux nets, and an evaluator.
+
+A task never knows which method trains it. Dense tasks (``dense = True``) also say which feature
+levels their head consumes (``levels``, e.g. ``("C3", "C4", "C5")``) and which of them it reads from
+the feature bank (``reads``); aux nets of such tasks end in ``build_local_head``, which takes a dict of
+named maps and returns the same output structure as the main head, so one ``loss`` serves both.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
-from locallearn.types import Batch, FeatureInfo
+from locallearn.types import Batch, FeatureBank, FeatureInfo
+
+
+class Evaluator:
+    """Accumulates a task's test metrics over batches. The default sums ``task.metrics`` (sums over the
+    batch) and the loss, and reports means over images (percent for the metric sums)."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.totals: dict[str, float] = {}
+        self.loss_sum, self.n = 0.0, 0
+
+    def update(self, output: Any, batch: Batch) -> None:
+        self.loss_sum += self.task.loss(output, batch).item() * len(batch)
+        for key, value in self.task.metrics(output, batch).items():
+            self.totals[key] = self.totals.get(key, 0.0) + value
+        self.n += len(batch)
+
+    def compute(self) -> dict[str, float]:
+        out = {key: 100.0 * value / max(self.n, 1) for key, value in self.totals.items()}
+        out["loss"] = self.loss_sum / max(self.n, 1)
+        return out
 
 
 class Task:
-    """What the network is trained to do. Methods call ``local_head`` and ``loss``; they never
-    hard-code a task. ``metrics`` returns sums over the batch so the engine can average exactly."""
+    """What the network is trained to do. Methods call ``local_head`` / ``build_local_head`` and
+    ``loss``; they never hard-code a task."""
 
     name: str = "task"
     main_metric: str = "loss"
     higher_is_better: bool = True
+    dense: bool = False  # aux nets end in ``build_local_head`` (maps in) instead of ``local_head``
+    levels: tuple[str, ...] = ()  # bank-style names of the feature levels the head consumes
+    reads: tuple[str, ...] = ()  # of those, the ones the head takes from the feature bank
 
-    def build_head(self, feature: FeatureInfo) -> nn.Module:
+    def build_head(self, feature: FeatureInfo, bank: dict[str, FeatureInfo] | None = None) -> nn.Module:
+        """The head on the last layer's output ``feature``; ``bank`` describes the entries it reads."""
         raise NotImplementedError
 
     def local_head(self, in_features: int) -> nn.Module:
         """A light head mapping a flat ``in_features`` vector to the task's output (aux nets end in it)."""
         raise NotImplementedError
 
-    def loss(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def build_local_head(self, features: dict[str, FeatureInfo], shared: HeadRef | None = None) -> nn.Module:
+        """Dense tasks: a head whose ``forward(maps)`` takes named maps (a subset of, or other names
+        than, ``levels``) and returns what ``loss`` takes. ``shared`` lends the main head's prediction
+        layers (memory-augmented MAN's shared head)."""
+        raise NotImplementedError(f"task {self.name} has no dense local head")
+
+    def loss(self, output: Any, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
-    def metrics(self, output: torch.Tensor, batch: Batch) -> dict[str, float]:
+    def metrics(self, output: Any, batch: Batch) -> dict[str, float]:
         raise NotImplementedError
+
+    def evaluator(self) -> Evaluator:
+        return Evaluator(self)
+
+
+class HeadRef:
+    """A reference to the main head for aux nets that share it, filled in once the head is built.
+
+    Not a module: an aux holding it does not register the head, so only the last block's optimizer
+    steps the head's parameters (with the gradients every sharing aux's backward added to them)."""
+
+    def __init__(self) -> None:
+        self.module: nn.Module | None = None
+
+    def __call__(self) -> nn.Module:
+        if self.module is None:
+            raise RuntimeError("the shared head is used before the model was built")
+        return self.module
 
 
 class HeadLoss(nn.Module):
@@ -37,7 +94,11 @@ class HeadLoss(nn.Module):
         super().__init__()
         self.task = task
         self.head = head
+        self.reads = tuple(getattr(head, "reads", ()))
 
     def forward(self, h: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-        output = self.head(h)
+        output = self.head(h, batch.bank) if self.reads else self.head(h)
         return {"loss": self.task.loss(output, batch), "output": output}
+
+
+__all__ = ["Evaluator", "FeatureBank", "HeadLoss", "HeadRef", "Task"]
