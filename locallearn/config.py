@@ -9,6 +9,7 @@ method's own ``Config`` dataclass when the model is built.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,20 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration the user wrote is wrong (unknown key, bad type, unreadable YAML)."""
+
+
+# PyYAML reads YAML 1.1, where ``1e-3`` (no dot, unsigned exponent) is a string: float fields take it.
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _choice(where: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where}: unknown value {value!r}; choose from {', '.join(choices)}")
+
+
+def _at_least(where: str, value: float | None, low: float, strict: bool = False) -> None:
+    if value is not None and (value <= low if strict else value < low):
+        raise ConfigError(f"{where} must be {'>' if strict else '>='} {low:g}, got {value:g}")
 
 
 @dataclass
@@ -39,8 +54,17 @@ class MethodConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "classification"
+    name: str = "classification"  # classification | detection (| segmentation | super_resolution)
     label_smoothing: float = 0.0
+    # Options of the dense tasks, checked against the task's own Config dataclass when the model is
+    # built (``task.detection.head=yolov1``), as method options are.
+    detection: dict[str, Any] = field(default_factory=dict)
+    segmentation: dict[str, Any] = field(default_factory=dict)
+    super_resolution: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ConfigError(f"task.label_smoothing must lie in [0, 1], got {self.label_smoothing:g}")
 
 
 @dataclass
@@ -57,9 +81,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "test_batch_size", "train_subset", "test_subset"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"data.{key} must be >= 1, got {value}")
+            _at_least(f"data.{key}", getattr(self, key), 1)
+        _at_least("data.num_workers", self.num_workers, 0)
 
 
 @dataclass
@@ -76,10 +99,15 @@ class OptimConfig:
     warmup_lr: float = 0.01  # ... starting from lr 0.01
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"optim.epochs must be >= 1, got {self.epochs}")
-        if self.lr <= 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
-            raise ConfigError("optim.lr must be > 0, optim.warmup_epochs and optim.weight_decay >= 0")
+        _choice("optim.name", self.name, ("sgd", "adamw"))
+        _choice("optim.schedule", self.schedule, ("cosine", "constant"))
+        _at_least("optim.epochs", self.epochs, 1)
+        _at_least("optim.lr", self.lr, 0, strict=True)
+        _at_least("optim.warmup_lr", self.warmup_lr, 0)
+        for key in ("momentum", "weight_decay", "warmup_epochs"):
+            _at_least(f"optim.{key}", getattr(self, key), 0)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
 
 
 @dataclass
@@ -99,6 +127,15 @@ class EngineConfig:
     sync_lag: int = 1  # ... and apply the copy made this many steps earlier (deterministic staleness)
     dist_timeout_s: float = 300.0  # a rank silent this long ends the job with an error naming it
 
+    def __post_init__(self) -> None:
+        _choice("engine.mode", self.mode, ("sequential", "pipeline", "ddp"))
+        _choice("engine.amp", self.amp, ("none", "bf16", "fp16"))
+        _at_least("engine.threads", self.threads, 1)
+        _at_least("engine.pipeline_depth", self.pipeline_depth, 1)
+        _at_least("engine.sync_every", self.sync_every, 1)
+        _at_least("engine.sync_lag", self.sync_lag, 0)
+        _at_least("engine.dist_timeout_s", self.dist_timeout_s, 0, strict=True)
+
 
 @dataclass
 class Config:
@@ -115,6 +152,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        _at_least("checkpoint_every", self.checkpoint_every, 1)
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:
@@ -143,6 +183,8 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -222,6 +264,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not a text (UTF-8) file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
