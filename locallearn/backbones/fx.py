@@ -7,11 +7,13 @@ may cross a cut: a value defined before the cut and used after it that is not th
 a skip connection around the cut, and the cut is refused naming it. Parameters read with
 ``get_attr`` are fetched again in each layer and never count. ``stop_at`` drops the nodes from that
 module on (e.g. ``"avgpool"``), so the task head replaces the model's own. ``FeatureInfo`` is read off
-one forward of an example input.
+one forward of an example input; its ``stage`` is given by ``stages`` (one per layer) or, without it,
+starts at 0 and grows by one at every layer whose output resolution is coarser than the previous one's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -91,6 +93,7 @@ def from_model(
     cut_at: list[str],
     stop_at: str | None = None,
     example_input: torch.Tensor | None = None,
+    stages: list[int] | None = None,
 ) -> FxBackbone:
     """Split ``model`` into layers starting at each module in ``cut_at`` (in forward order)."""
     gm = fx.symbolic_trace(model)
@@ -145,4 +148,11 @@ def from_model(
             h = layer(h)
             info.append(_info(h, x.shape[-1], cut_at[i] if i < len(cut_at) else "the end"))
         model.train(was_training)
+    if stages is None:
+        stages = [0]
+        for a, b in zip(info, info[1:]):
+            stages.append(stages[-1] + (b.reduction > a.reduction))
+    if len(stages) != len(info) or any(b < a for a, b in zip(stages, stages[1:])):
+        raise ValueError(f"stages must give one non-decreasing stage per layer ({len(info)}), got {stages}")
+    info = [dataclasses.replace(f, stage=s) for f, s in zip(info, stages)]
     return FxBackbone(layers, info, x.shape[1])

@@ -69,14 +69,14 @@ class ResNetCifar(Backbone):
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 56, 110, ...), got {depth}")
         n = (depth - 2) // 6
         layers: list[nn.Module] = [Stem(in_chans, WIDTHS[0])]
-        info = [FeatureInfo(WIDTHS[0], 1)]
+        info = [FeatureInfo(WIDTHS[0], 1, stage=0)]
         in_chs, reduction = WIDTHS[0], 1
         for stage, width in enumerate(WIDTHS[1:]):
             for unit in range(n):
                 stride = 2 if stage > 0 and unit == 0 else 1
                 reduction *= stride
                 layers.append(BasicBlock(in_chs, width, stride, droprate))
-                info.append(FeatureInfo(width, reduction))
+                info.append(FeatureInfo(width, reduction, stage=stage + 1))
                 in_chs = width
         super().__init__(layers, info, in_chans)
         self.depth = depth

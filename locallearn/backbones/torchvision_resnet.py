@@ -33,14 +33,15 @@ class TorchvisionResNet(TorchvisionBackbone):
             net.conv1 = nn.Conv2d(in_chans, net.conv1.out_channels, 7, 2, 3, bias=False)
             torchvision_cnn_init(net.conv1)
         layers: list[nn.Module] = [nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)]
-        info = [FeatureInfo(net.conv1.out_channels, 4)]
+        info = [FeatureInfo(net.conv1.out_channels, 4, stage=0)]
         self.stage_depths = []
-        for stage, reduction in zip((net.layer1, net.layer2, net.layer3, net.layer4), (4, 8, 16, 32)):
+        stages = (net.layer1, net.layer2, net.layer3, net.layer4)
+        for s, (stage, reduction) in enumerate(zip(stages, (4, 8, 16, 32)), start=1):
             self.stage_depths.append(len(stage))
             for unit in stage:
                 width = unit.conv3.out_channels if hasattr(unit, "conv3") else unit.conv2.out_channels
                 layers.append(unit)
-                info.append(FeatureInfo(width, reduction))
+                info.append(FeatureInfo(width, reduction, stage=s))
         super().__init__(net, layers, info, in_chans, head_linear="fc")
         self.arch = arch
 

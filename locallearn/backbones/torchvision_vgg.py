@@ -46,12 +46,12 @@ class TorchvisionVGG(TorchvisionBackbone):
         for module in net.features:
             if isinstance(module, nn.Conv2d):
                 groups.append([module])
-                info.append(FeatureInfo(module.out_channels, reduction))
+                info.append(FeatureInfo(module.out_channels, reduction, stage=len(self.stage_depths)))
                 self.stage_depths[-1] += 1
             elif isinstance(module, nn.MaxPool2d):
                 groups[-1].append(module)
                 reduction *= 2
-                info[-1] = FeatureInfo(info[-1].num_chs, reduction)
+                info[-1] = FeatureInfo(info[-1].num_chs, reduction, stage=info[-1].stage)
                 self.stage_depths.append(0)
             else:
                 groups[-1].append(module)

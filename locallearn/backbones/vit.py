@@ -63,7 +63,7 @@ class ViT(TorchvisionBackbone):
             net.conv_proj = nn.Conv2d(in_chans, hidden, patch_size, patch_size)
         blocks = list(net.encoder.layers)
         layers: list[nn.Module] = [Embed(net), *blocks[:-1], nn.Sequential(blocks[-1], net.encoder.ln)]
-        info = [FeatureInfo(hidden, patch_size, "NLC")] * len(layers)
+        info = [FeatureInfo(hidden, patch_size, "NLC", stage=min(i, 1)) for i in range(len(layers))]
         super().__init__(net, layers, info, in_chans, head_linear="heads.head")
         self.arch = arch
         self.image_size = image_size

@@ -21,8 +21,16 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from locallearn.tasks.base import Task
+from locallearn.tasks.base import HeadRef, Task
 from locallearn.types import FeatureInfo, InputInfo
+
+
+def stage_starts(features: list[FeatureInfo]) -> list[int]:
+    """Indices of the first layer of each stage in ``features`` (a run of layers, e.g. those after a
+    cut). Index 0 always starts one, possibly a stage already begun before the cut. The stage is the
+    backbone's ``FeatureInfo.stage``, not a change of shape: a VGG layer that ends in a max-pool
+    changes shape in the middle of its stage."""
+    return [j for j, f in enumerate(features) if j == 0 or f.stage != features[j - 1].stage]
 
 
 @dataclass
@@ -39,6 +47,10 @@ class AuxContext:
     init_weights: Callable[[nn.Module], None]  # the backbone family's initialisation
     # layers of the whole backbone (the cut sits before layer num_layers - len(next_layers))
     num_layers: int = 0
+    # Feature-bank entries written before this cut, by name ("input", "C3", ...): what the aux may
+    # read as inputs (``batch.bank.read(name)``). An aux that reads entries lists them in ``reads``.
+    bank: dict[str, FeatureInfo] = dataclasses.field(default_factory=dict)
+    head_ref: HeadRef | None = None  # the main task head, for aux nets that share it (dense tasks)
 
     def with_feature(self, feature: FeatureInfo) -> AuxContext:
         """The context of an aux that is fed another feature (e.g. the next layer's output)."""

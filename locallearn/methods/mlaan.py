@@ -10,20 +10,26 @@ it learns through the cascade of cut 1. The last block: ``wx * L(head(x)) + wy *
 output, y the cascade through blocks K-2 and K-1.
 
 LAM (PRIOR_ART §7.3): the chain of cut k is made of trainable copies of later backbone layers that
-"leap" to the end: every layer after the cut that changes the feature shape (so the chain fits), the
-last layer, and the latest remaining layers up to ``chain_depth`` layers. A frozen EMA copy of the
-chain's first layer is summed with its trainable copy (``z = Aug_0(z) + EMA_0(z)``) and tracks the live
-layer after every step: ``theta_EMA <- m * theta_EMA + (1 - m) * theta_live`` (parameters only). Copies
-start equal to the live layers (made after the backbone's init, as in the official code).
+"leap" to the end. For the paper's cells (CIFAR ResNet-32 K=8 / 15 / 16, ResNet-110 K=32 / 54, with
+the paper's cuts) the chains are the official lists of ``configAuxPlus_new.py`` (``OFFICIAL_CHAINS``).
+Elsewhere our rule: the first layer of every later stage (``FeatureInfo.stage``) that changes the
+feature shape, the last layer, then the latest remaining layers until ``chain_depth`` layers; where the
+next copy expects a coarser map than the chain produces (a VGG stage ends in a max-pool carried by its
+last conv), a max-pool bridges the gap. A frozen EMA copy of the chain's first layer is summed with its
+trainable copy (``z = Aug_0(z) + EMA_0(z)``) and tracks the live layer after every step:
+``theta_EMA <- m * theta_EMA + (1 - m) * theta_live`` (parameters only). Copies start equal to the live
+layers (made after the backbone's init, as in the official code).
 
 Deviations from the official code: the last block's independent loss is kept (the official code
 overwrites it with the cascaded one); **every** EMA copy is updated each step (the official CIFAR code
 only updates the last one, so the others stay at their step-0 snapshot); only the EMA copy that is used
 (the chain's first layer) is built, and only the heads that are used (the official code builds 825
-unused heads for ResNet-32); the chains come from the rule above, which reproduces the official
-ResNet-32 lists except where they pick [3,2] instead of [3,3] in stage 1 and drop [3,3] after the cut
-at [3,0]; block k-1's optimizer steps after block k's backward (the official code steps all blocks
-once per batch, after every backward).
+unused heads for ResNet-32); outside the paper's cells the chains come from the rule above (the
+official lists are hand-picked per cut: for a cut in ResNet-110's last stage they keep 2 layers,
+e.g. ``[[3,8],[3,17]]`` after ``[3,1]``, where the rule keeps 4); ResNet-32 K=16 (InfoPro's split, the
+stem alone in block 0) takes the K=15 list of the same cut, the official code having no K=16 list;
+block k-1's optimizer steps after block k's backward (the official code steps all blocks once per
+batch, after every backward).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from locallearn.methods.base import AuxContext, Method
+from locallearn.methods.base import AuxContext, Method, stage_starts
 from locallearn.types import Batch, FeatureInfo
 
 
@@ -42,29 +48,123 @@ from locallearn.types import Batch, FeatureInfo
 class MLAANConfig:
     wx: float = 0.001  # resnetMLAAN.py constructor default (independent path)
     wy: float = 0.999  # ... (cascaded path)
-    chain_depth: int = 4  # longest list in configAuxPlus_new.py
+    chain_depth: int = 4  # longest list in configAuxPlus_new.py (our rule, outside the paper's cells)
     momentum: float = (
         0.995  # EMA momentum: MLAAN run files use 0.999 / 0.998 / 0.995; ImageNet --momentum2 0.995
     )
     ema: bool = True  # LAM's EMA copy on the chain's first layer
+    official_chains: bool = True  # configAuxPlus_new.py's lists for the paper's cells (OFFICIAL_CHAINS)
+
+
+def _runs(*runs: tuple[int, list[list[int]]]) -> list[list[list[int]]]:
+    return [chain for count, chain in runs for _ in range(count)]
+
+
+_A32 = [[2, 0], [3, 0], [3, 2], [3, 4]]
+_B32 = [[2, 0], [3, 0], [3, 3], [3, 4]]
+_C32 = [[3, 0], [3, 2], [3, 3], [3, 4]]
+_A110 = [[2, 0], [3, 0], [3, 2], [3, 17]]
+_C110 = [[3, 0], [3, 2], [3, 3], [3, 17]]
+_D110 = [[3, 0], [3, 3], [3, 4], [3, 17]]
+_EVERY_32 = [[s, b] for s in (1, 2, 3) for b in range(5)]
+_EVERY_110 = [[s, b] for s in (1, 2, 3) for b in range(18)]
+_R32_15 = _runs((2, _A32), (1, _B32), (1, _A32), (1, _B32), (5, _C32), (1, [[3, 1], [3, 2], [3, 4]]),
+                (1, [[3, 2], [3, 3], [3, 4]]), (1, [[3, 3], [3, 4]]), (1, [[3, 4]]))  # fmt: skip
+_R110_32_CUTS = [
+    [1, 1], [1, 2], [1, 4], [1, 5], [1, 7], [1, 9], [1, 11], [1, 13], [1, 14], [1, 16], [1, 17],
+    [2, 1], [2, 2], [2, 4], [2, 5], [2, 7], [2, 9], [2, 11], [2, 13], [2, 14], [2, 16], [2, 17],
+    [3, 1], [3, 3], [3, 4], [3, 6], [3, 7], [3, 9], [3, 11], [3, 13], [3, 15],
+]  # fmt: skip
+
+# Wendy231015/MLAAN "CIFAR-SVHN-STL/networks/configAuxPlus_new.py" (PRIOR_ART §7.3), the LAM chain of
+# each cut as [stage, block] lists, paired with the cut ([stage, block] it follows, config2.py) that the
+# list belongs to. Keys: CIFAR ResNet depth, then our K (config2.py's K, the stem in block 0; K=16 is
+# InfoPro's split, whose extra cut after the stem has no chain: block 0 learns through the cascade).
+OFFICIAL_CHAINS: dict[int, dict[int, list[tuple[list[int], list[list[int]] | None]]]] = {
+    32: {
+        8: list(zip([[1, 0], [1, 2], [1, 4], [2, 1], [2, 3], [3, 0], [3, 2]],
+                    _runs((2, _A32), (1, _B32), (2, _C32), (1, [[3, 2], [3, 3], [3, 4]]), (1, [[3, 3], [3, 4]])),
+                    strict=True)),
+        15: list(zip(_EVERY_32[:-1], _R32_15, strict=True)),
+        16: [([0, 0], None), *zip(_EVERY_32[:-1], _R32_15, strict=True)],
+    },
+    110: {
+        32: list(zip(_R110_32_CUTS, _runs((11, _A110), (10, _C110), (1, _D110), (4, [[3, 8], [3, 17]]),
+                                          (2, [[3, 14], [3, 17]]), (1, [[3, 15], [3, 17]]),
+                                          (1, [[3, 16], [3, 17]]), (1, [[3, 17]])), strict=True)),
+        54: list(zip(_EVERY_110[:-1], _runs((18, _A110), (17, _C110), (1, _D110), (7, [[3, 8], [3, 17]]),
+                                            (4, [[3, 14], [3, 17]]), (2, [[3, 15], [3, 17]]),
+                                            (3, [[3, 16], [3, 17]]), (1, [[3, 17]])), strict=True)),
+    },
+}  # fmt: skip
+
+
+def cifar_resnet_layout(num_layers: int) -> list[FeatureInfo] | None:
+    """The layers of the InfoPro-lineage CIFAR ResNet with ``num_layers`` layers (stem + 3 stages of
+    equal length, widths 16 / 16 / 32 / 64), or None when no such ResNet has that many layers."""
+    units, rest = divmod(num_layers - 1, 3)
+    if rest or units < 1:
+        return None
+    stages = [FeatureInfo(16, 1, stage=0)]
+    for s, (width, reduction) in enumerate(((16, 1), (32, 2), (64, 4)), start=1):
+        stages += [FeatureInfo(width, reduction, stage=s)] * units
+    return stages
+
+
+def official_chain(ctx: AuxContext) -> list[int] | None:
+    """The official chain of this cut (indices into ``ctx.next_layers``) when the backbone is a CIFAR
+    ResNet of a paper cell and the cut is that cell's k-th cut; otherwise None."""
+    layout = cifar_resnet_layout(ctx.num_layers)
+    depth = 6 * ((ctx.num_layers - 1) // 3) + 2
+    table = OFFICIAL_CHAINS.get(depth, {}).get(ctx.num_blocks) if layout else None
+    if table is None or len(table) != ctx.num_blocks - 1:
+        return None
+    cut = ctx.num_layers - len(ctx.next_layers)
+    ours = [ctx.feature, *ctx.next_features]
+    if [(f, f.stage) for f in ours] != [(f, f.stage) for f in layout[cut - 1 :]]:
+        return None  # not the CIFAR ResNet's layers
+    units = (ctx.num_layers - 1) // 3
+
+    def index(stage: int, block: int) -> int:
+        return 0 if stage == 0 else 1 + (stage - 1) * units + block
+
+    after, chain = table[ctx.k]
+    if index(*after) + 1 != cut or chain is None:
+        return None
+    return [index(s, b) - cut for s, b in chain]
 
 
 def leap_chain(start: FeatureInfo, features: list[FeatureInfo], depth: int) -> list[int]:
-    """Indices (into the layers after the cut) of the LAM chain: shape-changing layers, the last layer,
-    then the latest others until ``depth`` layers."""
+    """Indices (into the layers after the cut) of our LAM chain: the first layer of every later stage
+    that changes the shape, the last layer, then the latest others until ``depth`` layers."""
     inputs = [start, *features[:-1]]
-    needed = {j for j, (a, b) in enumerate(zip(inputs, features)) if a != b} | {len(features) - 1}
+    needed = {
+        j for j in stage_starts(features) if features[j].stage > start.stage and features[j] != inputs[j]
+    } | {len(features) - 1}
     for j in reversed(range(len(features))):
         if len(needed) >= depth:
             break
         needed.add(j)
     chain = sorted(needed)
-    current = start
-    for j in chain:
-        if inputs[j] != current:
-            raise ValueError(f"LAM chain {chain} does not fit: layer {j} expects {inputs[j]}, gets {current}")
-        current = features[j]
+    chain_pools(start, features, chain)
     return chain
+
+
+def chain_pools(start: FeatureInfo, features: list[FeatureInfo], chain: list[int]) -> list[int]:
+    """The max-pool factor in front of each chain layer (1: none); raises when the chain does not fit."""
+    inputs = [start, *features[:-1]]
+    current, pools = start, []
+    for j in chain:
+        want, factor = inputs[j], 1
+        if want != current and want.fmt == current.fmt == "NCHW" and want.num_chs == current.num_chs:
+            factor = want.reduction // current.reduction
+            if factor * current.reduction != want.reduction or factor < 2:
+                factor = 0
+        if factor == 0 or (factor == 1 and want != current):
+            raise ValueError(f"LAM chain {chain} does not fit: layer {j} expects {want}, gets {current}")
+        pools.append(factor)
+        current = features[j]
+    return pools
 
 
 class GAPHead(nn.Sequential):
@@ -82,11 +182,14 @@ class MLAANAux(nn.Module):
         self.task, self.cfg = ctx.task, cfg
         self.chain_layers: list[int] = []
         self._live: list[nn.Module] = []  # unregistered reference to the live layer the EMA tracks
-        self.x_head = self.aug = self.ema = self.y_head = None
+        self.x_head = self.aug = self.pools = self.ema = self.y_head = None
         if ctx.k == 0:
             return  # block 0 learns through the cascade of cut 1 only
         self.x_head = GAPHead(ctx, ctx.feature.num_chs)
-        self.chain_layers = leap_chain(ctx.feature, ctx.next_features, cfg.chain_depth)
+        chain = official_chain(ctx) if cfg.official_chains else None
+        self.chain_layers = chain or leap_chain(ctx.feature, ctx.next_features, cfg.chain_depth)
+        pools = chain_pools(ctx.feature, ctx.next_features, self.chain_layers)
+        self.pools = nn.ModuleList(nn.MaxPool2d(f) if f > 1 else nn.Identity() for f in pools)
         self.aug = nn.ModuleList(copy.deepcopy(ctx.next_layers[j]) for j in self.chain_layers)
         if cfg.ema:
             self._live = [ctx.next_layers[self.chain_layers[0]]]
@@ -94,10 +197,11 @@ class MLAANAux(nn.Module):
         self.y_head = GAPHead(ctx, ctx.next_features[self.chain_layers[-1]].num_chs)
 
     def leap(self, z: torch.Tensor) -> torch.Tensor:
+        z = self.pools[0](z)
         first = self.aug[0](z)
         z = first + self.ema(z) if self.ema is not None else first
-        for layer in self.aug[1:]:
-            z = layer(z)
+        for pool, layer in zip(self.pools[1:], self.aug[1:]):
+            z = layer(pool(z))
         return z
 
     def forward(self, h: torch.Tensor, batch: Batch, cascade: torch.Tensor | None = None) -> dict:

@@ -92,8 +92,10 @@ class FeatureBank(nn.Module):
 
 
 def stage_starts(features: list[FeatureInfo]) -> list[int]:
-    """First index of each run of equal output shapes after the cut."""
-    return [j for j, f in enumerate(features) if f != (features[j - 1] if j else None)]
+    """First index of each stage after the cut (the backbone's ``FeatureInfo.stage``)."""
+    from locallearn.methods import base  # the shared rule (mlaan uses it too)
+
+    return base.stage_starts(features)
 
 
 class SLMAux(nn.Module):

@@ -1,17 +1,21 @@
 """MLAAN: leap chains, window-2 gradients (blocks k-1 and k only), every EMA copy moves."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from methods_util import tiny_batch, tiny_model
 
-from locallearn.build import build_method
-from locallearn.config import ConfigError
+from locallearn.build import build_method, build_model
+from locallearn.config import ConfigError, load_config
 from locallearn.engine.sequential import train_step
 from locallearn.engine.step import Cascade, local_step
 from locallearn.methods.mlaan import leap_chain
-from locallearn.types import FeatureInfo
+from locallearn.types import FeatureInfo, InputInfo
 
-R32 = [FeatureInfo(16, 1)] * 6 + [FeatureInfo(32, 2)] * 5 + [FeatureInfo(64, 4)] * 5  # layers 0..15
+R32 = [FeatureInfo(16, 1, stage=0)] + [FeatureInfo(16, 1, stage=1)] * 5
+R32 += [FeatureInfo(32, 2, stage=2)] * 5 + [FeatureInfo(64, 4, stage=3)] * 5  # layers 0..15
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def chain(cut_after: int, depth: int = 4) -> list[int]:
@@ -19,13 +23,86 @@ def chain(cut_after: int, depth: int = 4) -> list[int]:
     return [cut_after + 1 + j for j in leap_chain(R32[cut_after], after, depth)]
 
 
-def test_leap_chains_follow_the_official_resnet32_lists():
-    # configAuxPlus_new.py K=15 in global indices: [2,0]=6, [3,0]=11, [3,2]=13, [3,3]=14, [3,4]=15
-    assert chain(1) == [6, 11, 14, 15]  # official [[2,0],[3,0],[3,2 or 3,3],[3,4]]
-    for cut_after in range(6, 11):  # cuts in stage 2: 5 x [[3,0],[3,2],[3,3],[3,4]]
+def test_our_rule_leaps_to_each_later_stage_then_the_last_layers():
+    assert chain(1) == [6, 11, 14, 15]  # [2,0], [3,0], then the latest: [3,3], [3,4]
+    for cut_after in range(6, 11):  # cuts in stage 2
         assert chain(cut_after) == [11, 13, 14, 15]
-    assert chain(12) == [13, 14, 15]  # [[3,2],[3,3],[3,4]]
-    assert chain(13) == [14, 15] and chain(14) == [15]
+    assert chain(11) == [12, 13, 14, 15] and chain(13) == [14, 15] and chain(14) == [15]
+
+
+# configAuxPlus_new.py (Wendy231015/MLAAN) in global layer indices. ResNet-32: [2,0]=6, [3,0]=11,
+# [3,1]=12, [3,2]=13, [3,3]=14, [3,4]=15. ResNet-110: [2,0]=19, [3,0]=37, [3,2]=39, [3,3]=40, [3,4]=41,
+# [3,8]=45, [3,14]=51, [3,15]=52, [3,16]=53, [3,17]=54. One entry per cut; block 0 (cut 0) has no chain.
+A32, B32, C32 = [6, 11, 13, 15], [6, 11, 14, 15], [11, 13, 14, 15]
+R32_15 = [A32, A32, B32, A32, B32] + [C32] * 5 + [[12, 13, 15], [13, 14, 15], [14, 15], [15]]
+A110, C110, D110 = [19, 37, 39, 54], [37, 39, 40, 54], [37, 40, 41, 54]
+OFFICIAL = {
+    "mlaan_resnet32_k8_cifar10.yaml": [A32, A32, B32, C32, C32, [13, 14, 15], [14, 15]],
+    "mlaan_resnet32_k15_cifar10.yaml": R32_15,
+    "mlaan_resnet110_k32_cifar10.yaml": [A110] * 11
+    + [C110] * 10
+    + [D110]
+    + [[45, 54]] * 4
+    + [[51, 54]] * 2
+    + [[52, 54], [53, 54], [54]],
+    "mlaan_resnet110_k54_cifar10.yaml": [A110] * 18
+    + [C110] * 17
+    + [D110]
+    + [[45, 54]] * 7
+    + [[51, 54]] * 4
+    + [[52, 54]] * 2
+    + [[53, 54]] * 3
+    + [[54]],
+}
+
+
+def built_chains(config: Path | None, overrides: list[str]) -> list[list[int]]:
+    cfg = load_config(config, [*overrides, "data.name=digits"])
+    torch.manual_seed(0)
+    model, _, _ = build_model(cfg, InputInfo(3, 32, (0.5,) * 3, (0.25,) * 3), 10)
+    return [[model.cuts[k] + j for j in a.chain_layers] for k, a in enumerate(list(model.auxes)[:-1])]
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_paper_cells_use_the_official_chains(name):
+    chains = built_chains(CONFIGS / name, [])
+    assert chains[0] == []  # block 0 learns through the cascade of cut 1
+    assert chains[1:] == OFFICIAL[name][1:]
+
+
+def test_resnet32_k16_infopro_split_takes_the_k15_chain_of_each_cut():
+    chains = built_chains(None, ["method.name=mlaan", "model.backbone=resnet32", "model.num_blocks=16",
+                                 "model.split=infopro"])  # fmt: skip
+    assert chains[0] == [] and chains[1:] == R32_15
+
+
+def test_the_switch_and_other_splits_fall_back_to_our_rule():
+    k8 = ["method.name=mlaan", "model.backbone=resnet32", "model.num_blocks=8"]
+    chains = built_chains(None, [*k8, "model.split=infopro", "method.mlaan.official_chains=false"])
+    assert chains[5] == [12, 13, 14, 15]  # rule; the official list after [3,0] is [[3,2],[3,3],[3,4]]
+    chains = built_chains(None, [*k8, "model.split=cuts", "model.cuts=[2,3,6,8,10,12,14]"])
+    assert chains[1] == [6, 11, 14, 15]  # after [1,1]: not the paper's 2nd cut -> rule (official: A32)
+    assert chains[2:] == OFFICIAL["mlaan_resnet32_k8_cifar10.yaml"][2:]  # the paper's cuts from there on
+
+
+def test_vgg_chain_leaps_stage_by_stage_with_max_pools():
+    cfg = load_config(None, ["method.name=mlaan", "model.backbone=vgg13", "model.num_blocks=3",
+                             "model.split=cuts", "model.cuts=[1,2]", "data.name=digits"])  # fmt: skip
+    model, _, _ = build_model(cfg, InputInfo(3, 32, (0.5,) * 3, (0.25,) * 3), 10)
+    aux = model.auxes[1]  # cut before layer 2 (the first conv of stage 2): layers 2..9 follow
+    assert [2 + j for j in aux.chain_layers] == [2, 4, 6, 8, 9]  # the first conv of stages 2..5, the last
+    assert [type(p).__name__ for p in aux.pools] == [
+        "Identity",
+        "MaxPool2d",
+        "MaxPool2d",
+        "MaxPool2d",
+        "Identity",
+    ]
+    rest = sum(p.numel() for p in model.backbone.layers[2:].parameters())
+    chain = sum(p.numel() for p in aux.aug.parameters())
+    assert chain < 0.7 * rest  # before: a copy of all 8 remaining layers
+    h = torch.randn(2, 64, 16, 16)
+    assert aux.leap(h).shape == (2, 512, 1, 1)
 
 
 def test_window_two_gradients_reach_blocks_k_minus_1_and_k_only():
