@@ -25,11 +25,11 @@ from locallearn.methods.man import MAN_DEFAULTS, Momentum, MomentumConfig
 from locallearn.methods.mlaan import MLAAN
 from locallearn.methods.predsim import PredSim
 from locallearn.methods.slm import SLM
-from locallearn.model import LocalModel
+from locallearn.model import INPUT, LocalModel
 from locallearn.split import layer_activation_bytes, resolve_cuts
-from locallearn.tasks.base import HeadLoss, Task
+from locallearn.tasks.base import HeadLoss, HeadRef, Task
 from locallearn.tasks.classification import Classification, ClassificationConfig
-from locallearn.types import InputInfo
+from locallearn.types import FeatureInfo, InputInfo
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,8 @@ def build_model(cfg: Config, inputs: InputInfo, num_classes: int) -> tuple[Local
         raise ConfigError(str(e)) from None
     auxes: list[nn.Module] = []
     layers, info = list(backbone.layers), backbone.feature_info
+    levels = bank_levels(info, inputs)
+    head_ref = HeadRef()
     for k, cut in enumerate(cuts):
         ctx = AuxContext(
             k=k,
@@ -156,8 +158,46 @@ def build_model(cfg: Config, inputs: InputInfo, num_classes: int) -> tuple[Local
             next_features=info[cut:],
             init_weights=backbone.init_weights,
             num_layers=len(layers),
+            bank={name: f for name, (i, f) in levels.items() if i < cut},
+            head_ref=head_ref,
         )
         auxes.append(method.make_aux(k, ctx))
-    head = task.build_head(info[-1])
+    missing = [name for name in task.reads if name not in levels]
+    if missing:
+        raise ConfigError(
+            f"task {task.name} reads {missing} from the feature bank but backbone {cfg.model.backbone} "
+            f"has no such level (it has {sorted(levels)})"
+        )
+    head = task.build_head(info[-1], {name: levels[name][1] for name in task.reads})
+    head_ref.module = head
     auxes.append(method.make_head(HeadLoss(task, head)))
-    return LocalModel(backbone, cuts, auxes, window=method.window), method, task
+    taps = bank_taps(auxes, [*cuts, len(layers)], levels)
+    model = LocalModel(backbone, cuts, auxes, window=method.window, taps=taps)
+    return model, method, task
+
+
+def bank_levels(info: list[FeatureInfo], inputs: InputInfo) -> dict[str, tuple[int, FeatureInfo]]:
+    """Bank entries a backbone can write: ``"input"`` (before layer 0) and ``"C{s}"``, the output of
+    the last layer at stride ``2**s`` (the map before each down-sampling); name -> (layer, info)."""
+    levels = {"input": (INPUT, FeatureInfo(inputs.channels, 1))}
+    for i, f in enumerate(info):
+        if f.fmt == "NCHW" and f.reduction & (f.reduction - 1) == 0:
+            levels[f"C{f.reduction.bit_length() - 1}"] = (i, f)
+    return levels
+
+
+def bank_taps(
+    auxes: list[nn.Module], ends: list[int], levels: dict[str, tuple[int, FeatureInfo]]
+) -> dict[int, str]:
+    """The layers whose outputs go to the bank: those some aux net (or the head) ``reads``. An aux of
+    block k may only read what blocks 0..k write (``ends[k]`` = first layer after block k)."""
+    taps: dict[int, str] = {}
+    for k, aux in enumerate(auxes):
+        for module in aux.modules():
+            for name in getattr(module, "reads", ()):
+                if name not in levels or levels[name][0] >= ends[k]:
+                    raise ConfigError(
+                        f"the aux of block {k} reads bank entry {name!r}, which no earlier layer writes"
+                    )
+                taps[levels[name][0]] = name
+    return taps

@@ -38,7 +38,7 @@ class Classification(Task):
         self.num_classes = num_classes
         self.cfg = cfg or ClassificationConfig()
 
-    def build_head(self, feature: FeatureInfo) -> nn.Module:
+    def build_head(self, feature: FeatureInfo, bank: dict[str, FeatureInfo] | None = None) -> nn.Module:
         return nn.Sequential(Pool(feature.fmt), nn.Linear(feature.num_chs, self.num_classes))
 
     def local_head(self, in_features: int) -> nn.Module:
