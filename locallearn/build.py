@@ -177,10 +177,12 @@ def build_model(cfg: Config, inputs: InputInfo, num_classes: int) -> tuple[Local
 
 
 def bank_levels(info: list[FeatureInfo], inputs: InputInfo) -> dict[str, tuple[int, FeatureInfo]]:
-    """Bank entries a backbone can write: ``"input"`` (before layer 0) and ``"C{s}"``, the output of
-    the last layer at stride ``2**s`` (the map before each down-sampling); name -> (layer, info)."""
+    """Bank entries a backbone can write: ``"input"`` (before layer 0), ``"C{s}"``, the output of
+    the last layer at stride ``2**s`` (the map before each down-sampling), and ``"L{i}"``, the output
+    of layer i (e.g. EDSR's head conv for its global skip); name -> (layer, info)."""
     levels = {"input": (INPUT, FeatureInfo(inputs.channels, 1))}
     for i, f in enumerate(info):
+        levels[f"L{i}"] = (i, f)
         if f.fmt == "NCHW" and f.reduction & (f.reduction - 1) == 0:
             levels[f"C{f.reduction.bit_length() - 1}"] = (i, f)
     return levels
