@@ -190,10 +190,10 @@ def bank_levels(info: list[FeatureInfo], inputs: InputInfo) -> dict[str, tuple[i
 
 def bank_taps(
     auxes: list[nn.Module], ends: list[int], levels: dict[str, tuple[int, FeatureInfo]]
-) -> dict[int, str]:
+) -> dict[int, tuple[str, ...]]:
     """The layers whose outputs go to the bank: those some aux net (or the head) ``reads``. An aux of
     block k may only read what blocks 0..k write (``ends[k]`` = first layer after block k)."""
-    taps: dict[int, str] = {}
+    taps: dict[int, tuple[str, ...]] = {}
     for k, aux in enumerate(auxes):
         for module in aux.modules():
             for name in getattr(module, "reads", ()):
@@ -201,5 +201,6 @@ def bank_taps(
                     raise ConfigError(
                         f"the aux of block {k} reads bank entry {name!r}, which no earlier layer writes"
                     )
-                taps[levels[name][0]] = name
+                index = levels[name][0]
+                taps[index] = tuple(sorted({*taps.get(index, ()), name}))
     return taps

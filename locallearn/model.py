@@ -21,19 +21,19 @@ class Body(nn.Module):
 
     writes_bank = True  # the engine passes the batch's bank to ``forward``
 
-    def __init__(self, layers: list[nn.Module], indices: range, taps: dict[int, str]) -> None:
+    def __init__(self, layers: list[nn.Module], indices: range, taps: dict[int, tuple[str, ...]]) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        self.taps = [taps.get(i) for i in indices]
-        self.input_tap = taps.get(INPUT) if indices.start == 0 else None
+        self.taps = [taps.get(i, ()) for i in indices]
+        self.input_taps = taps.get(INPUT, ()) if indices.start == 0 else ()
 
     def forward(self, h: torch.Tensor, bank: FeatureBank | None = None) -> torch.Tensor:
-        if bank is not None and self.input_tap:
-            bank.write(self.input_tap, h)
-        for layer, tap in zip(self.layers, self.taps):
+        for name in self.input_taps if bank is not None else ():
+            bank.write(name, h)
+        for layer, names in zip(self.layers, self.taps):
             h = layer(h)
-            if bank is not None and tap:
-                bank.write(tap, h)
+            for name in names if bank is not None else ():
+                bank.write(name, h)
         return h
 
 
@@ -47,7 +47,7 @@ class LocalModel(nn.Module):
         cuts: Sequence[int],
         auxes: Sequence[nn.Module],
         window: int = 1,
-        taps: dict[int, str] | None = None,
+        taps: dict[int, tuple[str, ...]] | None = None,
     ) -> None:
         super().__init__()
         self.window = window  # how many blocks one local loss spans (the method's ``window``)
@@ -57,7 +57,7 @@ class LocalModel(nn.Module):
         self.backbone = backbone
         self.cuts = list(cuts)
         self.auxes = nn.ModuleList(auxes)
-        # layer index -> bank entry name: the layers whose output later aux nets or the head read
+        # layer index -> bank entry names: the layers whose output later aux nets or the head read
         self.taps = dict(taps or {})
         # Views, not registered submodules: parameters stay owned by ``backbone`` (one state_dict key each).
         self._bodies = tuple(Body([backbone.layers[i] for i in r], r, self.taps) for r in ranges)
