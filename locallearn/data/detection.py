@@ -358,7 +358,8 @@ class DetectionLoader(EpochLoader):
     ) -> None:
         super().__init__(data, batch_size, train, seed)
         self.augment = augment and train
-        self.items = _Items(data, min_size, max_size, self.mean, self.std)
+        # Workers get the file lists only, not the (large) pycocotools index.
+        self.items = _Items(replace(data, coco=None), min_size, max_size, self.mean, self.std)
         self.size_divisible = size_divisible
         self.num_workers = num_workers
         self.indices = [i for i in range(len(data)) if not train or len(data.boxes[i])]

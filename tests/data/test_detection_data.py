@@ -4,6 +4,7 @@ geometry against torchvision's GeneralizedRCNNTransform."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -178,3 +179,12 @@ def test_seeded_batches_are_reproducible(tmp_path) -> None:
     assert len(first) == 3
     assert same(first, run(0, 0)) and same(first, run(0, 0, workers=1))
     assert not same(first, run(0, 1)) and not same(first, run(1, 0))
+
+
+def test_voc0712_joins_both_years(tmp_path) -> None:
+    write_fixture(tmp_path, "voc", [canvas(20, 30, [])], [[{"box": (1, 2, 10, 12), "label": 3}]])
+    shutil.copytree(tmp_path / "VOCdevkit/VOC2007", tmp_path / "VOCdevkit/VOC2012")
+    train, test = load_datasets("voc0712", str(tmp_path))
+    assert (len(train), len(test), train.name) == (2, 1, "voc0712")
+    assert train.image_ids == [1, 2]  # the same stem in both years: ids fall back to positions
+    assert len(train.coco_gt().getImgIds()) == 2
