@@ -17,9 +17,17 @@ K keeps our meaning (number of blocks). The official ``train.py`` silently runs
 ``num_blocks: 52`` with ``cuts: [1, ..., 51]`` (configs/auglocal_*.yaml). The pyramid is indexed by
 our cut index, which equals the official global-layer index for those splits.
 
+Units are of the backbone's own kind, fresh and randomly initialised: a unit imitating a torchvision
+Bottleneck is a torchvision Bottleneck (ResNet-50/101/152, ResNeXt keeps its groups and width per
+group), BasicBlock a BasicBlock, a VGG conv layer conv-(BN-)ReLU with a 2x2 max-pool in front when it
+down-samples (the official ImageNet ``AuxClassifier`` / ``AuxClassifier_VGG``); any other layer (the
+CIFAR ResNets, ``torch.fx`` pieces) gets the CIFAR BasicBlock shape of the CIFAR code.
+
 Deviations from the official code: K is not changed behind the user's back (see above); the units are
 built from the backbone's ``FeatureInfo`` (width and resolution) rather than from a per-architecture
-width table, so they follow any CNN backbone; the head is the task's local head.
+width table, so they follow any CNN backbone; the head is the task's local head (GAP + Linear; the
+official VGG head is an adaptive 1-d pool to 512 and three Linear layers with BN); a VGG unit has BN
+only when the backbone's convs have it (the official VGG aux always has BN).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torchvision.models import resnet as tv_resnet
 
 from locallearn.methods.base import AuxContext, Method
 from locallearn.types import Batch, FeatureInfo
@@ -79,17 +88,50 @@ class ResidualUnit(nn.Module):
         return torch.relu(self.body(x) + self.shortcut(x))
 
 
+def _projection(in_chs: int, out_chs: int, stride: int) -> nn.Module | None:
+    if stride == 1 and in_chs == out_chs:
+        return None
+    return nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride, bias=False), nn.BatchNorm2d(out_chs))
+
+
+def new_unit(like: nn.Module, in_chs: int, out_chs: int, stride: int) -> nn.Module:
+    """A fresh unit of the same kind as the backbone layer ``like``, taking ``in_chs`` to ``out_chs``
+    (official ImageNet AugLocal: torchvision's BasicBlock / Bottleneck for ResNets, conv-BN-ReLU with a
+    max-pool in front when down-sampling for VGG). Other layers get the CIFAR BasicBlock shape."""
+    if isinstance(like, tv_resnet.Bottleneck):
+        planes = out_chs // tv_resnet.Bottleneck.expansion
+        groups = like.conv2.groups  # ResNeXt: keep the cardinality and the width per group
+        base_width = like.conv1.out_channels * 64 // (groups * (like.conv3.out_channels // 4))
+        down = _projection(in_chs, out_chs, stride)
+        return tv_resnet.Bottleneck(in_chs, planes, stride, down, groups=groups, base_width=base_width)
+    if isinstance(like, tv_resnet.BasicBlock):
+        return tv_resnet.BasicBlock(in_chs, out_chs, stride, _projection(in_chs, out_chs, stride))
+    if isinstance(like, nn.Sequential) and len(like) and isinstance(like[0], nn.Conv2d):
+        conv = like[0]
+        layers: list[nn.Module] = [nn.MaxPool2d(2, 2)] if stride > 1 else []
+        layers.append(
+            nn.Conv2d(in_chs, out_chs, conv.kernel_size, 1, conv.padding, bias=conv.bias is not None)
+        )
+        if any(isinstance(m, nn.BatchNorm2d) for m in like):
+            layers.append(nn.BatchNorm2d(out_chs))
+        layers.append(nn.ReLU(inplace=True))
+        return nn.Sequential(*layers)
+    return ResidualUnit(in_chs, out_chs, stride)
+
+
 def build_units(
-    start: FeatureInfo, targets: list[FeatureInfo], widen: int = 1
+    start: FeatureInfo, targets: list[FeatureInfo], widen: int = 1, like: list[nn.Module] | None = None
 ) -> tuple[list[nn.Module], int]:
-    """New units taking ``start`` through the shapes of ``targets``; returns them and the final width."""
+    """New units taking ``start`` through the shapes of ``targets`` (each of the kind of the matching
+    layer in ``like``; default: the CIFAR BasicBlock shape); returns them and the final width."""
     units: list[nn.Module] = []
     chs, reduction = start.num_chs, start.reduction
-    for target in targets:
+    for i, target in enumerate(targets):
         stride = 1
         if target.reduction > reduction:  # a down-sampling is pending (official: num_pool >= 1)
             stride, reduction = 2, reduction * 2
-        units.append(ResidualUnit(chs, target.num_chs * widen, stride))
+        kind = like[i] if like is not None else None
+        units.append(new_unit(kind, chs, target.num_chs * widen, stride))
         chs = target.num_chs * widen
     return units, chs
 
@@ -108,7 +150,8 @@ class AugLocalAux(nn.Module):
             self.depth = pyramid_depth(cfg.depth, ctx.k, ctx.num_blocks, cfg.pyramid_coeff)
         self.layers = sample_layers(cut_after, num_layers, self.depth) if ctx.next_features else []
         targets = [ctx.next_features[j - cut_after - 1] for j in self.layers]
-        units, width = build_units(ctx.feature, targets, cfg.widen)
+        like = [ctx.next_layers[j - cut_after - 1] for j in self.layers]
+        units, width = build_units(ctx.feature, targets, cfg.widen, like)
         pool: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         if self.depth <= 1:
             pool.append(nn.BatchNorm1d(width))

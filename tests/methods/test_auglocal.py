@@ -1,6 +1,7 @@
 """AugLocal's sampled layers and pyramid depths against PRIOR_ART §4 / §12 worked examples."""
 
 import pytest
+import torch
 from methods_util import tiny_batch, tiny_model
 
 from locallearn.build import build_model
@@ -55,3 +56,32 @@ def test_trains_on_a_tiny_batch():
     model, optimizers, _ = tiny_model("auglocal")
     outs = train_step(model, tiny_batch(), optimizers)
     assert all(o["loss"].isfinite() for o in outs)
+
+
+def built(backbone: str, k: int, size: int = 64, classes: int = 1000):
+    cfg = load_config(None, ["method.name=auglocal", f"model.backbone={backbone}", f"model.num_blocks={k}",
+                             "data.name=digits"])  # fmt: skip
+    model, _, _ = build_model(cfg, InputInfo(3, size, (0.5,) * 3, (0.25,) * 3), classes)
+    return model, list(model.auxes)[:-1]
+
+
+def test_resnet50_units_are_bottlenecks_of_the_backbones_size():
+    from torchvision.models.resnet import Bottleneck
+
+    model, auxes = built("resnet50", 4)
+    backbone = sum(p.numel() for p in model.backbone.parameters())  # 23.5 M
+    for aux in auxes:
+        assert all(isinstance(u, Bottleneck) for u in aux.units)
+        # the official ImageNet aux: d Bottlenecks + Linear(2048, 1000); was 75-136 M with BasicBlocks
+        assert 0.2 < sum(p.numel() for p in aux.parameters()) / backbone < 0.6
+    h = torch.randn(2, 512, 8, 8)  # layer2's output at 64 px: the first aux's input
+    assert auxes[0].units(h).shape == (2, 2048, 2, 2)
+
+
+def test_vgg_units_are_conv_relu_with_a_max_pool_to_down_sample():
+    _, auxes = built("vgg13", 4, size=32, classes=10)
+    aux = auxes[0]  # cut before layer 3: samples layers 6 (512 ch, stride 16) and 9 (512, stride 32)
+    assert aux.layers == [6, 9]
+    kinds = [[type(m).__name__ for m in u] for u in aux.units]
+    assert kinds == [["MaxPool2d", "Conv2d", "ReLU"], ["MaxPool2d", "Conv2d", "ReLU"]]
+    assert aux.units(torch.randn(2, 128, 8, 8)).shape == (2, 512, 2, 2)
