@@ -1,4 +1,4 @@
-"""``locallearn train|eval|list|bench``: the command line. The only module that prints."""
+"""``locallearn train|eval|list|bench|analyze``: the command line. The only module that prints."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from locallearn.analysis import ANALYSES
+from locallearn.analysis import add_common_arguments as add_analysis_arguments
 from locallearn.bench import accuracy, memory, pipeline, speed
 from locallearn.config import ConfigError
 
@@ -30,6 +32,36 @@ QUICKSTART = {
     "engine": {"device": "auto"},
     "checkpoint_every": 1,
 }
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run; the message says what the run directory holds."""
+
+
+def quickstart_base(overrides: list[str]) -> dict | None:
+    """Without ``-c`` the offline digits job is the base for any overrides, unless they name the data.
+    Its comparison and InfoPro options follow only where they apply."""
+    import copy
+
+    from locallearn.config import parse_override
+
+    given = {".".join(keys): value for keys, value in map(parse_override, overrides)}
+    if "data.name" in given or "data" in given:
+        return None
+    base = copy.deepcopy(QUICKSTART)
+    if given.get("engine.mode", "sequential") != "sequential":
+        del base["compare"]  # under torchrun, one job per method
+    method = given.get("method.name")
+    if method is not None and str(method).partition("+")[0] != "infopro":
+        base["method"] = {"name": method}
+    return base
+
+
+def fit(run):
+    try:
+        return run.fit()
+    except KeyboardInterrupt:
+        raise Interrupted(run.interrupted_message()) from None
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -86,13 +118,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     from locallearn.runner import comparison_config, make_run, resume_run
 
     if args.resume:
-        run = resume_run(args.resume)
+        run = resume_run(args.resume, config_file=args.config, overrides=args.overrides)
         setup_logging(run.run_dir if run.is_main else None, verbose=run.is_main)  # torchrun: rank 0 speaks
-        summaries = [run.fit()]
+        summaries = [fit(run)]
         if run.is_main:
             print_table(summaries)
         return
-    base = QUICKSTART if (args.config is None and not args.overrides) or args.quickstart else None
+    base = QUICKSTART if args.quickstart else None
+    if args.config is None and not args.quickstart:
+        base = quickstart_base(args.overrides)
     cfg = load_config(args.config, args.overrides, base=base)
     configs = [cfg] + [comparison_config(cfg, m) for m in cfg.compare]
     summaries = []
@@ -107,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             run.model.cuts,
             run.run_dir,
         )
-        summaries.append(run.fit())
+        summaries.append(fit(run))
     if run.is_main:
         print()
         print_table(summaries)
@@ -152,6 +186,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(args.bench_main(args))
 
 
+def cmd_analyze(args: argparse.Namespace) -> None:
+    setup_logging()
+    print(args.analysis_main(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="locallearn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,7 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
         "runs the quick start: InfoPro+MAN++ and bp on the embedded digits data, side by side.",
     )
     train.add_argument("-c", "--config", help="YAML config file")
-    train.add_argument("--resume", metavar="RUN", help="continue a run from its directory or checkpoint.pt")
+    train.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue a run from its directory or checkpoint.pt; overrides may change only optim.epochs, "
+        "checkpoint_every, engine.device/threads/measure_memory/dist_timeout_s and data.num_workers",
+    )
     train.add_argument("--quickstart", action="store_true", help="start from the quick-start settings")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.num_blocks=8")
     train.set_defaults(func=cmd_train)
@@ -179,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
         b = benches.add_parser(name, help=doc.splitlines()[0], description=doc)
         module.add_arguments(b)
         b.set_defaults(func=cmd_bench, bench_main=module.main)
+    analyze = sub.add_parser("analyze", help="analyses of trained runs: CKA, Grad-CAM, linear probes, curves")
+    analyses = analyze.add_subparsers(dest="analysis", required=True)
+    for name, module in ANALYSES.items():
+        doc = module.__doc__ or name
+        a = analyses.add_parser(name, help=doc.splitlines()[0], description=doc)
+        add_analysis_arguments(a)
+        module.add_arguments(a)
+        a.set_defaults(func=cmd_analyze, analysis_main=module.main)
     return parser
 
 
@@ -187,15 +239,21 @@ def main(argv: list[str] | None = None) -> None:
     from locallearn.data import DataError
     from locallearn.engine.checkpoint import CheckpointError
     from locallearn.engine.distributed import DistributedError
+    from locallearn.engine.errors import DivergedError
 
     try:
         args.func(args)
     except (ConfigError, DataError, CheckpointError, DistributedError) as e:
         fail(str(e))
+    except DivergedError as e:
+        fail(str(e), 3)
+    except OSError as e:  # a full disk, a file that became unwritable: the previous checkpoint is intact
+        where = f" {e.filename!r}" if e.filename else ""
+        fail(f"cannot read or write{where}: {e.strerror or e}", 1)
+    except Interrupted as e:
+        fail(str(e), 130)
     except KeyboardInterrupt:
-        fail(
-            "interrupted; the last finished epoch is in the run directory's checkpoint.pt (--resume it)", 130
-        )
+        fail("interrupted before training started: nothing was saved", 130)
 
 
 if __name__ == "__main__":

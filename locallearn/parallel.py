@@ -8,8 +8,13 @@ rank has the same history (metrics are broadcast), so any rank could.
 
 Checkpoints: in pipeline mode each rank writes ``checkpoint.rank{r}.pt`` atomically (its blocks, aux
 nets, optimizers, RNG, the momentum versions in flight); a resume checks that all ranks are at the same
-epoch with the same block assignment. In ddp mode all ranks hold identical state, so rank 0 writes the
-usual ``checkpoint.pt`` (``locallearn eval`` reads it) and every rank resumes from it.
+epoch with the same block assignment. At the end of a pipeline run rank 0 gathers every rank's weights
+into an ordinary ``checkpoint.pt`` (marked ``merged_from``), so ``locallearn eval`` and the export work
+as for any run; it is not a resume point. In ddp mode all ranks hold identical state, so rank 0 writes
+the usual ``checkpoint.pt`` and every rank resumes from it.
+
+Every check runs before the run directory exists (``Run.setup``), and rank 0 creates and locks it and
+tells the others (or tells them why it could not), so a refused job leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from locallearn.config import Config, ConfigError, to_dict
 from locallearn.engine import checkpoint, ddp, distributed, pipeline
 from locallearn.engine.distributed import Context
-from locallearn.runner import Run, config_from_checkpoint, environment, fresh_run_dir
+from locallearn.runner import Run, config_from_checkpoint, environment, refuse_merged, resume_config
 from locallearn.types import Batch
 
 log = logging.getLogger(__name__)
@@ -49,9 +55,6 @@ class _DistributedRun(Run):
                 f"engine.mode={cfg.engine.mode}: run the compared methods {cfg.compare} as separate jobs"
             )
         self.ctx = distributed.init(cfg.engine.mode, cfg.engine.device, cfg.engine.dist_timeout_s)
-        if run_dir is None:
-            made = str(fresh_run_dir(cfg)) if self.ctx.is_main else None
-            run_dir = Path(distributed.broadcast_object(self.ctx, made, 0, "agreeing on the run directory"))
         super().__init__(_local_config(cfg, self.ctx), run_dir, quiet or not self.ctx.is_main)
         self.cfg = cfg
         self.device = self.ctx.device
@@ -59,6 +62,21 @@ class _DistributedRun(Run):
     @property
     def is_main(self) -> bool:
         return self.ctx.is_main
+
+    def open_run_dir(self, run_dir: Path | None) -> Path:
+        """Rank 0 creates (or locks) the directory; every rank gets its path or its error."""
+        made = error = None
+        if self.ctx.is_main:
+            try:
+                made = str(super().open_run_dir(run_dir))
+            except ConfigError as e:
+                error = str(e)
+        made, error = distributed.broadcast_object(
+            self.ctx, (made, error), 0, "agreeing on the run directory"
+        )
+        if error is not None:
+            raise ConfigError(error)
+        return Path(made)
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
         summary = super().fit(stop_after)
@@ -72,9 +90,8 @@ class _DistributedRun(Run):
 
 
 class PipelineRun(_DistributedRun):
-    def __init__(self, cfg: Config, run_dir: Path | None = None, quiet: bool = False) -> None:
-        super().__init__(cfg, run_dir, quiet)
-        ctx, e = self.ctx, cfg.engine
+    def setup(self) -> None:
+        ctx, e = self.ctx, self.cfg.engine
         pipeline.check_method(self.method.window, self.model.num_blocks, ctx.world)
         sizes = self._assignment()
         self.stage = pipeline.stages(sizes)[ctx.rank]
@@ -128,6 +145,7 @@ class PipelineRun(_DistributedRun):
             "history": self.history,
             "memory": self.memory,
             "step_times": self.step_times,
+            "skipped_steps": self.skipped_steps,
             "environment": environment(),
             "pipeline": {
                 "rank": self.ctx.rank,
@@ -163,9 +181,39 @@ class PipelineRun(_DistributedRun):
         self.history = list(state["history"])
         self.memory = dict(state["memory"])
         self.step_times = list(state["step_times"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.saved_epoch = self.resumed_at = self.epoch
 
     def save_checkpoint(self) -> None:
-        checkpoint.save(self.run_dir / f"checkpoint.rank{self.ctx.rank}.pt", self.state_dict())
+        state = self.state_dict()
+        checkpoint.save(self.run_dir / f"checkpoint.rank{self.ctx.rank}.pt", state)
+        self.saved_epoch = self.epoch
+        if self.epoch >= self.cfg.optim.epochs:
+            self.save_merged(state["model"])
+
+    def save_merged(self, mine: dict[str, torch.Tensor]) -> None:
+        """Rank 0 writes every rank's weights as one ordinary ``checkpoint.pt`` (for eval / export).
+        A layer held twice (rank r's replica of rank r+1's first layer) is taken from its owner."""
+        parts = [None] * self.ctx.world if self.ctx.is_main else None
+        with self.ctx.collective("gathering the weights for the merged checkpoint"):
+            dist.gather_object({k: v.cpu() for k, v in mine.items()}, parts, dst=0)
+        if not self.ctx.is_main:
+            return
+        merged: dict[str, torch.Tensor] = {}
+        for part in reversed(parts):  # the owner of a layer is the later rank
+            for key, value in part.items():
+                merged.setdefault(key, value)
+        order = list(self.model.state_dict())
+        state = {
+            "config": to_dict(self.cfg),
+            "model": {k: merged[k] for k in order if k in merged},
+            "epoch": self.epoch,
+            "history": self.history,
+            "memory": self.memory,
+            "environment": environment(),
+            "merged_from": "pipeline",
+        }
+        checkpoint.save(self.run_dir / "checkpoint.pt", state)
 
     # -- training ----------------------------------------------------------------------------
     def train_one_epoch(self) -> dict[str, Any]:
@@ -216,8 +264,15 @@ class PipelineRun(_DistributedRun):
 
 
 class DDPRun(_DistributedRun):
-    def __init__(self, cfg: Config, run_dir: Path | None = None, quiet: bool = False) -> None:
-        super().__init__(cfg, run_dir, quiet)
+    def min_train_batch(self) -> int:
+        return 2 * self.ctx.world  # 2 images on every rank
+
+    def setup(self) -> None:
+        if self.cfg.data.batch_size < 2 * self.ctx.world:
+            raise ConfigError(
+                f"engine.mode=ddp: data.batch_size={self.cfg.data.batch_size} leaves fewer than 2 images "
+                f"per rank on {self.ctx.world} ranks (batch norm needs 2); use >= {2 * self.ctx.world}"
+            )
         self.share = ddp.Share()
         self.optimizers = [ddp.GradAllReduce(opt, self.ctx, self.share) for opt in self.optimizers]
         self.full_loader = self.train_loader
@@ -255,23 +310,28 @@ def parallel_run(cfg: Config, run_dir: Path | None = None, quiet: bool = False) 
     return RUNS[cfg.engine.mode](cfg, run_dir, quiet)
 
 
-def resume_parallel(path: str | Path, quiet: bool = False) -> Run | None:
+def resume_parallel(
+    path: str | Path, quiet: bool = False, config_file: str | None = None, overrides: list[str] = ()
+) -> Run | None:
     """Resume a pipeline / ddp run on this rank; ``None`` for a sequential checkpoint."""
     path = Path(path)
-    rank = int(os.environ.get("RANK", 0))
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     ckpt = path
     if path.is_dir():
-        ckpt = path / f"checkpoint.rank{rank}.pt"
-        if not ckpt.is_file():
-            ckpt = path / "checkpoint.pt"
+        ranks = sorted(path.glob("checkpoint.rank*.pt"))
+        ckpt = path / f"checkpoint.rank{rank}.pt" if ranks else path / "checkpoint.pt"
+        if ranks and len(ranks) != world:  # every rank sees the same files: all refuse alike
+            raise checkpoint.CheckpointError(
+                f"this run has {len(ranks)} ranks (checkpoint.rank0..{len(ranks) - 1}.pt) and this job "
+                f"{world}: resume it with `torchrun --nproc-per-node {len(ranks)} -m locallearn train "
+                f"--resume {path}`"
+            )
     state = checkpoint.load(ckpt)
+    refuse_merged(state, ckpt)
     cfg = config_from_checkpoint(state)
     if cfg.engine.mode == "sequential":
         return None
+    cfg = resume_config(cfg, config_file, list(overrides), int(state["epoch"]))
     run = parallel_run(cfg, run_dir=ckpt.parent, quiet=quiet)
     run.load_state_dict(state)
-    if run.is_main:
-        log.info(
-            "resumed %s (%s, %d ranks) at epoch %d", ckpt.parent, cfg.engine.mode, run.ctx.world, run.epoch
-        )
     return run

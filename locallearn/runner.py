@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import csv
 import dataclasses
 import json
 import logging
+import math
 import os
 import platform
 import random
+import socket
 import statistics
 import subprocess
 import time
@@ -23,10 +26,11 @@ from tqdm import tqdm
 
 from locallearn import __version__
 from locallearn.build import build_model, check_config, resolved_method_options
-from locallearn.config import Config, ConfigError, dump_yaml, from_dict, to_dict
+from locallearn.config import Config, ConfigError, dump_yaml, from_dict, load_config, to_dict
 from locallearn.data import load_datasets
 from locallearn.data.imagefolder import make_loader
 from locallearn.engine import checkpoint
+from locallearn.engine.errors import DivergedError, NonFiniteLossError
 from locallearn.engine.optim import StepSchedule, build_optimizer
 from locallearn.engine.sequential import evaluate, train_epoch
 from locallearn.metrics.memory import ActivationMeter
@@ -103,8 +107,120 @@ def fresh_run_dir(cfg: Config) -> Path:
     while path.exists():
         path = base.with_name(f"{base.name}-{i}")
         i += 1
-    path.mkdir(parents=True)
+    try:
+        path.mkdir(parents=True)
+    except OSError as e:
+        raise ConfigError(
+            f"out_dir={cfg.out_dir!r}: cannot create the run directory {str(path)!r} ({e.strerror or e})"
+        ) from None
     return path
+
+
+# What ``--resume RUN key=value`` (or ``-c``) may change: nothing that alters shapes, data or the method.
+# More epochs extend the cosine schedule: it is recomputed over the new total (README, "Resume").
+SAFE_ON_RESUME = (
+    "optim.epochs",
+    "checkpoint_every",
+    "engine.device",
+    "engine.threads",
+    "engine.measure_memory",
+    "engine.dist_timeout_s",
+    "data.num_workers",
+)
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_config(saved: Config, config_file: str | None, overrides: list[str], epochs_done: int) -> Config:
+    """The saved config with the user's ``-c`` file and overrides on top, if they change only
+    ``SAFE_ON_RESUME`` keys; anything else is refused with one line naming the key."""
+    if not config_file and not overrides:
+        return saved
+    cfg = load_config(config_file, overrides, base=to_dict(saved))
+    old, new = _flat(to_dict(saved)), _flat(to_dict(cfg))
+    for key in sorted(old.keys() | new.keys()):
+        if key not in SAFE_ON_RESUME and old.get(key) != new.get(key):
+            raise ConfigError(
+                f"--resume cannot change {key} ({old.get(key)!r} -> {new.get(key)!r}): it would not be the "
+                f"same run; only {', '.join(SAFE_ON_RESUME)} may change (start a new run for the rest)"
+            )
+    if cfg.optim.epochs < epochs_done:
+        raise ConfigError(
+            f"optim.epochs={cfg.optim.epochs}: this run has already trained {epochs_done} epochs"
+        )
+    return cfg
+
+
+class RunLock:
+    """``RUN/.lock`` holding ``pid host``: one process per run directory. A lock whose process is
+    gone (same host) is stale and taken over; the lock is released at the end of ``fit`` or exit."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / ".lock"
+        self.token = f"{os.getpid()} {socket.gethostname()}"
+        self.held = False
+
+    def _holder_alive(self, text: str) -> bool:
+        pid, _, host = text.strip().partition(" ")
+        if not pid.isdigit():
+            return False  # a half-written lock: its writer died between create and write
+        if host != socket.gethostname():
+            return True  # cannot tell: another machine's process
+        if int(pid) == os.getpid():
+            return False  # this process (an earlier Run object on the same directory)
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def acquire(self) -> RunLock:
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                try:
+                    holder = self.path.read_text()
+                except FileNotFoundError:
+                    continue
+                if self._holder_alive(holder):
+                    pid, _, host = holder.strip().partition(" ")
+                    raise ConfigError(
+                        f"run directory {str(self.path.parent)!r} is in use by process {pid} on {host} "
+                        f"(lock file {str(self.path)!r}; delete it if that process is gone)"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale
+                continue
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot write into the run directory {str(self.path.parent)!r} ({e.strerror})"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(self.token + "\n")
+            self.held = True
+            atexit.register(self.release)
+            return self
+        raise ConfigError(f"could not take the lock {str(self.path)!r}; another process keeps taking it")
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        try:
+            if self.path.read_text().strip() == self.token:
+                self.path.unlink()
+        except OSError:
+            pass
 
 
 class Run:
@@ -128,7 +244,12 @@ class Run:
             train_set, cfg.data.batch_size, True, cfg.seed, cfg.data.augment, num_workers=workers
         )
         self.test_loader = make_loader(test_set, cfg.data.test_batch_size, False, num_workers=workers)
-        self.model, self.method, self.task = build_model(cfg, train_set.info, train_set.num_classes)
+        # the train loader drops a last batch of 1 image (batch norm, aux heads): said once in ``fit``
+        self.train_loader.min_batch = max(self.train_loader.min_batch, self.min_train_batch())
+        try:
+            self.model, self.method, self.task = build_model(cfg, train_set.info, train_set.num_classes)
+        except ValueError as e:  # a method option the method itself refuses (head kind, momentum, ...)
+            raise ConfigError(str(e)) from None
         cfg.method.options = resolved_method_options(self.method)
         self.memory_format = torch.channels_last if cfg.engine.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
@@ -142,7 +263,28 @@ class Run:
         self.history: list[dict[str, Any]] = []
         self.memory: dict[str, Any] = {}
         self.step_times: list[float] = []
-        self.run_dir = run_dir or fresh_run_dir(cfg)
+        self.saved_epoch: int | None = None  # the epoch of the checkpoint on disk, if any
+        self.resumed_at: int | None = None
+        self.skipped_steps = 0
+        self.setup()
+        # every check is done: only now create (or lock) the run directory
+        self.lock: RunLock | None = None
+        self.run_dir = self.open_run_dir(run_dir)
+
+    def min_train_batch(self) -> int:
+        """The smallest training batch kept (batch norm needs 2 values per channel)."""
+        return 2
+
+    def setup(self) -> None:
+        """What an engine mode adds to the run before the run directory exists (it may refuse)."""
+
+    def open_run_dir(self, run_dir: Path | None) -> Path:
+        """A fresh run directory, or ``run_dir``; locked, with temp files of a killed save removed."""
+        run_dir = run_dir or fresh_run_dir(self.cfg)
+        self.lock = RunLock(run_dir).acquire()
+        for p in checkpoint.remove_stale_temp(run_dir):
+            log.warning("removed %s, left by an interrupted save", p)
+        return run_dir
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -157,11 +299,12 @@ class Run:
             "history": self.history,
             "memory": self.memory,
             "step_times": self.step_times,
+            "skipped_steps": self.skipped_steps,
             "environment": environment(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        checkpoint.load_model_state(self.model, state["model"])
         for opt, s in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(s)
         self.schedule.load_state_dict(state["schedule"])
@@ -173,16 +316,20 @@ class Run:
         self.history = list(state["history"])
         self.memory = dict(state["memory"])
         self.step_times = list(state["step_times"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.saved_epoch = self.resumed_at = self.epoch
 
     @classmethod
-    def resume(cls, path: str | Path, quiet: bool = False) -> Run:
+    def resume(
+        cls, path: str | Path, quiet: bool = False, config_file: str | None = None, overrides: list[str] = ()
+    ) -> Run:
         path = Path(path)
         ckpt = path / "checkpoint.pt" if path.is_dir() else path
         state = checkpoint.load(ckpt)
-        cfg = config_from_checkpoint(state)
+        refuse_merged(state, ckpt)
+        cfg = resume_config(config_from_checkpoint(state), config_file, list(overrides), int(state["epoch"]))
         run = cls(cfg, run_dir=ckpt.parent, quiet=quiet)
         run.load_state_dict(state)
-        log.info("resumed %s at epoch %d", ckpt, run.epoch)
         return run
 
     # -- training ----------------------------------------------------------------------------
@@ -243,12 +390,43 @@ class Run:
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train to ``optim.epochs`` (or only up to epoch ``stop_after``), checkpointing as configured."""
+        try:
+            return self._fit(stop_after)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _fit(self, stop_after: int | None) -> dict[str, Any]:
+        epochs = self.cfg.optim.epochs
+        if self.resumed_at is not None:
+            log.info("resumed %s at epoch %d of %d", self.run_dir, self.resumed_at, epochs)
+            if self.resumed_at >= epochs:
+                log.info(
+                    "this run already finished its %d epochs: nothing to train (resume with "
+                    "optim.epochs=N to train further)",
+                    epochs,
+                )
+        if self.train_loader.dropped:
+            log.info(
+                "each epoch drops the last training batch (%d image(s): batch norm needs at least %d); "
+                "every test image is kept",
+                self.train_loader.dropped,
+                self.train_loader.min_batch,
+            )
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
-        last = self.cfg.optim.epochs if stop_after is None else min(stop_after, self.cfg.optim.epochs)
+        last = epochs if stop_after is None else min(stop_after, epochs)
         while self.epoch < last:
-            stats = self.train_one_epoch()
+            try:
+                stats = self.train_one_epoch()
+            except NonFiniteLossError as e:
+                raise NonFiniteLossError(e.block, e.step, e.value, self.epoch + 1) from None
             metrics = self.evaluate()
+            if not all(math.isfinite(v) for v in metrics.values()):
+                raise DivergedError(
+                    f"training diverged: the test metrics after epoch {self.epoch + 1} are {metrics}; "
+                    "lower optim.lr. The last good checkpoint is left as it was"
+                )
             self.epoch += 1
             row = {
                 "epoch": self.epoch,
@@ -286,6 +464,16 @@ class Run:
 
     def save_checkpoint(self) -> None:
         checkpoint.save(self.run_dir / "checkpoint.pt", self.state_dict())
+        self.saved_epoch = self.epoch
+
+    def interrupted_message(self) -> str:
+        """What Ctrl-C leaves behind, said truthfully."""
+        if self.saved_epoch is None:
+            return f"interrupted before the first checkpoint: nothing to resume in {self.run_dir}"
+        return (
+            f"interrupted; epoch {self.saved_epoch} is saved in {self.run_dir} "
+            f"(continue with: locallearn train --resume {self.run_dir})"
+        )
 
     def write_metrics(self) -> None:
         path = self.run_dir / "metrics.csv"
@@ -322,9 +510,18 @@ class Run:
             else None,
             "params": self.model.parameter_counts(),
             "device": str(self.device),
+            "skipped_steps": self.skipped_steps,
             "seed": self.cfg.seed,
             "environment": environment(),
         }
+
+
+def refuse_merged(state: dict[str, Any], path: Path) -> None:
+    if state.get("merged_from"):
+        raise checkpoint.CheckpointError(
+            f"{str(path)!r} is the merged copy of a {state['merged_from']} run, for eval and export; "
+            "resume the run directory itself (its per-rank checkpoints)"
+        )
 
 
 def config_from_checkpoint(state: dict[str, Any]) -> Config:
@@ -341,7 +538,8 @@ def comparison_config(cfg: Config, method: str) -> Config:
     )
     if method == "bp":
         other.model = dataclasses.replace(cfg.model, num_blocks=1, split="even", cuts=None)
-    other.name = f"{run_name(cfg)}-vs-{method}"
+    # named after what it trains (data, backbone, K, method), or after the user's name for the run
+    other.name = f"{cfg.name}-{method}" if cfg.name else None
     return other
 
 
@@ -354,12 +552,7 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto") -> dict[str, Any
     _, test_set = load_datasets(cfg.data.name, cfg.data.root, cfg.data.download)
     test_set = test_set.subset(cfg.data.test_subset)
     model, _, task = build_model(cfg, test_set.info, test_set.num_classes)
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as e:
-        raise checkpoint.CheckpointError(
-            f"checkpoint weights do not fit the model in its config ({e})"
-        ) from None
+    checkpoint.load_model_state(model, state["model"])
     dev = select_device(device)
     model.to(dev)
     loader = make_loader(test_set, cfg.data.test_batch_size, False, num_workers=cfg.data.num_workers)
@@ -376,8 +569,13 @@ def make_run(cfg: Config, run_dir: Path | None = None, quiet: bool = False) -> R
     return parallel_run(cfg, run_dir, quiet)
 
 
-def resume_run(path: str | Path, quiet: bool = False) -> Run:
-    """Continue a run of any mode from its directory (or a checkpoint file)."""
+def resume_run(
+    path: str | Path, quiet: bool = False, config_file: str | None = None, overrides: list[str] = ()
+) -> Run:
+    """Continue a run of any mode from its directory (or a checkpoint file); ``config_file`` and
+    ``overrides`` may change only ``SAFE_ON_RESUME`` keys (more epochs, cadence, device, threads)."""
     from locallearn.parallel import resume_parallel
 
-    return resume_parallel(path, quiet) or Run.resume(path, quiet)
+    return resume_parallel(path, quiet, config_file, overrides) or Run.resume(
+        path, quiet, config_file, overrides
+    )

@@ -31,11 +31,14 @@ CIFAR_AUG = Augment(pad=4, pad_mode="reflect", flip=True)
 FASHION_DIRS = ("fashion-mnist", "FashionMNIST/raw", "/usr/share/datasets/fashion-mnist")
 
 
+OFFLINE_HINT = "For an offline run, use the embedded digits: data.name=digits (or no -c at all)."
+
+
 def _missing(name: str, root: str, where: Path) -> DataError:
     return DataError(
         f"{name} not found: expected {str(where.resolve())!r} (the official / torchvision layout under "
         f"data.root={root!r}). Put the files there, point data.root at them, or run with data.download=true "
-        "on a machine with internet access."
+        f"on a machine with internet access. {OFFLINE_HINT}"
     )
 
 
@@ -72,11 +75,33 @@ def cifar(root: str, download: bool, classes: int) -> tuple[ArrayDataset, ArrayD
         cls = datasets.CIFAR10 if classes == 10 else datasets.CIFAR100
         _download(name, root, lambda: cls(root, train=True, download=True))
 
+    def part(f: str) -> tuple[np.ndarray, list]:
+        d, where = _unpickle(folder / f), repr(str(folder / f))
+        if not isinstance(d, dict) or "data" not in d or key not in d:
+            raise DataError(f"{name}: {where} is not a CIFAR batch (needs the keys 'data' and {key!r})")
+        data, labels = d["data"], d[key]
+        if (
+            not isinstance(data, np.ndarray)
+            or data.dtype != np.uint8
+            or data.ndim != 2
+            or data.shape[1] != 3072
+        ):
+            shape = getattr(data, "shape", type(data).__name__)
+            raise DataError(f"{name}: {where}: 'data' must be uint8 N x 3072 (3x32x32), got {shape}")
+        if len(labels) != len(data):
+            raise DataError(f"{name}: {where} holds {len(data)} images but {len(labels)} labels")
+        return data, list(labels)
+
     def read(files: list[str]) -> ArrayDataset:
-        dicts = [_unpickle(folder / f) for f in files]
-        data = np.concatenate([d["data"] for d in dicts]).reshape(-1, 3, 32, 32)
-        labels = torch.tensor([y for d in dicts for y in d[key]])
-        return ArrayDataset(torch.from_numpy(data), labels, classes, CIFAR_MEAN, CIFAR_STD, CIFAR_AUG, name)
+        parts = [part(f) for f in files]
+        data = np.concatenate([d for d, _ in parts]).reshape(-1, 3, 32, 32)
+        try:
+            labels = torch.tensor([int(y) for _, ys in parts for y in ys], dtype=torch.int64)
+        except (TypeError, ValueError):
+            raise DataError(f"{name}: {str(folder)!r}: {key!r} must be integers") from None
+        return _dataset(
+            torch.from_numpy(data), labels, classes, CIFAR_MEAN, CIFAR_STD, CIFAR_AUG, name, folder
+        )
 
     return read(parts[0]), read(parts[1])
 
@@ -101,7 +126,7 @@ def svhn(root: str, download: bool) -> tuple[ArrayDataset, ArrayDataset]:
             raise DataError(f"cannot read {str(path)!r}: {e}") from None
         images = torch.from_numpy(np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1)))
         labels = torch.from_numpy(mat["y"].astype(np.int64).reshape(-1) % 10)
-        return ArrayDataset(images, labels, 10, HALF, HALF, Augment(pad=2, flip=False), "svhn")
+        return _dataset(images, labels, 10, HALF, HALF, Augment(pad=2, flip=False), "svhn", path)
 
     return read(files["train"]), read(files["test"])
 
@@ -123,10 +148,22 @@ def stl10(root: str, download: bool) -> tuple[ArrayDataset, ArrayDataset]:
         if x.size != len(y) * 3 * 96 * 96:
             raise DataError(f"{str(folder)!r}: {split}_X.bin holds {x.size} bytes for {len(y)} labels")
         images = np.ascontiguousarray(x.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2))
+        if len(y) and not 0 <= y.min() <= y.max() < 10:
+            raise DataError(
+                f"stl10: {str(folder / f'{split}_y.bin')!r}: labels must lie in 1..10, found {y.min() + 1}..{y.max() + 1}"
+            )
         aug = Augment(pad=4, flip=True)
-        return ArrayDataset(torch.from_numpy(images), torch.from_numpy(y), 10, HALF, HALF, aug, "stl10")
+        return _dataset(torch.from_numpy(images), torch.from_numpy(y), 10, HALF, HALF, aug, "stl10", folder)
 
     return read("train"), read("test")
+
+
+def _dataset(images, labels, classes, mean, std, aug, name: str, where: Path) -> ArrayDataset:
+    """An ``ArrayDataset``, its checks (shape, dtype, label range) reported as a ``DataError``."""
+    try:
+        return ArrayDataset(images, labels, classes, mean, std, aug, name)
+    except ValueError as e:
+        raise DataError(f"{str(where)!r}: {e}") from None
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -228,4 +265,7 @@ DATASETS.update({n: _detection(n) for n in ("coco", "voc", "voc0712")})  # Detec
 def load_datasets(name: str, root: str = "data", download: bool = False) -> tuple[ArrayDataset, ArrayDataset]:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
-    return DATASETS[name](root, download)
+    try:
+        return DATASETS[name](root, download)
+    except ValueError as e:  # ArrayDataset's own checks on a reader without a _dataset() wrapper
+        raise DataError(f"{name}: {e}") from None

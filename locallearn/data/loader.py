@@ -41,6 +41,11 @@ class ArrayDataset:
             )
         if len(self.images) != len(self.labels):
             raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+        if len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < self.num_classes:
+            raise ValueError(
+                f"{self.name}: labels must lie in 0..{self.num_classes - 1}, found "
+                f"{int(self.labels.min())}..{int(self.labels.max())}"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -98,11 +103,25 @@ class EpochLoader:
         self.mean = torch.tensor(data.mean).view(-1, 1, 1)
         self.std = torch.tensor(data.std).view(-1, 1, 1)
 
+    # A training batch smaller than this is dropped (only the last one can be): batch norm cannot
+    # normalise one image per channel, and a one-image step poisons or crashes some aux nets.
+    min_batch: int = 1
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def dropped(self) -> int:
+        """Images of the last, too small training batch that each epoch leaves out."""
+        rest = len(self.data) % self.batch_size
+        return rest if self.train and 0 < rest < self.min_batch else 0
+
+    def spans(self) -> range:
+        """Start index of every batch of an epoch."""
+        return range(0, len(self.data) - self.dropped, self.batch_size)
+
     def __len__(self) -> int:
-        return -(-len(self.data) // self.batch_size)
+        return len(self.spans())
 
     def generator(self) -> torch.Generator:
         """Shuffling and augmentation randomness of this epoch, a function of (seed, epoch) only."""
@@ -123,7 +142,7 @@ class Loader(EpochLoader):
         n = len(self.data)
         order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
         aug = self.data.augment
-        for start in range(0, n, self.batch_size):
+        for start in self.spans():
             idx = order[start : start + self.batch_size]
             x = self.data.images[idx].float().div_(255)
             if self.augment and aug.pad:

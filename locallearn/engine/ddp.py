@@ -101,6 +101,8 @@ class Shards:
         self, loader, ctx: Context, share: Share | None = None, model: nn.Module | None = None
     ) -> None:
         self.loader, self.ctx, self.share, self.model = loader, ctx, share, model
+        if model is not None:  # every rank's shard of the last training batch must hold 2 images
+            loader.min_batch = max(getattr(loader, "min_batch", 1), 2 * ctx.world)
 
     @property
     def data(self):
@@ -109,6 +111,14 @@ class Shards:
     @property
     def batch_size(self) -> int:
         return self.loader.batch_size
+
+    @property
+    def min_batch(self) -> int:
+        return getattr(self.loader, "min_batch", 1)
+
+    @property
+    def dropped(self) -> int:
+        return getattr(self.loader, "dropped", 0)
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)
@@ -119,8 +129,12 @@ class Shards:
     def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
             part, n = shard(batch, self.ctx.rank, self.ctx.world)
-            if len(batch) < self.ctx.world:  # some rank would get no image: every rank skips it alike
+            if self.model is None:  # evaluation keeps every image; a rank may get none of a batch
+                if n:
+                    yield part
                 continue
+            if n < 2:  # training: batch norm needs 2 images per rank; the loader drops such a last batch
+                raise ValueError(f"a training batch of {len(batch)} images leaves rank {self.ctx.rank} {n}")
             if self.share is not None:
                 self.share.weight = n / len(batch)
             yield part
