@@ -132,6 +132,8 @@ class StreamingLoader(EpochLoader):
             pin_memory=torch.cuda.is_available(),
         )
         for x, y in loader:
+            if len(y) < self.min_batch and self.train:  # the last one only (EpochLoader.dropped)
+                break
             yield Batch((x - self.mean) / self.std, y, self.mean, self.std)
 
 
