@@ -33,6 +33,11 @@ def stage_starts(features: list[FeatureInfo]) -> list[int]:
     return [j for j, f in enumerate(features) if j == 0 or f.stage != features[j - 1].stage]
 
 
+def level_name(feature: FeatureInfo) -> str:
+    """The bank-style name of a map at this feature's stride (``"C3"`` for stride 8)."""
+    return f"C{feature.reduction.bit_length() - 1}"
+
+
 @dataclass
 class AuxContext:
     """Everything an aux net may know about where it sits."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locallearn.methods.base import AuxContext, Method
+from locallearn.methods.base import AuxContext, Method, level_name
 from locallearn.types import Batch
 
 
@@ -93,10 +93,26 @@ class DGLAux(nn.Module):
         return {"loss": self.task.loss(self.head(self.body(h)), batch)}
 
 
+class DenseDGLAux(nn.Module):
+    """DGL for dense tasks: ``n_conv`` x [1x1 conv, BN, ReLU] at the block's own resolution, then the
+    task's local head on that one map (detection: an FPN whose other levels are resampled from it, the
+    memory-augmented MAN paper's "DGL with an upsampling FPN", its Table 3 baseline)."""
+
+    def __init__(self, ctx: AuxContext, cfg: DGLConfig) -> None:
+        super().__init__()
+        self.task, c = ctx.task, ctx.feature.num_chs
+        self.body = nn.Sequential(*(m for _ in range(cfg.n_conv) for m in conv_bn_relu(c, c)))
+        self.level = level_name(ctx.feature)
+        self.head = ctx.task.build_local_head({self.level: ctx.feature})
+
+    def forward(self, h: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        return {"loss": self.task.loss(self.head({self.level: self.body(h)}), batch)}
+
+
 class DGL(Method):
     name = "dgl"
     paper = "Belilovsky et al., Decoupled Greedy Learning of CNNs, ICML 2020 (arXiv 1901.08164)"
     Config = DGLConfig
 
     def build_aux(self, k: int, ctx: AuxContext) -> nn.Module:
-        return DGLAux(ctx, self.cfg)
+        return DenseDGLAux(ctx, self.cfg) if ctx.task.dense else DGLAux(ctx, self.cfg)

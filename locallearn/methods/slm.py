@@ -1,34 +1,39 @@
 """SLM + feature bank: the memory-augmented MAN ("Advancing Supervised Local Learning Beyond
 Classification with Long-term Feature Bank", anonymous conference submission in ICLR format; no arXiv
-id and no public code found; ``../shared/papers/man-memory-augmented-feature-bank.txt`` §3.2, §4.1).
+id and no public code found; ``../shared/papers/man-memory-augmented-feature-bank.txt`` §3.2, §4).
 
 *Simple local module* (SLM, §4.1): the aux of a cut is a downsized replica of the rest of the
-backbone, one layer per remaining stage (``n_{s,A} = 1``), ending in the task's own head type and
-trained with the task's own loss. A "stage" is a run of consecutive layers after the cut with the same
-output shape (``FeatureInfo``); its replica layer is a fresh copy of the stage's first layer (the one
-that maps the previous stage's shape to this one), re-initialised with the backbone's init, so the
-replica chains for any backbone family.
+backbone, one layer per remaining stage (``n_{s,A} = 1``): a fresh copy of each stage's first layer
+(the one that maps the previous stage's shape to this one; stages come from ``FeatureInfo.stage``),
+re-initialised with the backbone's init, ending in the task's own head type and trained with the
+task's own loss.
 
-*Feature bank* (§3.2): a store of the task's key features, written without gradient and read by every
-aux. What we bank, for classification: the **final-stage representation** the task head reads (the
-globally pooled output of the backbone's last layer), as one running mean per class,
-``P[c] <- m * P[c] + (1 - m) * mean(r_i : y_i = c)`` with m = ``bank_momentum``, written by the last
-block after each training step (its real, live output, detached). How it enters the aux: the SLM
-replica ends in its own final-stage representation ``a`` (same width, since the replica ends in the
-last stage's shape); besides the task loss on ``head(a)``, the aux pulls ``a`` towards the banked
-representation of the sample's class, ``bank_weight * (1 - cos(a_i, P[y_i]))`` over classes the bank
-has seen. Why this choice: the paper names "fc features" as the key feature of classification and asks
-the aux to use them "as the backbone does"; the current batch's final representation does not exist
-yet when block k trains (blocks run in order), so we keep its long-term per-class summary, and the
-backbone's own use of it is as the input of the classifier, which the cosine term makes the replica
-imitate. It reaches earlier blocks the downstream view that the short-sighted local loss lacks. The
-bank's tensors are buffers written under ``no_grad`` from detached tensors, so no gradient crosses
-blocks through it; it is saved with the model. Other tasks bank other entries under other names
-(detection: the multi-scale maps before each down-sampling, written by the blocks that own those
-layers; super-resolution: the input image), through the same ``FeatureBank.write`` / ``read``.
+*Feature bank* (§3.2, Eq. 5: ``L_A = L(y, f_A(x; F_bank, W))``): the aux reads banked features *as
+inputs*. The bank is the engine's per-batch ``FeatureBank``: the maps before each down-sampling
+(``C2``, ``C3``, ...) written detached by the blocks that own those layers, so an aux only ever reads
+what earlier blocks wrote and no gradient crosses blocks through it.
 
-Deviations from the paper: the paper does not define what is banked for classification nor how it
-enters the aux; the definition above is ours.
+- Detection / dense tasks (§4.2, §4.3): the replica's stage outputs and the banked maps of the stages
+  already passed form a multi-scale set (e.g. C3 from the bank, C4 and C5 from the replica); the
+  task's local head builds a *local FPN* over it and, with ``share_head`` (default, the paper's "Head"
+  column of Table 4), predicts with the main head's prediction layers. The shared layers belong to the
+  last block: every aux's backward adds its gradient to them, and the last block's optimizer steps the
+  sum once per batch (they are not registered in the aux, so no other optimizer touches them). Tasks
+  may also hand the aux other entries (super-resolution: the LR input image, fused before upsampling).
+- Classification: the banked maps of earlier stages are projected by a 1x1 conv (zero-initialised, so
+  a fresh aux starts as the plain replica) to the replica's final width, average-pooled to its
+  resolution and added to its output before the head: the aux sees the multi-scale features the
+  backbone built, not only its own block's.
+
+``bank: false`` is the paper's "Adapt" ablation without the bank. ``prototype_weight > 0`` adds our
+earlier definition as an option: a per-class running mean of the final representation (kept as model
+buffers by the last block) that each replica's pooled output is pulled towards by
+``prototype_weight * (1 - cos)``; it runs in one process only (pipeline refuses it, as it refuses a
+shared head living on another rank).
+
+Deviations from the paper: the paper does not say how banked maps enter a classification aux; the
+additive projection above is ours. The local FPN resamples levels the aux cannot provide (see
+tasks/detection.py).
 """
 
 from __future__ import annotations
@@ -40,15 +45,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locallearn.methods.base import AuxContext, Method
-from locallearn.types import Batch, FeatureInfo
+from locallearn.methods.base import AuxContext, Method, level_name, stage_starts
+from locallearn.types import Batch
 
 
 @dataclass
 class SLMConfig:
-    bank: bool = True  # feature bank on (False = SLM alone, the paper's "Adapt" ablation without bank)
-    bank_weight: float = 1.0  # ours: weight of the cosine pull to the banked class representation
-    bank_momentum: float = 0.9  # ours: running mean of the banked per-class representation
+    bank: bool = True  # read the feature bank (False = SLM alone, the paper's ablation)
+    share_head: bool = True  # dense tasks: predict with the main head's layers (MAN Table 4, "Head")
+    prototype_weight: float = 0.0  # ours, optional: cosine pull to banked per-class representations
+    bank_momentum: float = 0.9  # ours: running mean of those per-class representations
 
 
 def pooled(h: torch.Tensor) -> torch.Tensor:
@@ -56,8 +62,8 @@ def pooled(h: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(h, 1).flatten(1) if h.dim() == 4 else h[:, 0]
 
 
-class FeatureBank(nn.Module):
-    """Key features of the task, stored detached. Classification: per-class running means ("final")."""
+class PrototypeBank(nn.Module):
+    """Per-class running means of the final representation (the ``prototype_weight`` option)."""
 
     def __init__(self, momentum: float = 0.9) -> None:
         super().__init__()
@@ -91,44 +97,93 @@ class FeatureBank(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
 
-def stage_starts(features: list[FeatureInfo]) -> list[int]:
-    """First index of each stage after the cut (the backbone's ``FeatureInfo.stage``)."""
-    from locallearn.methods import base  # the shared rule (mlaan uses it too)
+def replica(ctx: AuxContext) -> tuple[list[nn.Module], list[int]]:
+    """Fresh copies of the first layer of each remaining stage, and their indices after the cut."""
+    starts = stage_starts(ctx.next_features)
+    return [copy.deepcopy(ctx.next_layers[j]) for j in starts], starts
 
-    return base.stage_starts(features)
+
+def banked_levels(ctx: AuxContext) -> list[str]:
+    """The stage-end maps written before this cut, shallower than the aux's own input."""
+    return [
+        name
+        for name, f in ctx.bank.items()
+        if name.startswith("C") and f.fmt == "NCHW" and f.reduction < ctx.feature.reduction
+    ]
 
 
 class SLMAux(nn.Module):
-    def __init__(self, ctx: AuxContext, cfg: SLMConfig, bank: FeatureBank | None) -> None:
+    """Classification: replica(h) + projected bank maps -> the task head."""
+
+    def __init__(self, ctx: AuxContext, cfg: SLMConfig, prototypes: PrototypeBank | None) -> None:
         super().__init__()
         self.task, self.cfg = ctx.task, cfg
-        starts = stage_starts(ctx.next_features)
-        self.replica = nn.Sequential(*(copy.deepcopy(ctx.next_layers[j]) for j in starts))
+        layers, _ = replica(ctx)
+        self.replica = nn.Sequential(*layers)
         last = ctx.next_features[-1] if ctx.next_features else ctx.feature
+        self.reads = tuple(banked_levels(ctx)) if cfg.bank and last.fmt == "NCHW" else ()
+        self.project = nn.ModuleList(nn.Conv2d(ctx.bank[n].num_chs, last.num_chs, 1) for n in self.reads)
         self.head = ctx.task.build_head(last)
-        self._bank = [bank] if bank is not None else []  # shared with the last block; not registered here
+        self._prototypes = [prototypes] if prototypes is not None else []  # owned by the last block
+
+    def reset_bank_projections(self) -> None:
+        for conv in self.project:  # a fresh aux is the plain replica; the bank's weight is learnt
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
 
     def forward(self, h: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         a = self.replica(h)
+        for name, conv in zip(self.reads, self.project):
+            a = a + F.adaptive_avg_pool2d(conv(batch.bank.read(name)), a.shape[-2:])
         out = {"task": self.task.loss(self.head(a), batch)}
         loss = out["task"]
-        entry = self._bank[0].read("final") if self._bank else None
-        if entry is not None and self.cfg.bank_weight > 0:
+        entry = self._prototypes[0].read("final") if self._prototypes else None
+        if entry is not None:
             protos, seen = entry
             known = seen[batch.y]
             if known.any():
-                target = protos[batch.y[known]]
-                cos = F.cosine_similarity(pooled(a)[known].float(), target, dim=1)
-                out["bank"] = (1 - cos).mean()
-                loss = loss + self.cfg.bank_weight * out["bank"]
+                cos = F.cosine_similarity(pooled(a)[known].float(), protos[batch.y[known]], dim=1)
+                out["prototype"] = (1 - cos).mean()
+                loss = loss + self.cfg.prototype_weight * out["prototype"]
         out["loss"] = loss
         return out
 
 
-class BankWriter(nn.Module):
-    """The last block: task head and loss unchanged; in training, banks the final representation."""
+class DenseSLMAux(nn.Module):
+    """Dense tasks: own map + replica stage outputs + banked maps (+ task entries) -> local head."""
 
-    def __init__(self, inner: nn.Module, bank: FeatureBank) -> None:
+    def __init__(self, ctx: AuxContext, cfg: SLMConfig) -> None:
+        super().__init__()
+        self.task = ctx.task
+        layers, starts = replica(ctx)
+        self.replica = nn.ModuleList(layers)
+        self.own = level_name(ctx.feature)
+        self.names = [level_name(ctx.next_features[j]) for j in starts]
+        features = {self.own: ctx.feature}
+        features.update({n: ctx.next_features[j] for n, j in zip(self.names, starts)})
+        wanted = [n for n in (*ctx.task.levels, *ctx.task.local_reads) if n in ctx.bank and n not in features]
+        self.reads = tuple(wanted) if cfg.bank else ()
+        features.update({n: ctx.bank[n] for n in self.reads})
+        self.head = ctx.task.build_local_head(features, ctx.head_ref if cfg.share_head else None)
+        # the shared layers live on the last block's rank: a pipeline cannot split them from this aux
+        self.single_process = "slm share_head=true" if cfg.share_head else ""
+
+    def forward(self, h: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        maps = {self.own: h}
+        for name, layer in zip(self.names, self.replica):
+            h = layer(h)
+            maps[name] = h  # a deeper map at the same stride replaces the shallower one
+        maps.update({n: batch.bank.read(n) for n in self.reads})
+        return {"loss": self.task.loss(self.head(maps), batch)}
+
+
+class PrototypeWriter(nn.Module):
+    """The last block with ``prototype_weight > 0``: task head and loss unchanged; in training, banks
+    the per-class mean of the final representation."""
+
+    single_process = "slm prototype_weight > 0"
+
+    def __init__(self, inner: nn.Module, bank: PrototypeBank) -> None:
         super().__init__()
         self.inner, self.bank = inner, bank
 
@@ -151,14 +206,27 @@ class SLM(Method):
 
     def __init__(self, cfg: SLMConfig | None = None) -> None:
         super().__init__(cfg)
-        self.bank = FeatureBank(self.cfg.bank_momentum) if self.cfg.bank else None
+        self.prototypes = PrototypeBank(self.cfg.bank_momentum) if self.cfg.prototype_weight > 0 else None
 
     def check(self, num_blocks: int) -> None:
         if not 0.0 <= self.cfg.bank_momentum < 1.0:
             raise ValueError(f"slm bank_momentum must lie in [0, 1), got {self.cfg.bank_momentum}")
+        if self.cfg.prototype_weight < 0:
+            raise ValueError(f"slm prototype_weight must be >= 0, got {self.cfg.prototype_weight}")
 
     def build_aux(self, k: int, ctx: AuxContext) -> nn.Module:
-        return SLMAux(ctx, self.cfg, self.bank)
+        if ctx.task.dense:
+            return DenseSLMAux(ctx, self.cfg)
+        if self.prototypes is not None and ctx.task.name != "classification":
+            raise ValueError("slm prototype_weight > 0 needs class labels (task classification)")
+        return SLMAux(ctx, self.cfg, self.prototypes)
+
+    def make_aux(self, k: int, ctx: AuxContext) -> nn.Module:
+        aux = super().make_aux(k, ctx)
+        for module in aux.modules():
+            if isinstance(module, SLMAux):
+                module.reset_bank_projections()
+        return aux
 
     def make_head(self, head: nn.Module) -> nn.Module:
-        return BankWriter(head, self.bank) if self.bank is not None else head
+        return PrototypeWriter(head, self.prototypes) if self.prototypes is not None else head
