@@ -8,9 +8,11 @@ index* from (ixx_1, ixy_1) at the first cut to (ixx_2, ixy_2) at the last (ratio
 
 Heads (PRIOR_ART §2.2): decoder = bilinear upsample (align_corners) to the input size ->
 conv3x3(C, 12w, bias) -> BN -> ReLU -> conv3x3(12w, image channels) -> sigmoid. Aux classifier
-``XcYf``: X 3x3 convs to ``mid`` (32 for C <= 16, else 64; the first strided when the map is larger
-than 8x8), BN, ReLU, GAP, then Y linear layers (hidden ``feature_dim``); the output is a 128-d
-projection for ``contrast`` (SupCon, tau 0.07, one view; anchors without a positive contribute 0)
+``XcYf``: X 3x3 convs to ``mid`` (32 for C <= 16, else 64; the first strided as the official code
+strides it: by width, stride 2 for C = 16 and 32, 1 for C = 64; for widths the official heads do not
+know, stride 2 while the map is larger than 8x8), BN, ReLU, GAP, then Y linear layers (hidden
+``feature_dim``); the output is a 128-d projection for ``contrast`` (SupCon with temperature tau and
+the official ``tau / base_tau`` factor, both 0.07; one view; anchors without a positive contribute 0)
 or the task's local head for ``cross_entropy``.
 
 Deviations from the official code: lambda is interpolated by block index also where MAN/MAN++ use the
@@ -24,12 +26,13 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locallearn.methods.base import AuxContext, Method
+from locallearn.methods.base import AuxContext, Method, level_name
 from locallearn.methods.infopro_imagenet import ImageNetDecoder, imagenet_classifier, is_wide
 from locallearn.types import Batch
 
@@ -45,6 +48,7 @@ class InfoProConfig:
     widen: int = 1  # --aux_net_widen 1
     feature_dim: int = 128  # --aux_net_feature_dim 128
     temperature: float = 0.07  # SupConLoss(temperature=0.07)
+    base_temperature: float = 0.07  # SupConLoss(base_temperature=0.07): the loss is scaled by T / base_T
     # CIFAR-10 ResNet-32 K=16 row of InfoPro comand.sh (PRIOR_ART §2.4)
     ixx_1: float = 5.0
     ixy_1: float = 0.05
@@ -62,11 +66,17 @@ def lambdas(cfg: InfoProConfig, k: int, num_blocks: int) -> tuple[float, float]:
     )
 
 
-def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+def supcon_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 0.07,
+    base_temperature: float = 0.07,
+) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al.) with one view per sample, contrast_mode 'all'.
 
     ``features`` are L2-normalised (B, D). An anchor with no positive in the batch contributes 0
-    and still counts in the mean (InfoPro's ``mask_sum[mask_sum == 0] += 1``).
+    and still counts in the mean (InfoPro's ``mask_sum[mask_sum == 0] += 1``). The mean is scaled by
+    ``temperature / base_temperature`` as in the official ``SupConLoss`` (1 at InfoPro's 0.07 / 0.07).
     """
     features = features.float()
     n = features.shape[0]
@@ -78,7 +88,7 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     log_prob = logits - torch.log(exp_logits.sum(dim=1, keepdim=True))
     pos_count = positive.sum(dim=1).clamp(min=1)
     mean_log_prob_pos = (positive * log_prob).sum(dim=1) / pos_count
-    return -mean_log_prob_pos.mean()
+    return -(temperature / base_temperature) * mean_log_prob_pos.mean()
 
 
 class Decoder(nn.Module):
@@ -109,8 +119,9 @@ def aux_classifier(ctx: AuxContext, cfg: InfoProConfig) -> nn.Module:
     c, w = ctx.feature.num_chs, cfg.widen
     mid = (32 if c <= 16 else 64) * w
     layers: list[nn.Module] = []
+    first_stride = (2 if c < 64 else 1) if c in (16, 32, 64) else (2 if ctx.spatial() > 8 else 1)
     for i in range(n_conv):
-        stride = 2 if i == 0 and ctx.spatial() > 8 else 1
+        stride = first_stride if i == 0 else 1
         layers += [
             nn.Conv2d(c if i == 0 else mid, mid, 3, stride, 1, bias=False),
             nn.BatchNorm2d(mid),
@@ -126,6 +137,18 @@ def aux_classifier(ctx: AuxContext, cfg: InfoProConfig) -> nn.Module:
     else:
         layers.append(ctx.task.local_head(width))
     return nn.Sequential(*layers)
+
+
+class DenseClassifier(nn.Module):
+    """Dense tasks: the task's local head (``build_local_head``) on the block's one map."""
+
+    def __init__(self, ctx: AuxContext) -> None:
+        super().__init__()
+        self.level = level_name(ctx.feature)
+        self.head = ctx.task.build_local_head({self.level: ctx.feature})
+
+    def forward(self, h: torch.Tensor):
+        return self.head({self.level: h})
 
 
 class InfoProAux(nn.Module):
@@ -147,6 +170,16 @@ class InfoProAux(nn.Module):
                 ctx.k,
             )
         c = ctx.feature.num_chs
+        if ctx.task.dense:  # per-pixel tasks: the same decoder; the task's local head and loss
+            if cfg.loss == "contrast" and self.lambda2:
+                raise ValueError(
+                    f"infopro: loss 'contrast' (SupCon) needs one label per image; task {ctx.task.name} is "
+                    "dense, set method.infopro.loss=cross_entropy (the task's own loss)"
+                )
+            make = ImageNetDecoder if wide else partial(Decoder, widen=cfg.widen)
+            self.decoder = make(c, ctx.inputs.channels, ctx.inputs.size) if self.lambda1 else None
+            self.classifier = DenseClassifier(ctx) if self.lambda2 else None
+            return
         if wide:
             self.decoder = ImageNetDecoder(c, ctx.inputs.channels, ctx.inputs.size) if self.lambda1 else None
             self.classifier = imagenet_classifier(ctx, cfg.loss, cfg.feature_dim) if self.lambda2 else None
@@ -164,7 +197,8 @@ class InfoProAux(nn.Module):
         if self.classifier is not None:
             z = self.classifier(h)
             if self.cfg.loss == "contrast":
-                out["aux"] = supcon_loss(F.normalize(z.float(), dim=1), batch.y, self.cfg.temperature)
+                z = F.normalize(z.float(), dim=1)
+                out["aux"] = supcon_loss(z, batch.y, self.cfg.temperature, self.cfg.base_temperature)
             else:
                 out["aux"] = self.task.loss(z, batch)
             loss = loss + self.lambda2 * out["aux"]
