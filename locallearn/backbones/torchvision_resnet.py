@@ -36,7 +36,12 @@ class TorchvisionResNet(TorchvisionBackbone):
         info = [FeatureInfo(net.conv1.out_channels, 4, stage=0)]
         self.stage_depths = []
         stages = (net.layer1, net.layer2, net.layer3, net.layer4)
-        for s, (stage, reduction) in enumerate(zip(stages, (4, 8, 16, 32)), start=1):
+        # replace_stride_with_dilation=[False, True, True] (DeepLabV3's output stride 8): layer3/4 keep stride 8
+        dilated = (False, *kw.get("replace_stride_with_dilation", (False, False, False)))
+        reductions = [4]
+        for d in dilated[1:]:
+            reductions.append(reductions[-1] * (1 if d else 2))
+        for s, (stage, reduction) in enumerate(zip(stages, reductions), start=1):
             self.stage_depths.append(len(stage))
             for unit in stage:
                 width = unit.conv3.out_channels if hasattr(unit, "conv3") else unit.conv2.out_channels
@@ -68,3 +73,17 @@ def _factory(arch: str) -> Callable[..., TorchvisionResNet]:
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d")
 FACTORIES: dict[str, Callable[..., TorchvisionResNet]] = {arch: _factory(arch) for arch in ARCHS}
+
+
+def _dilated(arch: str) -> Callable[..., TorchvisionResNet]:
+    """``{arch}_d8``: DeepLabV3's backbone (torchvision ``deeplabv3_resnet*``): layer3 and layer4 dilated
+    instead of strided, output stride 8; the same parameters, so torchvision state dicts round-trip."""
+
+    def make(**kw) -> TorchvisionResNet:
+        return TorchvisionResNet(arch, replace_stride_with_dilation=[False, True, True], **kw)
+
+    make.__name__ = f"{arch}_d8"
+    return make
+
+
+FACTORIES.update({f"{arch}_d8": _dilated(arch) for arch in ("resnet50", "resnet101")})
