@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from locallearn.backbones import resnet_cifar, torchvision_resnet, torchvision_vgg, vit
+from locallearn.backbones import edsr, resnet_cifar, torchvision_resnet, torchvision_vgg, vit
 from locallearn.backbones.base import Backbone
 from locallearn.config import Config, ConfigError, from_dict
 from locallearn.methods.auglocal import AugLocal
@@ -28,7 +28,10 @@ from locallearn.methods.slm import SLM
 from locallearn.model import INPUT, LocalModel
 from locallearn.split import layer_activation_bytes, resolve_cuts
 from locallearn.tasks.base import HeadLoss, HeadRef, Task
-from locallearn.tasks.classification import Classification, ClassificationConfig
+from locallearn.tasks.classification import Classification
+from locallearn.tasks.detection import Detection
+from locallearn.tasks.segmentation import Segmentation
+from locallearn.tasks.super_resolution import SuperResolution
 from locallearn.types import FeatureInfo, InputInfo
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,7 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
     **torchvision_resnet.FACTORIES,  # resnet18..152, resnext50_32x4d, resnext101_32x8d (ImageNet stem)
     **torchvision_vgg.FACTORIES,  # vgg11/13/16/19 (+ _bn)
     **vit.FACTORIES,  # vit_tiny / vit_small / vit_base, patch 16
+    **edsr.FACTORIES,  # edsr_tiny / edsr_baseline / edsr (super-resolution)
 }
 METHODS: dict[str, type[Method]] = {
     "bp": BP,
@@ -52,7 +56,13 @@ METHODS: dict[str, type[Method]] = {
     "slm": SLM,
 }
 MOMENTUM: dict[str, dict[str, Any]] = MAN_DEFAULTS  # "+man" / "+manpp" suffixes, composable with any base
-TASKS: dict[str, Callable[..., Task]] = {"classification": Classification}
+# a task is a Task subclass with a ``Config`` dataclass, built as ``cls(num_classes, cfg)``
+TASKS: dict[str, type[Task]] = {
+    "classification": Classification,
+    "detection": Detection,
+    "segmentation": Segmentation,
+    "super_resolution": SuperResolution,
+}
 
 
 def method_names() -> list[str]:
@@ -108,9 +118,22 @@ def build_backbone(name: str, in_chans: int, **kw) -> Backbone:
 
 
 def build_task(cfg: Config, num_classes: int) -> Task:
-    if cfg.task.name not in TASKS:
-        raise ConfigError(f"unknown task {cfg.task.name!r}; choose from {sorted(TASKS)}")
-    return TASKS[cfg.task.name](num_classes, ClassificationConfig(label_smoothing=cfg.task.label_smoothing))
+    """The task named by ``task.name``, its options (``task.<name>.<field>``) checked against the task
+    class's own ``Config`` dataclass."""
+    name = cfg.task.name
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    options = {
+        "classification": {"label_smoothing": cfg.task.label_smoothing},
+        "detection": cfg.task.detection,
+        "segmentation": cfg.task.segmentation,
+        "super_resolution": cfg.task.super_resolution,
+    }[name]
+    cls = TASKS[name]
+    try:
+        return cls(num_classes, from_dict(cls.Config, options, f"task.{name}"))
+    except ValueError as e:  # ConfigError included: unknown keys, wrong types, out-of-range values
+        raise ConfigError(str(e)) from None
 
 
 def check_config(cfg: Config) -> None:
@@ -147,6 +170,7 @@ def build_model(cfg: Config, inputs: InputInfo, num_classes: int) -> tuple[Local
     layers, info = list(backbone.layers), backbone.feature_info
     levels = bank_levels(info, inputs)
     head_ref = HeadRef()
+    task.setup(info[-1], {name: f for name, (_, f) in levels.items()})
     for k, cut in enumerate(cuts):
         ctx = AuxContext(
             k=k,
@@ -173,6 +197,9 @@ def build_model(cfg: Config, inputs: InputInfo, num_classes: int) -> tuple[Local
     auxes.append(method.make_head(HeadLoss(task, head)))
     taps = bank_taps(auxes, [*cuts, len(layers)], levels)
     model = LocalModel(backbone, cuts, auxes, window=method.window, taps=taps)
+    init_model = getattr(task, "init_model", None)  # super-resolution: x3 / x4 start from a x2 run
+    if init_model is not None:
+        init_model(model)
     return model, method, task
 
 

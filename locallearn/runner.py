@@ -250,6 +250,7 @@ class Run:
             self.model, self.method, self.task = build_model(cfg, train_set.info, train_set.num_classes)
         except ValueError as e:  # a method option the method itself refuses (head kind, momentum, ...)
             raise ConfigError(str(e)) from None
+        self.task.bind(test_set)
         cfg.method.options = resolved_method_options(self.method)
         self.memory_format = torch.channels_last if cfg.engine.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
@@ -552,6 +553,7 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto") -> dict[str, Any
     _, test_set = load_datasets(cfg.data.name, cfg.data.root, cfg.data.download)
     test_set = test_set.subset(cfg.data.test_subset)
     model, _, task = build_model(cfg, test_set.info, test_set.num_classes)
+    task.bind(test_set)
     checkpoint.load_model_state(model, state["model"])
     dev = select_device(device)
     model.to(dev)

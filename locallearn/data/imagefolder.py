@@ -140,7 +140,10 @@ class StreamingLoader(EpochLoader):
 def make_loader(
     data, batch_size: int, train: bool, seed: int = 0, augment: bool = True, num_workers: int = 0
 ):
-    """The right loader for ``data``: streaming for ImageFolder trees, in-memory otherwise."""
+    """The right loader for ``data``: its own (dense-task datasets have a ``loader`` method),
+    streaming for ImageFolder trees, in-memory otherwise."""
+    if hasattr(data, "loader"):
+        return data.loader(batch_size, train, seed, augment, num_workers)
     if isinstance(data, ImageFolderData):
         if not augment and train:
             folder = copy.copy(data.folder)  # same files, test-time transform

@@ -47,6 +47,14 @@ class Task:
     dense: bool = False  # aux nets end in ``build_local_head`` (maps in) instead of ``local_head``
     levels: tuple[str, ...] = ()  # bank-style names of the feature levels the head consumes
     reads: tuple[str, ...] = ()  # of those, the ones the head takes from the feature bank
+    local_reads: tuple[str, ...] = ()  # bank entries an aux's local head may be given besides its maps
+    Config: type = type(None)  # the options dataclass (``task.<name>.<field>``)
+
+    def setup(self, final: FeatureInfo, bank: dict[str, FeatureInfo]) -> None:
+        """Called once before any head is built: the last layer's output and the bank's levels."""
+
+    def bind(self, test_data: Any) -> None:
+        """Called with the test split before evaluation (detection scores against its ground truth)."""
 
     def build_head(self, feature: FeatureInfo, bank: dict[str, FeatureInfo] | None = None) -> nn.Module:
         """The head on the last layer's output ``feature``; ``bank`` describes the entries it reads."""
