@@ -1,0 +1,246 @@
+"""Issue 14: no silent NaN, no poisoned model from a 1-image batch, `1e-3` floats, and one clear line
+(non-zero exit) for the bad inputs that used to end in a traceback."""
+
+import errno
+import json
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from locallearn.cli import main
+from locallearn.config import ConfigError, load_config
+from locallearn.data import DataError, load_datasets
+from locallearn.data.loader import ArrayDataset, Loader
+from locallearn.engine import checkpoint, ddp
+from locallearn.engine.errors import DivergedError, NonFiniteLossError, check_finite
+from locallearn.runner import Run
+
+TINY = [
+    "data.name=digits",
+    "data.train_subset=64",
+    "data.test_subset=40",
+    "data.batch_size=32",
+    "model.backbone=resnet20",
+    "model.num_blocks=2",
+    "optim.epochs=1",
+    "optim.lr=0.05",
+    "engine.device=cpu",
+    "engine.measure_memory=false",
+]
+
+
+def run_cli(args, capsys):
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, [line for line in out.err.splitlines() if line.strip()]
+
+
+def one_error_line(err, code, expected_code=2):
+    errors = [line for line in err if line.startswith("locallearn: error:")]
+    assert code == expected_code and len(errors) == 1 and not any("Traceback" in e for e in err), err
+    return errors[0]
+
+
+# -- 1. non-finite losses ----------------------------------------------------------------------------
+def test_check_finite_names_block_and_step():
+    check_finite(torch.tensor([1.0, 2.0], dtype=torch.float64), 0)
+    with pytest.raises(NonFiniteLossError, match="block 3's loss is nan at step 5"):
+        check_finite(torch.tensor([1.0, float("nan")], dtype=torch.float64), 4, first_block=2)
+
+
+def test_nan_stops_the_run_with_one_line_and_no_summary(tmp_path, capsys):
+    args = ["train", *TINY, "data.batch_size=8", "optim.lr=1e6", "method.name=dgl", f"out_dir={tmp_path}"]
+    code, _, err = run_cli([*args, "name=nan"], capsys)
+    line = one_error_line(err, code, 3)
+    assert "diverged" in line and "epoch 1" in line
+    assert not (tmp_path / "nan" / "summary.json").exists()
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = load_config(None, [*TINY, "optim.epochs=2", "method.name=dgl", f"out_dir={tmp_path}", "name=r"])
+    run = Run(cfg, quiet=True)
+    run.fit(stop_after=1)
+    saved = (tmp_path / "r" / "checkpoint.pt").read_bytes()
+    run.cfg.optim.lr = 1e6  # the schedule reads this: epoch 2 explodes
+    with pytest.raises(DivergedError, match="epoch 2"):
+        run.fit()
+    assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == saved
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["epochs"] == 1  # not rewritten
+
+
+# -- 2. a last training batch of one image -----------------------------------------------------------
+def tiny_set(n, classes=10):
+    images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8)
+    return ArrayDataset(images, torch.arange(n) % classes, classes, (0.5,), (0.25,))
+
+
+def test_loader_drops_a_too_small_last_training_batch_only():
+    train = Loader(tiny_set(65), 32, train=True)
+    train.min_batch = 2
+    assert len(train) == 2 and train.dropped == 1 and [len(b) for b in train] == [32, 32]
+    test = Loader(tiny_set(65), 32, train=False)
+    test.min_batch = 2
+    assert test.dropped == 0 and sum(len(b) for b in test) == 65
+    ranks = Loader(tiny_set(66), 32, train=True)
+    ranks.min_batch = 4  # ddp, 2 ranks: a last batch of 2 would leave each rank one image
+    assert ranks.dropped == 2 and len(ranks) == 2
+
+
+@pytest.mark.parametrize("method", ["dgl", "dgl+manpp", "infopro"])
+def test_one_image_last_batch_trains_without_error_or_nan(tmp_path, capsys, method):
+    args = ["train", *TINY, "data.train_subset=65", f"method.name={method}", f"out_dir={tmp_path}", "name=r"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert any("drops the last training batch (1 image" in line for line in err)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["train_images"] == 65 and np.isfinite(summary["final"])
+    run = Run.resume(tmp_path / "r", quiet=True)
+    assert all(torch.isfinite(v).all() for v in run.model.state_dict().values() if v.is_floating_point())
+
+
+@dataclass
+class FakeContext:
+    rank: int
+    world: int
+
+
+def test_ddp_evaluation_keeps_every_test_image():
+    loader = Loader(tiny_set(65), 32, train=False)
+    seen = sum(len(b) for r in range(2) for b in ddp.Shards(loader, FakeContext(r, 2)))
+    assert seen == 65  # the last batch of 1 image goes to one rank, not dropped
+
+
+# -- 3. scientific notation --------------------------------------------------------------------------
+def test_scientific_notation_for_floats_on_cli_and_in_yaml(tmp_path):
+    cfg = load_config(None, ["optim.lr=1e-3", "optim.betas=[9e-1, 0.999]", "engine.dist_timeout_s=3e2"])
+    assert cfg.optim.lr == 0.001 and cfg.optim.betas == [0.9, 0.999] and cfg.engine.dist_timeout_s == 300
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  weight_decay: 5e-4\n  warmup_lr: 1E-2\n")
+    cfg = load_config(path)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_lr) == (0.001, 0.0005, 0.01)
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(None, ["optim.epochs=1e3"])  # ints stay ints
+    with pytest.raises(ConfigError, match="expected float"):
+        load_config(None, ["optim.lr=1e-3x"])
+
+
+# -- 4. one line instead of a traceback --------------------------------------------------------------
+def test_binary_config_file(tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    path.write_bytes(bytes(range(256)) * 4)
+    code, _, err = run_cli(["train", "-c", str(path)], capsys)
+    assert "not a text" in one_error_line(err, code)
+
+
+def write_cifar(root, data=None, labels=None, key="labels"):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        d = {"data": np.zeros((4, 3072), np.uint8) if data is None else data}
+        d[key] = [0, 1, 2, 3] if labels is None else labels
+        with open(folder / name, "wb") as f:
+            pickle.dump(d, f)
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("labels>=classes", "labels must lie in 0..9"),
+        ("no labels", "needs the keys"),
+        ("shape", "must be uint8 N x 3072"),
+        ("dtype", "must be uint8 N x 3072"),
+        ("label type", "must be integers"),
+    ],
+)
+def test_bad_cifar_pickles(tmp_path, kind, message):
+    kwargs = {
+        "labels>=classes": {"labels": [0, 1, 2, 10]},
+        "no labels": {"key": "fine_labels"},
+        "shape": {"data": np.zeros((4, 1024), np.uint8)},
+        "dtype": {"data": np.zeros((4, 3072), np.float32)},
+        "label type": {"labels": ["a", "b", "c", "d"]},
+    }[kind]
+    write_cifar(tmp_path, **kwargs)
+    with pytest.raises(DataError, match=message):
+        load_datasets("cifar10", str(tmp_path))
+
+
+def test_good_cifar_fixture_reads(tmp_path):
+    write_cifar(tmp_path)
+    train, test = load_datasets("cifar10", str(tmp_path))
+    assert len(train) == 20 and len(test) == 4
+
+
+def test_stl10_labels_out_of_range(tmp_path):
+    folder = tmp_path / "stl10_binary"
+    folder.mkdir()
+    for split in ("train", "test"):
+        np.zeros(2 * 3 * 96 * 96, np.uint8).tofile(folder / f"{split}_X.bin")
+        np.array([1, 11], np.uint8).tofile(folder / f"{split}_y.bin")
+    with pytest.raises(DataError, match="labels must lie in 1..10, found 1..11"):
+        load_datasets("stl10", str(tmp_path))
+
+
+def test_missing_data_says_how_to_run_offline(capsys, tmp_path):
+    code, _, err = run_cli(["train", "data.name=cifar10", f"data.root={tmp_path}"], capsys)
+    assert "data.name=digits" in one_error_line(err, code)
+
+
+def test_out_dir_that_is_a_file(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_cli(["train", *TINY, f"out_dir={blocker}"], capsys)
+    assert "cannot create the run directory" in one_error_line(err, code)
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, capsys, monkeypatch):
+    saves = []
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        saves.append(1)
+        if len(saves) == 2:  # the second epoch's checkpoint: the disk is full half-way
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    args = ["train", *TINY, "optim.epochs=2", "method.name=dgl", f"out_dir={tmp_path}", "name=r"]
+    code, _, err = run_cli(args, capsys)
+    assert "No space left on device" in one_error_line(err, code, 1)
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path / "r" / "checkpoint.pt")["epoch"] == 1
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    cfg = load_config(None, [*TINY, "method.name=dgl", f"out_dir={out}", "name=r"])
+    Run(cfg, quiet=True).fit()
+    return out / "r"
+
+
+def test_eval_of_weights_that_do_not_fit_says_what_differs(finished_run, tmp_path, capsys):
+    state = checkpoint.load(finished_run / "checkpoint.pt")
+    key = next(k for k in state["model"] if k.endswith("weight") and state["model"][k].dim() == 4)
+    state["model"][key] = torch.zeros(2, 2, 1, 1)
+    checkpoint.save(tmp_path / "bad.pt", state)
+    code, _, err = run_cli(["eval", str(tmp_path / "bad.pt")], capsys)
+    line = one_error_line(err, code)
+    assert "differ in shape" in line and key in line and "(2, 2, 1, 1)" in line
+
+
+def test_checkpoint_without_epoch(finished_run, tmp_path, capsys):
+    state = checkpoint.load(finished_run / "checkpoint.pt")
+    del state["epoch"]
+    checkpoint.save(tmp_path / "noepoch.pt", state)
+    code, _, err = run_cli(["eval", str(tmp_path / "noepoch.pt")], capsys)
+    assert "has no epoch" in one_error_line(err, code)
