@@ -18,8 +18,10 @@ import torch
 from locallearn.metrics.memory import ActivationMeter
 
 # InfoPro-Pytorch "Experiments on CIFAR-SVHN-STL10/networks/configs.py" (PRIOR_ART §2.1); K-1 entries,
-# each "cut after [stage, block]". ResNet-110 K=32 and K=55 come from the MAN/MLAAN lists (the entries
-# below minus their end marker), so the stem trains with the first block there, as in those repos.
+# each "cut after [stage, block]". ResNet-110 K=32 comes from the MLAAN/MAN lists (config2.py / config.py,
+# the entries below minus their end marker), so the stem trains with the first block there, as in those
+# repos. ResNet-110 K=55 is AugLocal's per-K table "55:" (networks/configs.py, PRIOR_ART §4.1): a cut
+# after every layer but the last, the stem alone in block 0 (MAN++'s "K=55" is the same 55 blocks).
 _R110_32 = [
     [1, 1], [1, 2], [1, 4], [1, 5], [1, 7], [1, 9], [1, 11], [1, 13], [1, 14], [1, 16], [1, 17],
     [2, 1], [2, 2], [2, 4], [2, 5], [2, 7], [2, 9], [2, 11], [2, 13], [2, 14], [2, 16], [2, 17],
@@ -107,6 +109,7 @@ _VIT_MANPP = {4: [[1, 2], [1, 5], [1, 8]], 6: [[1, 1], [1, 3], [1, 5], [1, 7], [
 _VGG13_MANPP = {10: [[s, b] for s in range(1, 6) for b in range(2)][:-1]}
 MANPP.update(
     {
+        "resnet34": {2: [[2, 0]]},  # configs.py resnet34 2: [[2, 0], [4, 2]]
         "resnet101": _R101_MANPP,
         "resnext101_32x8d": _R101_MANPP,
         "resnet152": {2: [[2, 5]], 4: [[2, 6], [3, 13], [3, 25]]},

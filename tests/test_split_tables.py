@@ -79,3 +79,10 @@ def test_impossible_requests_raise(kwargs, match):
 def test_table_for_unknown_arch_names_valid_ones():
     with pytest.raises(ValueError, match="covers"):
         resolve_cuts(10, 2, "infopro", None, "resnet20", None)
+
+
+def test_manpp_imagenet_resnet34_k2_cuts_after_layer2_0():
+    from locallearn.backbones.torchvision_resnet import FACTORIES
+
+    r34 = FACTORIES["resnet34"]()  # layers: stem, layer1 x3, layer2 x4, ...
+    assert table("manpp", r34, "resnet34", 2) == [5]  # MAN++ configs.py resnet34 2: [[2, 0], [4, 2]]

@@ -5,14 +5,17 @@ blocks. Two heads:
 
 - ``mlp-sr`` (default, the official ``auxillary_classifier2`` of eugenium/DGL, PRIOR_ART §3.1):
   adaptive avg-pool to ceil(S/4) -> ``n_conv`` x [1x1 conv C->C, BN, ReLU] -> avg-pool to 2x2 ->
-  flatten (4C) -> ``n_mlp`` x [Linear 4C->4C, BN1d, ReLU] -> task local head.
+  (BN2d when ``n_mlp`` = 0, as the official head) -> flatten (4C) -> ``n_mlp`` x [Linear 4C->4C, BN1d,
+  ReLU] -> task local head.
 - ``manpp`` (the head the MAN++ / MLAAN code calls DGL, PRIOR_ART §3.3): avg-pool to 8x8 ->
   3 x [1x1 conv, BN, ReLU] to ``feature_dim`` -> GAP -> 3 x [Linear, BN1d, ReLU] at 4*feature_dim ->
   task local head. About 0.64 M parameters per head at feature_dim 128.
 
 Deviations from the official code: the head ends in the task's ``local_head`` (a Linear for
 classification), so the same head serves any task; ``NLC`` token features are pooled over tokens
-first.
+first; the last block is trained by the task head alone (GAP + Linear, the backbone's own classifier),
+where the official DGL puts its aux there too, with ``n_lin`` = 0 and 2 hidden MLP layers, and
+evaluates through it.
 """
 
 from __future__ import annotations
@@ -76,7 +79,10 @@ class DGLAux(nn.Module):
             layers: list[nn.Module] = [TokensToMap(), AdaptivePool(math.ceil(ctx.spatial() / 4))]
             for _ in range(cfg.n_conv):
                 layers += conv_bn_relu(c, c)
-            layers += [AdaptivePool(2), nn.Flatten(), *mlp(4 * c, cfg.n_mlp)]
+            layers.append(AdaptivePool(2))
+            if cfg.n_mlp == 0:  # auxillary_classifier2: BN2d before flatten only without an MLP
+                layers.append(nn.BatchNorm2d(c))
+            layers += [nn.Flatten(), *mlp(4 * c, cfg.n_mlp)]
             width = 4 * c
         elif cfg.head == "manpp":
             fd = cfg.feature_dim

@@ -2,7 +2,7 @@
 
 The CIFAR heads upsample the C-channel map to the full image before their first conv; at C = 512
 and 224 px that is hundreds of MB per image, so the ImageNet code narrows first and upsamples in
-steps. Decoder: 1x1 conv C->128, BN, ReLU, up to S/4; 3x3 128->32, BN, ReLU, up to S/2; 3x3 32->12,
+steps. Decoder (convs with bias, as the official one): 1x1 conv C->128, BN, ReLU, up to S/4; 3x3 128->32, BN, ReLU, up to S/2; 3x3 32->12,
 BN, ReLU, up to S; 3x3 12->image channels (logits; the sigmoid is in the BCE). Classifier: 1x1 conv
 C->m, 3x3 s2 m->2m, 3x3 s2 2m->4m, 1x1 4m->2048 (each + BN + ReLU), GAP, then the task's local head
 (or a ``feature_dim`` projection for SupCon). m = 128 for C = 512 as in the official code.
@@ -23,8 +23,8 @@ from locallearn.methods.base import AuxContext
 from locallearn.methods.dgl import TokensToMap
 
 
-def cbr(cin: int, cout: int, k: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def cbr(cin: int, cout: int, k: int, stride: int = 1, bias: bool = False) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, stride, k // 2, bias=bias), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 class Resize(nn.Module):
@@ -41,11 +41,11 @@ class ImageNetDecoder(nn.Sequential):
         s = image_size
         super().__init__(
             TokensToMap(),
-            *cbr(in_chs, 128, 1),
+            *cbr(in_chs, 128, 1, bias=True),  # the official decoder's convs keep nn.Conv2d's bias
             Resize(max(1, s // 4)),
-            *cbr(128, 32, 3),
+            *cbr(128, 32, 3, bias=True),
             Resize(max(1, s // 2)),
-            *cbr(32, 12, 3),
+            *cbr(32, 12, 3, bias=True),
             Resize(s),
             nn.Conv2d(12, image_chs, 3, padding=1),
         )

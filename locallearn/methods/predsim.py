@@ -7,7 +7,8 @@ match the similarity matrix of the one-hot labels (MSE). ``S(x)``: a feature map
 channels and more than one row is first reduced to its per-channel standard deviation over space
 (B x C); each row is then centred and L2-normalised and ``S = xn xn^T`` clamped to [-1, 1]. *pred*:
 ``h`` (not conv'ed) is average-pooled until ``C * H' * W' <= dim_in_decoder`` (halving height, then
-width, alternately) and classified by a linear layer whose weights start at zero, cross-entropy.
+width, alternately) and classified by a linear layer whose weights start at zero (``pred_init: zero``;
+AugLocal's re-implementation leaves it at the default init: ``pred_init: default``), cross-entropy.
 ``L = (1 - beta) * L_pred + beta * L_sim`` with beta = 0.99.
 
 Deviations from the official code: the pooling is ``adaptive_avg_pool2d`` to the same output size the
@@ -35,6 +36,8 @@ class PredSimConfig:
     beta: float = 0.99  # anokland/local-loss --beta 0.99 (AugLocal run.sh: ixx=0.99 sim, ixy=0.01 pred)
     dim_in_decoder: int = 2048  # local-loss CIFAR-10 vgg8b --dim-in-decoder 2048 (AugLocal: 512)
     std_reduce: bool = True  # local-loss default (--no-similarity-std off)
+    # local-loss zero-initialises the pred layer; "default" keeps nn.Linear's init (AugLocal's re-implementation)
+    pred_init: str = "zero"
 
 
 def similarity_matrix(x: torch.Tensor, std_reduce: bool = True) -> torch.Tensor:
@@ -107,7 +110,12 @@ class PredSim(Method):
     def build_aux(self, k: int, ctx: AuxContext) -> nn.Module:
         return PredSimAux(ctx, self.cfg)
 
+    def check(self, num_blocks: int) -> None:
+        if self.cfg.pred_init not in ("zero", "default"):
+            raise ValueError(f"predsim pred_init must be 'zero' or 'default', got {self.cfg.pred_init!r}")
+
     def make_aux(self, k: int, ctx: AuxContext) -> nn.Module:
         aux = super().make_aux(k, ctx)
-        aux.zero_pred_()
+        if self.cfg.pred_init == "zero":
+            aux.zero_pred_()
         return aux

@@ -6,6 +6,9 @@ of the group's second block, then the head. With ``dgl`` as the base (cross-entr
 code trains) the head is the official one, LayerNorm + Linear on the class token; any other base
 method puts its own aux there (InfoPro's reads the patch tokens on their grid).
 
+When layer n + 1 is the backbone's last layer (the last cut of K=6), its copy already ends in the
+encoder's LayerNorm and the head adds no second one.
+
 Deviations from the official code: the EMA update happens after the optimizer step of the block that
 owns layer n (as for every momentum aux here), not inside the aux forward; the copies follow the
 momentum ``init`` option (official: fresh).
@@ -23,12 +26,13 @@ from locallearn.types import Batch
 
 
 class TokenHead(nn.Module):
-    """LayerNorm, then the task's local head on the class token."""
+    """LayerNorm, then the task's local head on the class token. ``norm=False`` when the tokens come
+    out of a copy of the backbone's last layer, which already ends in the encoder's LayerNorm."""
 
-    def __init__(self, ctx: AuxContext) -> None:
+    def __init__(self, ctx: AuxContext, norm: bool = True) -> None:
         super().__init__()
         self.task = ctx.task
-        self.norm = nn.LayerNorm(ctx.feature.num_chs, eps=1e-6)
+        self.norm = nn.LayerNorm(ctx.feature.num_chs, eps=1e-6) if norm else nn.Identity()
         self.head = ctx.task.local_head(ctx.feature.num_chs)
 
     def forward(self, h: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
@@ -54,7 +58,7 @@ def vit_base_aux(base: Method, k: int, ctx: AuxContext, init: str) -> nn.Module:
         ctx.init_weights(layer)
     inner = ctx.after_next()
     if base.name == "dgl":
-        head = TokenHead(inner)
+        head = TokenHead(inner, norm=bool(inner.next_layers))  # K=6's last aux copies the final LN
         ctx.init_weights(head)
     else:
         head = base.make_aux(k, inner)

@@ -50,3 +50,13 @@ def first_strides(size: int) -> dict[int, int]:
 def test_aux_classifier_strides_by_width_as_the_official_code():
     assert first_strides(32) == {16: 2, 32: 2, 64: 1}  # CIFAR: both rules agree
     assert first_strides(96) == {16: 2, 32: 2, 64: 1}  # STL-10: the 64-channel map is 24x24, stride 1
+
+
+def test_imagenet_decoder_convs_have_a_bias_as_the_official_decoder():
+    cfg = load_config(None, ["method.name=infopro", "model.backbone=resnet18", "model.num_blocks=2",
+                             "method.infopro.heads=imagenet", "data.name=digits"])  # fmt: skip
+    model, _, _ = build_model(cfg, InputInfo(3, 32, (0.5,) * 3, (0.25,) * 3), 10)
+    aux = model.auxes[0]
+    convs = [m for m in aux.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4 and all(c.bias is not None for c in convs)
+    assert all(c.bias is None for c in aux.classifier.modules() if isinstance(c, torch.nn.Conv2d))

@@ -45,3 +45,17 @@ def test_pred_weights_start_at_zero_and_losses_combine():
     assert torch.allclose(o["pred"], expected_pred, atol=1e-6)
     assert torch.allclose(o["loss"], 0.01 * o["pred"] + 0.99 * o["sim"])
     assert torch.count_nonzero(model.auxes[0].pred.weight) > 0  # the step moved them
+
+
+def test_auglocal_baseline_config_keeps_the_default_pred_init():
+    from pathlib import Path
+
+    from locallearn.build import build_model
+    from locallearn.config import load_config
+    from locallearn.types import InputInfo
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "predsim_resnet32_k16_cifar10.yaml"
+    cfg = load_config(config, ["data.name=digits", "model.backbone=resnet20", "model.num_blocks=4",
+                               "model.split=even"])  # fmt: skip
+    model, _, _ = build_model(cfg, InputInfo(3, 8, (0.5,) * 3, (0.25,) * 3), 10)
+    assert all(a.pred.weight.abs().sum() > 0 for a in list(model.auxes)[:-1])  # AugLocal: nn.Linear's init
