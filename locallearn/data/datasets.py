@@ -262,6 +262,33 @@ def _detection(name: str) -> Callable:
 DATASETS.update({n: _detection(n) for n in ("coco", "voc", "voc0712")})  # DetectionDataset splits
 
 
+def _segmentation(name: str) -> Callable:
+    def load(root: str, download: bool):
+        from locallearn.data.segmentation import SEGMENTATION_DATASETS  # it imports this module: import late
+
+        return SEGMENTATION_DATASETS[name](root, download)
+
+    return load
+
+
+# SegmentationDataset splits
+DATASETS.update({n: _segmentation(n) for n in ("cityscapes", "voc_seg", "voc_seg_sample")})
+
+
+def _super_resolution(name: str) -> Callable:
+    def load(root: str, download: bool):
+        from locallearn.data.super_resolution import SR_DATASETS  # it imports this module: import late
+
+        return SR_DATASETS[name](root, download)
+
+    return load
+
+
+# SRDataset splits: div2k, sr_folder, skimage_photos (x2), each also _x3 / _x4
+SR_NAMES = [f"{n}{x}" for n in ("div2k", "sr_folder", "skimage_photos") for x in ("", "_x3", "_x4")]
+DATASETS.update({n: _super_resolution(n) for n in SR_NAMES})
+
+
 def load_datasets(name: str, root: str = "data", download: bool = False) -> tuple[ArrayDataset, ArrayDataset]:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
