@@ -54,6 +54,8 @@ def quickstart_base(overrides: list[str]) -> dict | None:
     method = given.get("method.name")
     if method is not None and str(method).partition("+")[0] != "infopro":
         base["method"] = {"name": method}
+    if "model.backbone" in given:
+        del base["model"]["split"]  # InfoPro's split table covers only some backbones
     return base
 
 

@@ -97,6 +97,21 @@ def test_list(capsys):
         (["novalue"], "must look like key=value"),
         (["engine.amp=bf16", "engine.device=cpu"], "needs a CUDA device"),
         (["data.batch_size=0"], "data.batch_size must be >= 1"),
+        # issue 14: validated when the config is read (or the method built), not a traceback
+        (["method.name=dgl", "method.dgl.head=bogus"], "unknown DGL head 'bogus'"),
+        (["optim.name=adam"], "optim.name: unknown value 'adam'"),
+        (["optim.schedule=step"], "optim.schedule: unknown value 'step'"),
+        (["method.name=dgl+manpp", "method.momentum.init=bogus"], "momentum init must be"),
+        (["method.name=dgl+manpp", "method.momentum.momentum=2"], "EMA momentum must lie in [0, 1]"),
+        (["optim.momentum=-5"], "optim.momentum must be >= 0"),
+        (["engine.threads=-1"], "engine.threads must be >= 1"),
+        (["engine.threads=0"], "engine.threads must be >= 1"),
+        (["task.label_smoothing=5"], "task.label_smoothing must lie in [0, 1]"),
+        (["checkpoint_every=0"], "checkpoint_every must be >= 1"),
+        (["optim.warmup_lr=-1"], "optim.warmup_lr must be >= 0"),
+        (["data.num_workers=-1"], "data.num_workers must be >= 0"),
+        (["engine.mode=pipe"], "engine.mode: unknown value 'pipe'"),
+        (["out_dir=/dev/null/runs"], "cannot create the run directory"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, args, message):
