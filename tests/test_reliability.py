@@ -4,7 +4,9 @@
 import errno
 import json
 import pickle
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from locallearn.data import DataError, load_datasets
 from locallearn.data.loader import ArrayDataset, Loader
 from locallearn.engine import checkpoint, ddp
 from locallearn.engine.errors import DivergedError, NonFiniteLossError, check_finite
+from locallearn.parallel import resume_parallel
 from locallearn.runner import Run
 
 TINY = [
@@ -244,3 +247,32 @@ def test_checkpoint_without_epoch(finished_run, tmp_path, capsys):
     checkpoint.save(tmp_path / "noepoch.pt", state)
     code, _, err = run_cli(["eval", str(tmp_path / "noepoch.pt")], capsys)
     assert "has no epoch" in one_error_line(err, code)
+
+
+# -- 5. a pipeline run ends with an ordinary, merged checkpoint -------------------------------------
+@pytest.mark.slow  # two ranks, ~15 s on a shared 2-core CPU
+def test_pipeline_run_writes_a_merged_checkpoint_that_eval_reads(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent / "engine"))
+    from dist_helpers import launch, tiny_config
+
+    from locallearn.runner import evaluate_checkpoint
+
+    cfg = tiny_config(tmp_path / "pipe", mode="pipeline", pipeline_blocks=[3, 1])
+    cfg.optim.epochs = 1
+    launch(2, tmp_path, cfg)
+    run_dir = tmp_path / "pipe" / "run"
+    merged = checkpoint.load(run_dir / "checkpoint.pt")
+    assert merged["merged_from"] == "pipeline" and merged["epoch"] == 1
+    ranks = [checkpoint.load(run_dir / f"checkpoint.rank{r}.pt")["model"] for r in range(2)]
+    for key, value in merged["model"].items():  # each tensor from the rank that trains it
+        owner = (
+            ranks[1]
+            if key in ranks[1] and not key.startswith(("backbone.layers.0.", "auxes.0."))
+            else ranks[0]
+        )
+        assert torch.equal(value, owner[key]), key
+    result = evaluate_checkpoint(run_dir, "cpu")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert result["top1"] == pytest.approx(summary["final"])
+    with pytest.raises(checkpoint.CheckpointError, match="merged copy"):
+        resume_parallel(run_dir / "checkpoint.pt")
