@@ -89,6 +89,10 @@ class SRDataset:
         lr = None if self.lr_files is None else self.lr_files[:n]
         return SRDataset(self.name, self.hr_files[:n], lr, self.scale, self.train, self.patch, self.repeat)
 
+    def loader(self, batch_size: int, train: bool, seed: int = 0, augment: bool = True, num_workers: int = 0):
+        """This split's loader (``make_loader`` asks the dataset); images are decoded in-process."""
+        return SRLoader(self, batch_size, train, seed, augment)
+
     def pair(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(LR, HR) uint8 (3, h, w) / (3, h*s, w*s) of image ``i``, decoded once."""
         if i not in self._cache:
@@ -104,10 +108,6 @@ class SRDataset:
                         f"{self.scale} exceeds its HR image {str(self.hr_files[i])!r} ({hr.shape[1]}x{hr.shape[0]})"
                     )
                 hr = hr[:h, :w]
-            if min(lr.shape[:2]) < self.patch and self.train:
-                raise DataError(
-                    f"{self.name}: {str(self.hr_files[i])!r} is smaller than a {self.patch}px LR patch"
-                )
             to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)  # noqa: E731
             self._cache[i] = (to_t(lr), to_t(hr))
         return self._cache[i]
@@ -214,6 +214,10 @@ class SRLoader(EpochLoader):
             for j in order[start : start + self.batch_size].tolist():
                 lr, hr = self.data.pair(j % self.data.images)
                 if self.train:
+                    if min(lr.shape[1:]) < p:
+                        raise DataError(
+                            f"{self.data.name}: image {j % self.data.images} is smaller than a {p}px LR patch"
+                        )
                     y = int(torch.randint(0, lr.shape[1] - p + 1, (1,), generator=gen))
                     x = int(torch.randint(0, lr.shape[2] - p + 1, (1,), generator=gen))
                     lr, hr = lr[:, y : y + p, x : x + p], hr[:, y * s : (y + p) * s, x * s : (x + p) * s]
