@@ -78,9 +78,10 @@ class DataConfig:
     train_subset: int | None = None  # first N (class-balanced) training images
     test_subset: int | None = None
     num_workers: int = 0
+    image_size: int | None = None  # detection: the shorter side images are resized to (default 600)
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "test_batch_size", "train_subset", "test_subset"):
+        for key in ("batch_size", "test_batch_size", "train_subset", "test_subset", "image_size"):
             _at_least(f"data.{key}", getattr(self, key), 1)
         _at_least("data.num_workers", self.num_workers, 0)
 

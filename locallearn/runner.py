@@ -239,6 +239,8 @@ class Run:
         self.autocast = autocast_factory(cfg.engine.amp, self.device)
         train_set, test_set = load_datasets(cfg.data.name, cfg.data.root, cfg.data.download)
         train_set, test_set = train_set.subset(cfg.data.train_subset), test_set.subset(cfg.data.test_subset)
+        if cfg.data.image_size and hasattr(train_set, "min_size"):  # detection: the resize target
+            train_set.min_size = test_set.min_size = cfg.data.image_size
         workers = cfg.data.num_workers
         self.train_loader = make_loader(
             train_set, cfg.data.batch_size, True, cfg.seed, cfg.data.augment, num_workers=workers
@@ -552,6 +554,8 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto") -> dict[str, Any
     cfg.engine.measure_memory = False
     _, test_set = load_datasets(cfg.data.name, cfg.data.root, cfg.data.download)
     test_set = test_set.subset(cfg.data.test_subset)
+    if cfg.data.image_size and hasattr(test_set, "min_size"):
+        test_set.min_size = cfg.data.image_size
     model, _, task = build_model(cfg, test_set.info, test_set.num_classes)
     task.bind(test_set)
     checkpoint.load_model_state(model, state["model"])
