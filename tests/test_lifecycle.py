@@ -177,3 +177,30 @@ def test_pid_check_of_the_lock_is_per_host(tmp_path):
     assert lock._holder_alive(f"{os.getppid()} {socket.gethostname()}")
     assert lock._holder_alive("1 some-other-host")  # cannot tell: assume alive
     assert not lock._holder_alive("garbage")
+
+
+@pytest.mark.slow  # three ranks, ~20 s on a shared 2-core CPU
+def test_ddp_survivors_name_the_dead_rank(tmp_path):
+    import time
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "engine"))
+    from dist_helpers import start, tiny_config
+
+    cfg = tiny_config(tmp_path / "ddp", mode="ddp", dist_timeout_s=4.0)
+    cfg.optim.epochs = 500
+    procs = start(3, tmp_path, cfg)
+    try:
+        deadline = time.monotonic() + 90
+        while not (tmp_path / "ddp" / "run" / "checkpoint.pt").exists():
+            assert time.monotonic() < deadline and procs[0].is_alive(), "the job did not start"
+            time.sleep(0.05)
+        procs[2].kill()
+        procs[0].join(timeout=30)
+        procs[1].join(timeout=30)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    for r in (0, 1):
+        message = (tmp_path / f"error.rank{r}.txt").read_text()
+        assert "lost rank 2 " in message, message

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,8 +46,38 @@ class Context:
     def collective(self, what: str):
         """Context manager: the same for a collective over every rank."""
         others = [r for r in range(self.world) if r != self.rank]
-        who = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {others}"
-        return _named(who, what, self.timeout_s)
+        if len(others) == 1:
+            return _named(f"rank {others[0]}", what, self.timeout_s)
+        return _named(lambda: _missing_ranks(self.rank, others), what, self.timeout_s)
+
+
+HEARTBEAT_S = 0.5
+
+
+def _heartbeat(rank: int, stop: threading.Event) -> None:
+    """Counts up ``locallearn/beat/RANK`` in the rendezvous store while this process runs (a thread
+    runs while the main thread waits inside gloo / NCCL), so survivors can tell who stopped."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        while not stop.wait(HEARTBEAT_S):
+            store.add(f"locallearn/beat/{rank}", 1)
+    except Exception:  # the store is gone (shutdown, or the rank hosting it died)
+        return
+
+
+def _missing_ranks(rank: int, others: list[int]) -> str:
+    """After a failed collective: the ranks whose heartbeat stands still are the dead or hung ones."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        before = [store.add(f"locallearn/beat/{r}", 0) for r in others]
+        time.sleep(4 * HEARTBEAT_S)
+        after = [store.add(f"locallearn/beat/{r}", 0) for r in others]
+    except Exception:  # the store went with the dead rank (it hosted it): say what we know
+        return f"one of ranks {others}"
+    dead = [r for r, b, a in zip(others, before, after) if a == b]
+    if not dead:
+        return f"one of ranks {others}"
+    return f"rank {dead[0]}" if len(dead) == 1 else f"ranks {dead}"
 
 
 def launched() -> bool:
@@ -83,22 +115,31 @@ def init(mode: str, device_name: str, timeout_s: float) -> Context:
     if not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if world > 2:  # with one peer there is nobody else to name
+            _BEAT.clear()
+            threading.Thread(target=_heartbeat, args=(rank, _BEAT), daemon=True).start()
     return Context(rank, world, local_rank, device, timeout_s)
 
 
+_BEAT = threading.Event()  # set: the heartbeat thread stops
+
+
 def shutdown() -> None:
+    _BEAT.set()
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 @contextmanager
-def _named(who: str, what: str, timeout_s: float) -> Iterator[None]:
+def _named(who, what: str, timeout_s: float) -> Iterator[None]:
+    """``who``: the peer's name, or a function that finds it out after the failure."""
     try:
         yield
     except DistributedError:
         raise
     except RuntimeError as e:  # gloo / NCCL report timeouts and closed connections as RuntimeError
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        who = who() if callable(who) else who
         raise DistributedError(
             f"lost {who} while {what}: it died, hung or was stopped (its connection closed, or no answer "
             f"within engine.dist_timeout_s={timeout_s:g}s). Underlying error: {first[:300]}"
