@@ -93,6 +93,7 @@ class PipelineRun(_DistributedRun):
     def setup(self) -> None:
         ctx, e = self.ctx, self.cfg.engine
         pipeline.check_method(self.method.window, self.model.num_blocks, ctx.world)
+        pipeline.check_model(self.model)
         sizes = self._assignment()
         self.stage = pipeline.stages(sizes)[ctx.rank]
         self.pipe = pipeline.Pipe(ctx, e.pipeline_depth, self.train_loader.mean, self.train_loader.std)

@@ -62,6 +62,18 @@ def check_method(window: int, num_blocks: int, world: int) -> None:
         )
 
 
+def check_model(model: nn.Module) -> None:
+    """Refuse aux nets that need state living with another block (they say so in ``single_process``):
+    a shared head or a per-class prototype bank lives with the last block, on the last rank."""
+    for module in model.modules():
+        what = getattr(module, "single_process", "")
+        if what:
+            raise DistributedError(
+                f"engine.mode=pipeline cannot run {what}: it needs state that lives with the last block on "
+                "another rank. Use engine.mode=sequential or ddp, or turn the option off."
+            )
+
+
 def partition(costs: list[float], parts: int) -> list[int]:
     """Blocks per part: contiguous groups minimising the largest group cost (ties: earlier parts smaller)."""
     n = len(costs)
