@@ -56,7 +56,7 @@ def build(method: str, size: int = 64, **kw):
 # ----------------------------------------------------------------------------------------- contract
 
 
-@pytest.mark.parametrize("method", ["bp", "dgl", "infopro", "infopro+manpp"])
+@pytest.mark.parametrize("method", ["bp", "dgl", "infopro", "infopro+manpp", "slm"])
 def test_one_step_finite_loss_and_eval(method: str) -> None:
     model, optimizers, task = build(method, k=1 if method == "bp" else 2)
     assert isinstance(task, Segmentation) and task.dense
