@@ -532,10 +532,33 @@ def add_arguments(p) -> None:
         help="methods to break down block by block",
     )
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--name", default="memory", help="file stem of the results")
+    p.add_argument("--name", default=None, help="file stem of the results (default memory / memory_<task>)")
+    p.add_argument("--task", default="classification", choices=["classification", "detection"])
+    p.add_argument("--backbone", default="resnet50", help="detection: the torchvision ResNet")
+    p.add_argument("--size", type=int, default=600, help="detection: image side (the official code: 600)")
+    p.add_argument("--split", default="stages", choices=["stages", "units"], help="detection: K=4 or one unit per block")
+    p.add_argument("--head", default="retinanet", choices=["retinanet", "yolov1"], help="detection head")
 
 
 def main(args) -> str:
+    if args.task == "detection":
+        from locallearn.bench import memory_dense
+
+        batches = tuple(args.batches) if args.batches != [2, 4, 8] else (1, 2, 3)
+        target = args.target_batch if args.target_batch != 1024 else 16
+        return memory_dense.run(
+            args.backbone,
+            args.methods if args.methods != DEFAULT_METHODS else memory_dense.DENSE_METHODS,
+            args.size,
+            batches,
+            target,
+            args.split == "stages",
+            args.head,
+            args.out,
+            args.name or f"memory_detection_{args.backbone}_{args.split}",
+            args.cuda_batch,
+        )
+    args.name = args.name or "memory"
     return run(
         args.cells,
         args.methods,
