@@ -11,7 +11,15 @@ from locallearn.types import InputInfo
 CONFIGS = sorted(Path(__file__).parents[1].glob("configs/**/*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+# Detection cells on ResNet-101/152 with one block per unit build 33-50 aux nets (seconds each on CPU)
+HEAVY = ("resnet101", "resnet152")
+PARAMS = [
+    pytest.param(p, marks=pytest.mark.slow) if p.parent.name == "detection" and any(h in p.name for h in HEAVY) else p
+    for p in CONFIGS
+]
+
+
+@pytest.mark.parametrize("path", PARAMS, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_config_builds(path):
     cfg = load_config(path)
     size = 224 if cfg.data.name == "imagenet" else 32

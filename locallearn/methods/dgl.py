@@ -20,6 +20,7 @@ evaluates through it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from torch import nn
 
 from locallearn.methods.base import AuxContext, Method, level_name
 from locallearn.types import Batch
+
+DENSE_WIDTH = 256  # dense tasks: the width of DGL's conv layers before the task's local head
 
 
 @dataclass
@@ -107,9 +110,13 @@ class DenseDGLAux(nn.Module):
     def __init__(self, ctx: AuxContext, cfg: DGLConfig) -> None:
         super().__init__()
         self.task, c = ctx.task, ctx.feature.num_chs
-        self.body = nn.Sequential(*(m for _ in range(cfg.n_conv) for m in conv_bn_relu(c, c)))
+        # at most DENSE_WIDTH wide: 1x1 convs at a ResNet-50's 1024/2048 channels would make every aux
+        # larger than the FPN and head it feeds (ours; the paper gives no width)
+        widths = [c] + [min(c, DENSE_WIDTH)] * cfg.n_conv
+        self.body = nn.Sequential(*(m for a, b in zip(widths, widths[1:]) for m in conv_bn_relu(a, b)))
+        feature = dataclasses.replace(ctx.feature, num_chs=widths[-1])
         self.level = level_name(ctx.feature)
-        self.head = ctx.task.build_local_head({self.level: ctx.feature})
+        self.head = ctx.task.build_local_head({self.level: feature})
 
     def forward(self, h: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         return {"loss": self.task.loss(self.head({self.level: self.body(h)}), batch)}
