@@ -71,6 +71,8 @@ def main(args: argparse.Namespace) -> str:
 
 
 def plot(rows: list[dict], labels: list[str], path: Path) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     from locallearn.bench.common import plt
 
     pyplot = plt()
@@ -83,6 +85,7 @@ def plot(rows: list[dict], labels: list[str], path: Path) -> None:
     err.set_ylabel("test error (%)")
     loss.set_ylabel("test loss")
     for ax in (err, loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     err.legend(fontsize=8)
