@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locallearn.analysis.runs import images, load_runs, out_dir, write_csv
+from locallearn.analysis.runs import LoadedRun, images, load_runs, out_dir, write_csv
 from locallearn.config import ConfigError
 
 
@@ -73,10 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--layers",
         type=int,
         nargs="+",
-        default=[-1],
         help="layer indices (negative from the end) to take Grad-CAM at; one row per run and layer "
-        "(default -1: the output the task head reads)",
+        "(default: the output the task head reads; for token backbones the last layer's input)",
     )
+    p.add_argument("--blocks", action="store_true", help="one row per block output of each run instead")
     p.add_argument(
         "--target",
         choices=("label", "pred"),
@@ -85,22 +85,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def chosen_layers(run: LoadedRun, layers: list[int] | None, blocks: bool) -> list[int]:
+    n = len(run.model.backbone.layers)
+    if blocks:
+        return [c - 1 for c in run.model.cuts] + [n - 1]
+    if layers:
+        return [i % n for i in layers]
+    # A class-token head gives the last layer's patch tokens no gradient: take the map one layer
+    # earlier, where the last attention still mixes patches into the class token (the usual ViT choice).
+    return [n - 2 if run.model.backbone.feature_info[-1].fmt == "NLC" and n > 1 else n - 1]
+
+
 def main(args: argparse.Namespace) -> str:
     runs = load_runs(args.runs, args.device, args.data)
     if args.images < 1:
         raise ConfigError(f"--images must be >= 1, got {args.images}")
     num_layers = len(runs[0].model.backbone.layers)
-    for i in args.layers:
+    for i in args.layers or []:
         if not -num_layers <= i < num_layers:
             raise ConfigError(f"--layers {i}: the backbone has {num_layers} layers (0..{num_layers - 1})")
-    layers = [i % num_layers for i in args.layers]
     batch = next(images(runs[0].cfg, args.images, args.images))
     picture = batch.image.clamp(0, 1)
     rows, table = [], []
     for r in runs:
         device = next(r.model.parameters()).device
         x = batch.x.to(device)
-        for layer in layers:
+        for layer in chosen_layers(r, args.layers, args.blocks):
             target = batch.y.to(device)
             if args.target == "pred":
                 with torch.no_grad():

@@ -95,6 +95,14 @@ def test_gradcam_writes_grid_and_csv(runs, tmp_path, capsys):
     assert all(r["label"] == r["target"] for r in rows)
 
 
+def test_gradcam_per_block(runs, tmp_path, capsys):
+    args = ["analyze", "gradcam", *map(str, runs), "--images", "2", "--blocks", "--out", str(tmp_path)]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    layers = [(r["run"], int(r["layer"])) for r in read(tmp_path / "gradcam.csv")]
+    assert layers == [("dgl K=2", 4)] * 2 + [("dgl K=2", 9)] * 2 + [("bp K=1", 9)] * 2  # cut at layer 5
+
+
 def test_curves_writes_plot_and_csv(runs, tmp_path, capsys):
     code, out, err = run_cli(["analyze", "curves", *map(str, runs), "--out", str(tmp_path)], capsys)
     assert code == 0, err

@@ -1,10 +1,15 @@
 """Grad-CAM on a model whose class depends on what is in one quadrant highlights that quadrant."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from locallearn.analysis.gradcam import grad_cam, tokens_to_map
+from locallearn.analysis.gradcam import chosen_layers, grad_cam, tokens_to_map
+from locallearn.analysis.runs import LoadedRun, pooled_features
+from locallearn.types import InputInfo
+from tests.helpers import make_model
 
 
 class QuadrantModel(nn.Module):
@@ -62,3 +67,21 @@ def test_tokens_to_map_drops_the_class_token_and_keeps_patch_order():
     assert torch.equal(grid[:, :, 0, 1], tokens[:, 2])  # patch 1 = row 0, column 1
     with pytest.raises(ValueError, match="square"):
         tokens_to_map(torch.zeros(1, 4, 3))
+
+
+def test_gradcam_on_a_token_backbone_uses_the_patch_grid():
+    """ViT: the head reads the class token, so the last layer's patch tokens get no gradient; one layer
+    earlier the last attention links them to the class token and the map is not empty."""
+    inputs = InputInfo(3, 32, (0.5,) * 3, (0.25,) * 3)
+    model, _, _, cfg = make_model("dgl", "vit_tiny", k=2, inputs=inputs)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    n = len(model.backbone.layers)
+    assert [f.shape for f in pooled_features(model, x)] == [(2, 192)] * n  # the class token
+    (layer,) = chosen_layers(LoadedRun(Path("."), cfg, model, 0), None, False)
+    assert layer == n - 2
+    target = torch.tensor([1, 2])
+    cam, _ = grad_cam(model.backbone.layers, model.head, x, target, layer, "NLC")
+    assert cam.shape == (2, 32, 32) and torch.allclose(cam.amax((1, 2)), torch.ones(2))
+    last, _ = grad_cam(model.backbone.layers, model.head, x, target, n - 1, "NLC")
+    assert last.abs().max() == 0
