@@ -123,7 +123,7 @@ class BreakdownMeter:
         return out
 
     @contextmanager
-    def track(self) -> Iterator[None]:
+    def track(self, bank=None) -> Iterator[None]:  # classification cells write no bank entries
         k = len(self.blocks)
         counts: dict[str, int] = {}
         seen: set[int] = set()
@@ -223,7 +223,7 @@ class LiveMeter:
         return held.t if isinstance(held, _Held) else held
 
     @contextmanager
-    def track(self) -> Iterator[None]:
+    def track(self, bank=None) -> Iterator[None]:
         with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
             yield
 
