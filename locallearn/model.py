@@ -27,6 +27,15 @@ class Body(nn.Module):
         self.taps = [taps.get(i, ()) for i in indices]
         self.input_taps = taps.get(INPUT, ()) if indices.start == 0 else ()
 
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> nn.Module:
+        return self.layers[i]
+
     def forward(self, h: torch.Tensor, bank: FeatureBank | None = None) -> torch.Tensor:
         for name in self.input_taps if bank is not None else ():
             bank.write(name, h)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
 from locallearn.build import build_model
@@ -123,7 +124,7 @@ def checkpointed_step(
 ) -> None:
     """End-to-end step with non-reentrant activation checkpointing of the backbone (exact gradients)."""
     body = model.body(0)
-    h = checkpoint_sequential(body, min(segments, len(body)), batch.x, use_reentrant=False)
+    h = checkpoint_sequential(nn.Sequential(*body), min(segments, len(body)), batch.x, use_reentrant=False)
     out = model.auxes[0](h, batch)
     out["loss"].backward()
     optimizer.step()
