@@ -115,12 +115,9 @@ def run(
             "params_M_aux": model.parameter_counts()["aux"] / 1e6,
         }
         if use_cuda:
-            model.cuda()
-            opts = [
-                build_optimizer(model.block_parameters(k), load_config(None, []).optim)
-                for k in range(model.num_blocks)
-            ]
-            batch = detection_batch(cuda_batch, size, 80).to("cuda")
+            device = torch.device("cuda")
+            model.to(device)  # the optimizers hold the same parameters, now on the device
+            batch = detection_batch(cuda_batch, size, 80).to(device)
             torch.cuda.reset_peak_memory_stats()
             train_step(model, batch, opts)
             torch.cuda.synchronize()
