@@ -98,6 +98,9 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | constant
     warmup_epochs: float = 10.0  # InfoPro --cos_lr: linear warm-up over the first 10 epochs
     warmup_lr: float = 0.01  # ... starting from lr 0.01
+    # multi-tensor (``foreach``) optimizer kernels; None = PyTorch's default (on for CUDA tensors,
+    # off on CPU). Same update rule; see the README's speed section for the numeric difference.
+    foreach: bool | None = None
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("sgd", "adamw"))
@@ -119,6 +122,9 @@ class EngineConfig:
     channels_last: bool = False
     measure_memory: bool = True  # saved-tensor accounting on the first training step
     threads: int | None = None  # torch.set_num_threads (CPU)
+    # speed switches (issue 13; README "Speed"): all off by default
+    group_steps: bool = False  # step all blocks' optimizers in one multi-tensor update after the last block
+    compile: bool = False  # torch.compile each block's body + aux (regional; once per distinct block shape)
     # engine.mode=pipeline (engine/pipeline.py) and ddp (engine/ddp.py)
     pipeline_depth: int = 2  # batches sent to the next rank but not yet received by it (bounded queue)
     pipeline_blocks: list[int] | None = (

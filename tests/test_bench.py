@@ -152,3 +152,13 @@ def test_pipeline_bench_groups_blocks_by_time_or_memory():
         assert len(sizes) == 2 and sum(sizes) == 3 and min(sizes) >= 1
     with pytest.raises(ValueError, match="balance"):
         block_sizes("resnet20", 3, "dgl", 4, 2, "flops")
+
+
+def test_method_spec_keeps_non_method_sections():
+    from locallearn.bench.common import method_config, parse_spec
+
+    name, options = parse_spec("dgl+manpp[momentum.init=copy,engine.group_steps=true,optim.foreach=true]")
+    assert name == "dgl+manpp"
+    assert options == ["method.momentum.init=copy", "engine.group_steps=true", "optim.foreach=true"]
+    cfg = method_config("resnet8", 2, "dgl[optim.foreach=true,engine.compile=true]")
+    assert cfg.optim.foreach is True and cfg.engine.compile is True and cfg.method.name == "dgl"

@@ -51,12 +51,14 @@ def parse_cell(text: str) -> tuple[str, int]:
 
 def parse_spec(spec: str) -> tuple[str, list[str]]:
     """``"dgl+manpp[momentum.init=copy,momentum.momentum=0.95]"`` -> the method name and its option
-    overrides (``method.momentum.init=copy``, ...): variants of one method side by side in one grid."""
+    overrides (``method.momentum.init=copy``, ...; ``engine.``/``optim.``/... options are kept as they are): variants of one method side by side in one grid."""
     match = re.fullmatch(r"([\w+]+)(?:\[(.*)\])?", spec)
     if not match:
         raise ValueError(f"bad method spec {spec!r}; use NAME or NAME[section.field=value,...]")
-    options = [f"method.{o.strip()}" for o in (match[2] or "").split(",") if o.strip()]
-    return match[1], options
+    options = [o.strip() for o in (match[2] or "").split(",") if o.strip()]
+    # method options by default; other sections (``engine.compile=true``, ``optim.foreach=true``) as given
+    sections = ("engine.", "optim.", "model.", "data.", "task.")
+    return match[1], [o if o.startswith(sections) else f"method.{o}" for o in options]
 
 
 def method_config(
