@@ -31,7 +31,7 @@ from locallearn.data import load_datasets
 from locallearn.data.imagefolder import make_loader
 from locallearn.engine import checkpoint
 from locallearn.engine.errors import DivergedError, NonFiniteLossError
-from locallearn.engine.optim import StepSchedule, build_optimizer
+from locallearn.engine.optim import StepSchedule, build_optimizer, group_optimizers
 from locallearn.engine.sequential import evaluate, train_epoch
 from locallearn.metrics.memory import ActivationMeter
 
@@ -63,6 +63,18 @@ def autocast_factory(amp: str, device: torch.device):
         raise ConfigError(f"engine.amp={amp} needs a CUDA device (got {device.type})")
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return partial(torch.autocast, device_type="cuda", dtype=dtype)
+
+
+def check_group_steps(cfg: Config) -> None:
+    """``engine.group_steps`` is a sequential-engine switch without fp16 loss scaling."""
+    if not cfg.engine.group_steps:
+        return
+    if cfg.engine.mode != "sequential":
+        raise ConfigError(f"engine.group_steps=true needs engine.mode=sequential (got {cfg.engine.mode})")
+    if cfg.engine.amp == "fp16":
+        raise ConfigError(
+            "engine.group_steps=true does not support engine.amp=fp16 (one loss scale per block); use bf16"
+        )
 
 
 def git_revision() -> str:
@@ -232,6 +244,7 @@ class Run:
         self.cfg = cfg
         self.quiet = quiet
         check_config(cfg)
+        check_group_steps(cfg)
         if cfg.engine.threads:
             torch.set_num_threads(cfg.engine.threads)
         seed_everything(cfg.seed)
@@ -260,6 +273,7 @@ class Run:
             build_optimizer(self.model.block_parameters(k), cfg.optim) for k in range(self.model.num_blocks)
         ]
         self.schedule = StepSchedule(self.optimizers, cfg.optim, len(self.train_loader))
+        self.grouped = group_optimizers(self.optimizers, cfg.engine.group_steps)
         fp16 = cfg.engine.amp == "fp16"
         self.scalers = [torch.amp.GradScaler("cuda") for _ in self.optimizers] if fp16 else None
         self.epoch = 0  # completed epochs
@@ -386,6 +400,7 @@ class Run:
                 meter,
                 self.memory_format,
                 bar,
+                self.grouped,
             )
         stats["epoch_time"] = time.perf_counter() - t0
         self.record_epoch(stats, meter.block_bytes if meter is not None else None)
@@ -568,6 +583,7 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto") -> dict[str, Any
 
 def make_run(cfg: Config, run_dir: Path | None = None, quiet: bool = False) -> Run:
     """The run for ``cfg.engine.mode``: sequential here, pipeline / ddp (under torchrun) in ``parallel``."""
+    check_group_steps(cfg)  # before any process group starts
     if cfg.engine.mode == "sequential":
         return Run(cfg, run_dir, quiet)
     from locallearn.parallel import parallel_run

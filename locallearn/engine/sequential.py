@@ -9,7 +9,8 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 from locallearn.engine.errors import check_finite
-from locallearn.engine.step import Cascade, local_step
+from locallearn.engine.optim import GroupedOptimizer
+from locallearn.engine.step import Cascade, local_step, step_grouped
 from locallearn.model import LocalModel
 from locallearn.types import Batch
 
@@ -26,20 +27,28 @@ def train_step(
     scalers: list | None = None,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     meter=None,
+    grouped: GroupedOptimizer | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """One batch through every block; returns each block's aux outputs.
 
     Window 2 (MLAAN): block k's loss also spans block k-1 (run again on its cached detached input),
-    so block k's optimizer steps after block k+1's backward; the last block steps both."""
+    so block k's optimizer steps after block k+1's backward; the last block steps both.
+    ``grouped`` (``engine.group_steps``): no block steps on its own; all step at the end in one
+    multi-tensor update, before the momentum syncs (``step_grouped`` says why that is exact)."""
     h, outs, last = batch.x, [], model.num_blocks - 1
     window = getattr(model, "window", 1)
     if window not in (1, 2):
         raise ValueError(f"the sequential engine supports window 1 or 2, got {window}")
+    if grouped is not None and scalers:
+        raise ValueError(
+            "engine.group_steps does not support fp16 loss scaling (one scale per block); use bf16"
+        )
     h_prev = None  # detached input of block k-1
     for k in range(model.num_blocks):
         track = meter.track(batch.bank) if meter is not None else nullcontext()
         scaler = scalers[k] if scalers else None
-        cascade = Cascade(model.body(k - 1), h_prev, optimizers[k - 1]) if window == 2 and k > 0 else None
+        cascade_opt = optimizers[k - 1] if grouped is None else None
+        cascade = Cascade(model.body(k - 1), h_prev, cascade_opt) if window == 2 and k > 0 else None
         h_prev = h
         h, out = local_step(
             model.body(k),
@@ -51,9 +60,11 @@ def train_step(
             autocast(),
             track,
             cascade=cascade,
-            defer_step=window == 2 and k < last,
+            defer_step=grouped is not None or (window == 2 and k < last),
         )
         outs.append(out)
+    if grouped is not None:
+        step_grouped(grouped)
     model.sync_momentum()
     return outs
 
@@ -69,6 +80,7 @@ def train_epoch(
     meter=None,
     memory_format: torch.memory_format = torch.contiguous_format,
     progress=None,
+    grouped: GroupedOptimizer | None = None,
 ) -> dict[str, float | list[float]]:
     """Train for one pass over ``batches``. ``meter`` (if given) is active on the first step only."""
     model.train()
@@ -79,7 +91,9 @@ def train_epoch(
         batch.x = batch.x.contiguous(memory_format=memory_format)
         sync_device(device)
         t0 = time.perf_counter()
-        outs = train_step(model, batch, optimizers, scalers, autocast, meter if n_batches == 0 else None)
+        outs = train_step(
+            model, batch, optimizers, scalers, autocast, meter if n_batches == 0 else None, grouped
+        )
         schedule.step()
         sync_device(device)
         step_times.append(time.perf_counter() - t0)

@@ -8,17 +8,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from locallearn.engine.optim import GroupedOptimizer
 from locallearn.types import Batch
 
 
 @dataclass
 class Cascade:
     """What a window-2 step needs of block k-1: its body, its cached detached input, its optimizer
-    (which steps only after block k's loss has reached it)."""
+    (which steps only after block k's loss has reached it; None: the engine steps it later, grouped)."""
 
     body: nn.Module
     h: torch.Tensor
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None
 
 
 def local_step(
@@ -37,8 +38,8 @@ def local_step(
 
     With ``cascade`` (window 2), block k-1 runs again on its detached input and block k on that
     output; the aux gets it as ``cascade=`` and its loss reaches blocks k-1 and k only, after which
-    block k-1's optimizer steps. ``defer_step`` keeps this block's gradients for the next block's
-    cascade instead of stepping now.
+    block k-1's optimizer steps (unless ``cascade.optimizer`` is None). ``defer_step`` keeps this
+    block's gradients (for the next block's cascade, or for ``step_grouped``) instead of stepping now.
     """
     if cascade is not None and scaler is not None:
         raise ValueError("window-2 methods do not support fp16 loss scaling (one scale per block); use bf16")
@@ -52,7 +53,7 @@ def local_step(
     loss = out["loss"]
     if loss.requires_grad:  # a block whose loss weights are all 0 has nothing to learn this step
         (scaler.scale(loss) if scaler is not None else loss).backward()  # frees this block's graph
-    optimizers = [] if cascade is None else [cascade.optimizer]
+    optimizers = [] if cascade is None or cascade.optimizer is None else [cascade.optimizer]
     optimizers += [] if defer_step else [optimizer]
     for opt in optimizers:
         if any(p.grad is not None for group in opt.param_groups for p in group["params"]):
@@ -63,3 +64,16 @@ def local_step(
                 opt.step()
         opt.zero_grad(set_to_none=True)
     return h.detach(), out
+
+
+def step_grouped(grouped: GroupedOptimizer) -> None:
+    """``engine.group_steps``: every block's kept gradients in one multi-tensor update, then freed.
+
+    Exact (bitwise equal to stepping each block after its own backward): block k+1's input is block
+    k's output, detached before block k would have stepped, and no block's forward reads another
+    block's parameters (aux nets read later layers' live weights only in ``sync_momentum``, which the
+    engine calls after this). Costs one parameter-sized set of gradients held until the end of the batch.
+    """
+    grouped.sync()  # the blocks' current lr (the schedule sets the block optimizers' groups)
+    grouped.view.step()
+    grouped.zero_grad()
