@@ -15,6 +15,11 @@ know, stride 2 while the map is larger than 8x8), BN, ReLU, GAP, then Y linear l
 the official ``tau / base_tau`` factor, both 0.07; one view; anchors without a positive contribute 0)
 or the task's local head for ``cross_entropy``.
 
+``recon_at`` (ours, not the papers'): ``input`` (default) reconstructs at the image size as the papers
+do; ``feature`` drops the decoder's upsampling and reconstructs the image area-downsampled to the cut's
+map size, computed once per batch and size (``infopro_recon.py``): a cheaper decoder (issue 13) whose
+loss is still the mean BCE over pixels, with an accuracy check in ``benchmarks/results/infopro_recon*.md``.
+
 Deviations from the official code: lambda is interpolated by block index also where MAN/MAN++ use the
 stage index (PRIOR_ART §6.4); the decoder's sigmoid + BCE is computed as BCE-with-logits (the same
 function, stable under mixed precision); a loss term whose weight is 0 is not computed (the official
@@ -26,7 +31,6 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +38,7 @@ from torch import nn
 
 from locallearn.methods.base import AuxContext, Method, level_name
 from locallearn.methods.infopro_imagenet import ImageNetDecoder, imagenet_classifier, is_wide
+from locallearn.methods.infopro_recon import ReconTargets
 from locallearn.types import Batch
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,8 @@ class InfoProConfig:
     ixx_2: float = 0.2
     ixy_2: float = 0.5
     heads: str = "auto"  # cifar (§2.2) | imagenet (§2.7) | auto: imagenet above 64 channels / on tokens
+    # ours: "input" = decode at the image size (the papers); "feature" = at the map's size, vs a downsampled image
+    recon_at: str = "input"
 
 
 def lambdas(cfg: InfoProConfig, k: int, num_blocks: int) -> tuple[float, float]:
@@ -94,9 +101,12 @@ def supcon_loss(
 class Decoder(nn.Module):
     """Reconstructs the input image from a feature map; returns logits (sigmoid is in the loss)."""
 
-    def __init__(self, in_chs: int, image_chs: int, image_size: int, widen: int = 1) -> None:
+    def __init__(
+        self, in_chs: int, image_chs: int, image_size: int, widen: int = 1, upsample: bool = True
+    ) -> None:
         super().__init__()
         self.image_size = image_size
+        self.upsample = upsample  # False: decode at the map's own size (recon_at=feature)
         self.net = nn.Sequential(
             nn.Conv2d(in_chs, 12 * widen, 3, padding=1, bias=True),
             nn.BatchNorm2d(12 * widen),
@@ -106,7 +116,8 @@ class Decoder(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         size = (self.image_size, self.image_size)
-        if h.shape[-2:] != size:  # at full resolution the resize is the identity: skip its copy
+        # at full resolution the resize is the identity: skip its copy
+        if self.upsample and h.shape[-2:] != size:
             h = F.interpolate(h, size=size, mode="bilinear", align_corners=True)
         return self.net(h)
 
@@ -151,11 +162,22 @@ class DenseClassifier(nn.Module):
         return self.head({self.level: h})
 
 
+def decoder(ctx: AuxContext, cfg: InfoProConfig, wide: bool) -> nn.Module:
+    upsample = cfg.recon_at == "input"
+    if wide:
+        return ImageNetDecoder(ctx.feature.num_chs, ctx.inputs.channels, ctx.inputs.size, upsample)
+    return Decoder(ctx.feature.num_chs, ctx.inputs.channels, ctx.inputs.size, cfg.widen, upsample)
+
+
 class InfoProAux(nn.Module):
-    def __init__(self, ctx: AuxContext, cfg: InfoProConfig) -> None:
+    def __init__(self, ctx: AuxContext, cfg: InfoProConfig, targets: ReconTargets | None = None) -> None:
         super().__init__()
         if cfg.loss not in ("contrast", "cross_entropy"):
             raise ValueError(f"infopro loss must be 'contrast' or 'cross_entropy', got {cfg.loss!r}")
+        if cfg.recon_at not in ("input", "feature"):
+            raise ValueError(f"infopro recon_at must be 'input' or 'feature', got {cfg.recon_at!r}")
+        # recon_at=feature: the image downsampled to the map's size, shared by the blocks of one method
+        self.targets = (targets or ReconTargets()) if cfg.recon_at == "feature" else None
         wide = is_wide(ctx, cfg.heads)
         if ctx.feature.fmt != "NCHW" and not wide:
             raise ValueError("infopro's CIFAR heads need NCHW feature maps; use heads='imagenet' or 'auto'")
@@ -169,30 +191,29 @@ class InfoProAux(nn.Module):
                 ctx.num_blocks - 1,
                 ctx.k,
             )
-        c = ctx.feature.num_chs
+        self.decoder = decoder(ctx, cfg, wide) if self.lambda1 else None
         if ctx.task.dense:  # per-pixel tasks: the same decoder; the task's local head and loss
             if cfg.loss == "contrast" and self.lambda2:
                 raise ValueError(
                     f"infopro: loss 'contrast' (SupCon) needs one label per image; task {ctx.task.name} is "
                     "dense, set method.infopro.loss=cross_entropy (the task's own loss)"
                 )
-            make = ImageNetDecoder if wide else partial(Decoder, widen=cfg.widen)
-            self.decoder = make(c, ctx.inputs.channels, ctx.inputs.size) if self.lambda1 else None
             self.classifier = DenseClassifier(ctx) if self.lambda2 else None
-            return
-        if wide:
-            self.decoder = ImageNetDecoder(c, ctx.inputs.channels, ctx.inputs.size) if self.lambda1 else None
+        elif wide:
             self.classifier = imagenet_classifier(ctx, cfg.loss, cfg.feature_dim) if self.lambda2 else None
-            return
-        self.decoder = Decoder(c, ctx.inputs.channels, ctx.inputs.size, cfg.widen) if self.lambda1 else None
-        self.classifier = aux_classifier(ctx, cfg) if self.lambda2 else None
+        else:
+            self.classifier = aux_classifier(ctx, cfg) if self.lambda2 else None
 
     def forward(self, h: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         loss = h.new_zeros((), dtype=torch.float32)
         if self.decoder is not None:
-            target = batch.image.clamp(0, 1)
-            out["recon"] = F.binary_cross_entropy_with_logits(self.decoder(h).float(), target.float())
+            decoded = self.decoder(h)
+            if self.targets is None:
+                target = batch.image.clamp(0, 1)
+            else:
+                target = self.targets.get(batch, decoded.shape[-2:])
+            out["recon"] = F.binary_cross_entropy_with_logits(decoded.float(), target.float())
             loss = loss + self.lambda1 * out["recon"]
         if self.classifier is not None:
             z = self.classifier(h)
@@ -211,5 +232,9 @@ class InfoPro(Method):
     paper = "Wang et al., Revisiting Locally Supervised Learning (InfoPro), ICLR 2021 (arXiv 2101.10832)"
     Config = InfoProConfig
 
+    def __init__(self, cfg: InfoProConfig | None = None) -> None:
+        super().__init__(cfg)
+        self.targets = ReconTargets()  # one cache for all blocks: blocks at one size share a downsample
+
     def build_aux(self, k: int, ctx: AuxContext) -> nn.Module:
-        return InfoProAux(ctx, self.cfg)
+        return InfoProAux(ctx, self.cfg, self.targets)

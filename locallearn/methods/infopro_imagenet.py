@@ -37,16 +37,22 @@ class Resize(nn.Module):
 
 
 class ImageNetDecoder(nn.Sequential):
-    def __init__(self, in_chs: int, image_chs: int, image_size: int) -> None:
+    """``upsample=False`` (InfoPro ``recon_at: feature``): the same layers at the map's own size."""
+
+    def __init__(self, in_chs: int, image_chs: int, image_size: int, upsample: bool = True) -> None:
         s = image_size
+
+        def resize(size: int) -> nn.Module:
+            return Resize(max(1, size)) if upsample else nn.Identity()
+
         super().__init__(
             TokensToMap(),
             *cbr(in_chs, 128, 1, bias=True),  # the official decoder's convs keep nn.Conv2d's bias
-            Resize(max(1, s // 4)),
+            resize(s // 4),
             *cbr(128, 32, 3, bias=True),
-            Resize(max(1, s // 2)),
+            resize(s // 2),
             *cbr(32, 12, 3, bias=True),
-            Resize(s),
+            resize(s),
             nn.Conv2d(12, image_chs, 3, padding=1),
         )
 
