@@ -11,7 +11,9 @@ of rank r (a mean over its n_r images) is weighted by n_r / N before the sum, so
 single-process training on the concatenated batch, up to float summation order, for any model without
 batch statistics. Batch norm normalises each shard with its own statistics (as DDP without SyncBN; CPU
 has no SyncBN), and the running statistics are averaged over ranks after every step, so all ranks hold
-identical weights and buffers. Evaluation shards the test set and sums the metrics over ranks.
+identical weights and buffers. Evaluation shards the test set; each rank feeds its shards to the task's
+evaluator and the evaluators' states are gathered and merged (``Evaluator.state`` / ``merge``), so the
+metrics equal single-process evaluation for every task, not only those that are means over images.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from locallearn.engine import distributed
 from locallearn.engine.distributed import Context
 from locallearn.types import Batch
 
@@ -151,24 +154,16 @@ def evaluate(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     memory_format: torch.memory_format = torch.contiguous_format,
 ) -> dict[str, float]:
-    """Backbone + head on this rank's shards; sums over ranks, then averages as the sequential engine."""
+    """Backbone + head on this rank's shards into the task's evaluator; every rank's evaluator state is
+    gathered and merged, so each rank returns the metrics of the whole test set exactly as the
+    sequential engine computes them (one confusion matrix, one COCOeval over every detection, ...)."""
     model.eval()
-    keys: list[str] = []
-    sums = torch.zeros(0, dtype=torch.float64)
+    evaluator = task.evaluator()
     for batch in batches:
         batch = batch.to(ctx.device, non_blocking=True)
         with autocast():
-            output = model(batch.x.contiguous(memory_format=memory_format))
-        metrics = task.metrics(output, batch)
-        if not keys:
-            keys = list(metrics)
-            sums = torch.zeros(2 + len(keys), dtype=torch.float64)
-        sums += torch.tensor([task.loss(output, batch).item() * len(batch), len(batch), *metrics.values()])
-    if not keys:  # a test set smaller than the number of ranks
-        raise ValueError("every rank needs at least one test image")
-    with ctx.collective("summing test metrics"):
-        dist.all_reduce(sums)
-    n = max(sums[1].item(), 1)
-    out = {key: 100.0 * sums[2 + i].item() / n for i, key in enumerate(keys)}
-    out["loss"] = sums[0].item() / n
-    return out
+            output = model(batch.x.contiguous(memory_format=memory_format), batch.bank)
+        evaluator.update(output, batch)
+    states = distributed.all_gather_object(ctx, evaluator.state(), "gathering the test metrics")
+    evaluator.merge(states)
+    return evaluator.compute()

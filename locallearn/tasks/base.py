@@ -8,6 +8,7 @@ named maps and returns the same output structure as the main head, so one ``loss
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,7 +19,12 @@ from locallearn.types import Batch, FeatureBank, FeatureInfo
 
 class Evaluator:
     """Accumulates a task's test metrics over batches. The default sums ``task.metrics`` (sums over the
-    batch) and the loss, and reports means over images (percent for the metric sums)."""
+    batch) and the loss, and reports means over images (percent for the metric sums).
+
+    Distributed evaluation (``engine.mode=ddp``): each rank updates its own evaluator on its shards of
+    the test set, the engine gathers every rank's ``state()`` and hands the list to ``merge``, and
+    ``compute()`` then gives the metrics of the whole test set, as one evaluator that saw every batch
+    would (up to float summation order). A subclass that accumulates anything else overrides both."""
 
     def __init__(self, task: Task) -> None:
         self.task = task
@@ -35,6 +41,21 @@ class Evaluator:
         out = {key: 100.0 * value / max(self.n, 1) for key, value in self.totals.items()}
         out["loss"] = self.loss_sum / max(self.n, 1)
         return out
+
+    def state(self) -> dict[str, Any]:
+        """What this evaluator has accumulated, picklable and on the CPU (``merge`` combines them)."""
+        return {"loss_sum": self.loss_sum, "n": self.n, "totals": dict(self.totals)}
+
+    def merge(self, states: Sequence[dict[str, Any]]) -> None:
+        """Replace what this evaluator holds with the combination of ``states``: the ``state()`` of
+        evaluators that saw disjoint parts of one test set (every rank's, in rank order; one's own
+        included)."""
+        self.loss_sum = sum(s["loss_sum"] for s in states)
+        self.n = sum(s["n"] for s in states)
+        self.totals = {}
+        for s in states:
+            for key, value in s["totals"].items():
+                self.totals[key] = self.totals.get(key, 0.0) + value
 
 
 class Task:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,6 +205,20 @@ class DetectionEvaluator(Evaluator):
         out = self.coco.compute() if self.coco is not None else {}
         out["loss"] = self.loss_sum / max(self.n, 1)
         return out
+
+    def state(self) -> dict[str, Any]:
+        state = super().state()
+        if self.coco is not None:  # the detections themselves: COCOeval runs once over all of them
+            state["image_ids"], state["rows"] = set(self.coco.image_ids), list(self.coco.rows)
+        return state
+
+    def merge(self, states: Sequence[dict[str, Any]]) -> None:
+        super().merge(states)
+        if self.coco is not None:
+            self.coco.reset()
+            for s in states:
+                self.coco.image_ids.update(s["image_ids"])
+                self.coco.rows.extend(s["rows"])
 
 
 class Detection(Task):

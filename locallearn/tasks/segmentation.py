@@ -21,6 +21,7 @@ means (for mean accuracy: a class with no ground-truth pixel is left out), as mm
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +83,8 @@ def scores(confusion: torch.Tensor) -> dict[str, float]:
 
 class SegmentationEvaluator(Evaluator):
     """One confusion matrix over every labelled test pixel and the summed per-pixel loss (sums per
-    batch: exact over any batching); reports the mean loss per labelled pixel. ``state()`` / ``merge()`` let a distributed engine all-reduce the counts."""
+    batch: exact over any batching); reports the mean loss per labelled pixel. ``merge`` adds the parts'
+    matrices, so a distributed evaluation scores one matrix over the whole test set."""
 
     def __init__(self, task: Segmentation) -> None:
         super().__init__(task)
@@ -95,16 +97,14 @@ class SegmentationEvaluator(Evaluator):
         self.confusion += self.task.confusion(logits, batch)
         self.n = int(self.confusion.sum())  # labelled pixels: the loss is their mean, as in training
 
-    def state(self) -> torch.Tensor:
-        """Loss sum, labelled-pixel count and the flattened confusion matrix, as float64 (for all_reduce)."""
-        return torch.cat(
-            [torch.tensor([self.loss_sum, self.n], dtype=torch.float64), self.confusion.flatten().double()]
-        )
+    def state(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum, "confusion": self.confusion.clone()}
 
-    def merge(self, state: torch.Tensor) -> None:
-        """Replace this evaluator's sums with ``state`` (e.g. the all-reduced ``state()``)."""
-        self.loss_sum, self.n = state[0].item(), int(state[1].item())
-        self.confusion = state[2:].round().long().view_as(self.confusion)
+    def merge(self, states: Sequence[dict[str, Any]]) -> None:
+        """One confusion matrix: the sum of every part's (mIoU is not a mean of the parts' mIoUs)."""
+        self.loss_sum = sum(s["loss_sum"] for s in states)
+        self.confusion = torch.stack([s["confusion"] for s in states]).sum(0)
+        self.n = int(self.confusion.sum())
 
     def compute(self) -> dict[str, float]:
         out = scores(self.confusion)

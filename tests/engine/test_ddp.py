@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from dist_helpers import launch, run_function, tiny_config
@@ -94,3 +95,201 @@ def test_ddp_run_keeps_ranks_identical_and_resumes(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert (tmp_path / "ddp" / "run" / "summary.json").exists()
+
+
+# ------------------------------------------------------------------------------ exact test metrics
+# ddp.evaluate feeds each rank's shards to the task's evaluator and merges the gathered states; the
+# metrics must equal one evaluator over the whole test set. The "models" below compute each image's
+# output from that image alone with element-wise ops, so outputs are bitwise the same whatever the
+# shard size and any difference comes from the merge.
+
+
+class Pointwise(nn.Module):
+    """Output = ``fn(x)``, image by image; takes the bank as LocalModel does."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x, bank=None):
+        return self.fn(x)
+
+
+def _cls_logits(x):
+    return x.flatten(1)[:, :10] * 3
+
+
+def _seg_logits(x):
+    return x[:, :, ::2, ::2] * 3  # logits at stride 2: the task upsamples them to the label map
+
+
+def _sr_output(x):
+    return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+class EvalBatches:
+    """Three batches of 5 (shards of 2 / 3 on two ranks) for classification, segmentation or SR."""
+
+    data = range(15)
+    batch_size = 5
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            if self.kind == "classification":
+                x = torch.randn(5, 1, 4, 4, generator=gen)
+                y = torch.randint(0, 10, (5,), generator=gen)
+            elif self.kind == "segmentation":
+                x = torch.randn(5, 4, 8, 8, generator=gen)
+                pred = F.interpolate(_seg_logits(x), size=(16, 16), mode="bilinear").argmax(1)
+                right = torch.tensor([0.1, 0.2, 0.9, 0.9, 0.8])[:, None, None]  # rank 1's shard: mostly right
+                hit = torch.rand(5, 16, 16, generator=gen) < right
+                y = torch.where(hit, pred, torch.randint(0, 4, (5, 16, 16), generator=gen))
+                y[:, :2] = 255  # an ignored border
+            else:
+                x = torch.rand(5, 3, 16, 16, generator=gen)
+                y = (_sr_output(x) + 0.1 * torch.randn(5, 3, 32, 32, generator=gen)).clamp(0, 1)
+            yield Batch(x, y)
+
+    def __len__(self):
+        return 3
+
+
+def eval_setup(kind: str):
+    from locallearn.tasks.classification import Classification
+    from locallearn.tasks.segmentation import Segmentation
+    from locallearn.tasks.super_resolution import SuperResolution
+
+    if kind == "classification":
+        return Pointwise(_cls_logits), Classification(10)
+    if kind == "segmentation":
+        return Pointwise(_seg_logits), Segmentation(4)
+    return Pointwise(_sr_output), SuperResolution(3)
+
+
+def _ddp_eval(ctx, kind: str, out: str) -> None:
+    model, task = eval_setup(kind)
+    metrics = ddp.evaluate(model, ddp.Shards(EvalBatches(kind), ctx), task, ctx)
+    torch.save(metrics, Path(out, f"metrics.rank{ctx.rank}.pt"))
+
+
+def ddp_metrics(kind: str, tmp_path: Path) -> list[dict]:
+    run_function(2, _ddp_eval, kind, str(tmp_path))
+    return [torch.load(tmp_path / f"metrics.rank{r}.pt") for r in range(2)]
+
+
+def single_process(kind: str, batches=None) -> dict:
+    from locallearn.engine.sequential import evaluate
+
+    model, task = eval_setup(kind)
+    return evaluate(model, batches or EvalBatches(kind), task, torch.device("cpu"))
+
+
+def per_rank_mean(kind: str, key: str) -> float:
+    """What averaging each rank's own metric would give (the wrong answer for mIoU / AP)."""
+
+    class Ctx:
+        def __init__(self, rank):
+            self.rank, self.world = rank, 2
+
+    return sum(single_process(kind, ddp.Shards(EvalBatches(kind), Ctx(r)))[key] for r in range(2)) / 2
+
+
+def test_ddp_classification_metrics_equal_single_process(tmp_path):
+    reference = single_process("classification")
+    for metrics in ddp_metrics("classification", tmp_path):
+        assert metrics.keys() == reference.keys() == {"top1", "top5", "loss"}
+        assert metrics["top1"] == reference["top1"] and metrics["top5"] == reference["top5"]
+        assert metrics["loss"] == pytest.approx(reference["loss"], rel=1e-6)
+
+
+def test_ddp_segmentation_miou_from_one_merged_confusion_matrix(tmp_path):
+    reference = single_process("segmentation")
+    assert abs(per_rank_mean("segmentation", "miou") - reference["miou"]) > 0.1  # the test can fail
+    for metrics in ddp_metrics("segmentation", tmp_path):
+        assert metrics.keys() == reference.keys() == {"pixel_acc", "mean_acc", "miou", "loss"}
+        for key in ("pixel_acc", "mean_acc", "miou"):  # integer counts: exact
+            assert metrics[key] == reference[key], key
+        assert metrics["loss"] == pytest.approx(reference["loss"], rel=1e-6)
+
+
+def test_ddp_super_resolution_psnr_ssim_are_means_over_all_images(tmp_path):
+    reference = single_process("super_resolution")
+    for metrics in ddp_metrics("super_resolution", tmp_path):
+        assert metrics.keys() == reference.keys() == {"psnr", "ssim", "psnr_rgb", "loss"}
+        for key in reference:
+            assert metrics[key] == pytest.approx(reference[key], rel=1e-6 if key == "loss" else 1e-12), key
+
+
+class StubDetection:
+    """Detection's real evaluator (COCOeval over the bound split) on fixed detections: each target's
+    boxes shifted by an image-dependent amount, with a confident false positive on every image."""
+
+    def __init__(self, data) -> None:
+        self.eval_data = data
+
+    def evaluator(self):
+        from locallearn.tasks.detection import DetectionEvaluator
+
+        return DetectionEvaluator(self)
+
+    def loss(self, output, batch):
+        return torch.tensor(0.5)
+
+    def detect(self, output, batch):
+        out = []
+        for t in batch.targets:
+            shift = 4.0 * int(t["image_id"]) * t["scale"]
+            boxes = t["boxes"] + torch.tensor([shift, 0.0, shift, 0.0])
+            fp = torch.tensor([[0.0, 0.0, 10.0, 10.0]]) * t["scale"]
+            out.append(
+                {
+                    "boxes": torch.cat([fp, boxes]),
+                    "scores": torch.cat([torch.tensor([0.99]), torch.linspace(0.9, 0.5, len(boxes))]),
+                    "labels": torch.cat([torch.tensor([0]), t["labels"]]),
+                }
+            )
+        return out
+
+
+def detection_setup(root: str):
+    from locallearn.data.detection import DetectionLoader, read_coco
+
+    data = read_coco(root, "val")
+    return (
+        Pointwise(torch.clone),
+        StubDetection(data),
+        DetectionLoader(data, 3, False, min_size=64, max_size=96),
+    )
+
+
+def _ddp_detection_eval(ctx, root: str, out: str) -> None:
+    model, task, loader = detection_setup(root)
+    metrics = ddp.evaluate(model, ddp.Shards(loader, ctx), task, ctx)
+    torch.save(metrics, Path(out, f"metrics.rank{ctx.rank}.pt"))
+
+
+def test_ddp_detection_runs_one_cocoeval_over_every_rank_detections(tmp_path):
+    import numpy as np
+
+    from locallearn.data.detection import write_fixture
+    from locallearn.engine.sequential import evaluate
+
+    images = [np.zeros((60 + 10 * i, 80, 3), np.uint8) for i in range(4)]  # 4 images: 1 / 3 per rank
+    anns = [
+        [{"box": (4 + i, 6, 40, 44 + i), "label": i % 2}, {"box": (45, 10, 78, 50), "label": 1}]
+        for i in range(4)
+    ]
+    write_fixture(tmp_path / "coco", "coco", images, anns, ("a", "b"))
+    model, task, loader = detection_setup(str(tmp_path / "coco"))
+    reference = evaluate(model, loader, task, torch.device("cpu"))
+    assert 0 < reference["AP"] < 100
+    run_function(2, _ddp_detection_eval, str(tmp_path / "coco"), str(tmp_path))
+    for r in range(2):
+        metrics = torch.load(tmp_path / f"metrics.rank{r}.pt")
+        assert metrics.keys() == reference.keys()
+        for key, value in reference.items():
+            assert metrics[key] == pytest.approx(value, nan_ok=True), key

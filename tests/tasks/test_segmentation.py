@@ -199,9 +199,13 @@ def test_evaluator_is_exact_over_batching_and_upsamples() -> None:
     pred = F.interpolate(logits, size=(8, 8), mode="bilinear", align_corners=False).argmax(1)
     keep = y != 255
     assert a["pixel_acc"] == pytest.approx(100 * (pred == y)[keep].float().mean().item())
+    parts = [task.evaluator(), task.evaluator()]  # two ranks' evaluators: one confusion matrix merged
+    for part, s in zip(parts, (slice(0, 1), slice(1, 4))):
+        part.update(logits[s], Batch(torch.zeros(len(y[s]), 3, 8, 8), y[s], mean, std))
     merged = task.evaluator()
-    merged.merge(two.state())
+    merged.merge([part.state() for part in parts])
     assert merged.compute() == pytest.approx(b)
+    assert torch.equal(merged.confusion, one.confusion) and merged.n == one.n
 
 
 def test_perfect_prediction_scores_100() -> None:
