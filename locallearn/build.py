@@ -197,9 +197,7 @@ def build_model(cfg: Config, inputs: InputInfo, num_classes: int) -> tuple[Local
     auxes.append(method.make_head(HeadLoss(task, head)))
     taps = bank_taps(auxes, [*cuts, len(layers)], levels)
     model = LocalModel(backbone, cuts, auxes, window=method.window, taps=taps)
-    init_model = getattr(task, "init_model", None)  # super-resolution: x3 / x4 start from a x2 run
-    if init_model is not None:
-        init_model(model)
+    task.init_model(model)  # pretrained= (super-resolution: a x2 run; segmentation: ImageNet ResNet)
     return model, method, task
 
 

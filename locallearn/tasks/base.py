@@ -100,6 +100,10 @@ class Task:
     def evaluator(self) -> Evaluator:
         return Evaluator(self)
 
+    def init_model(self, model: nn.Module) -> None:
+        """Called once the whole model is built (before any checkpoint is loaded): load initial
+        weights the task's options name (``pretrained=``). The default does nothing."""
+
 
 class HeadRef:
     """A reference to the main head for aux nets that share it, filled in once the head is built.
