@@ -162,3 +162,53 @@ def test_method_spec_keeps_non_method_sections():
     assert options == ["method.momentum.init=copy", "engine.group_steps=true", "optim.foreach=true"]
     cfg = method_config("resnet8", 2, "dgl[optim.foreach=true,engine.compile=true]")
     assert cfg.optim.foreach is True and cfg.engine.compile is True and cfg.method.name == "dgl"
+
+
+def test_speed_bench_switch_rows_reference_and_bf16(tmp_path):
+    """Switch rows come from specs, ``--ref`` is the row ratios divide by, ``--amp bf16`` autocasts (CPU)."""
+    ref = "bp[optim.foreach=true]"
+    grouped = "dgl[optim.foreach=true,engine.group_steps=true]"
+    main(
+        ["bench", "speed", "--cells", "resnet20:2", "--methods", "bp", grouped, "--batch", "2"]
+        + ["--amp", "bf16", "--ref", ref, "--steps", "2", "--warmup", "0"]
+        + ["--out", str(tmp_path), "--name", "sw"]
+    )
+    rows = read_csv(tmp_path / "sw.csv")
+    assert list(rows[0]) == SPEED_COLUMNS and [r["method"] for r in rows] == [ref, "bp", grouped]
+    assert {r["amp"] for r in rows} == {"bf16"} and {r["size"] for r in rows} == {"32"}
+    for r in rows:
+        assert close(float(r["time_ratio"]), float(r["median_step_ms"]) / float(rows[0]["median_step_ms"]))
+    md = (tmp_path / "sw.md").read_text()
+    assert "bf16 autocast" in md.split("|", 1)[0] and f"ratios relative to `{ref}`" in md
+    assert f"{grouped}: time" in md
+
+
+def test_speed_bench_flops_only_on_an_imagenet_backbone(tmp_path):
+    """A torchvision backbone gets ImageNet-shaped input (1000 classes) at ``--size``; no timing."""
+    main(
+        ["bench", "speed", "--cells", "resnet18:2", "--size", "32", "--methods", "dgl", "--batch", "2"]
+        + ["--flops-only", "--out", str(tmp_path), "--name", "fl"]
+    )
+    rows = read_csv(tmp_path / "fl.csv")
+    assert [r["method"] for r in rows] == ["bp", "dgl"] and {r["size"] for r in rows} == {"32"}
+    for r in rows:
+        assert r["median_step_ms"] == r["time_ratio"] == r["time_over_flop"] == ""
+        assert close(float(r["flop_ratio"]), float(r["gflop_per_step"]) / float(rows[0]["gflop_per_step"]))
+    md = (tmp_path / "fl.md").read_text()
+    assert "3x32x32, 1000 classes" in md and "time not measured (--flops-only)" in md
+    assert "Table VIII" in md
+
+
+def test_speed_cell_honours_group_steps_and_steps_like_the_default():
+    from locallearn.bench.common import build_cell, synthetic_batch
+
+    cells = [build_cell("resnet20", 2, m) for m in ("dgl", "dgl[engine.group_steps=true]")]
+    assert cells[0].grouped is None and cells[1].grouped is not None
+    assert cells[1].cfg.engine.group_steps is True
+    cells[1].model.load_state_dict(cells[0].model.state_dict())
+    batch = synthetic_batch(2)
+    for cell in cells:
+        cell.step(batch)
+        cell.step(batch)
+    for a, b in zip(cells[0].model.parameters(), cells[1].model.parameters()):
+        assert torch.equal(a, b)

@@ -11,7 +11,9 @@ import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
-from locallearn.build import build_model
+from locallearn.build import BACKBONES, build_model
 from locallearn.config import Config, load_config
-from locallearn.engine.optim import build_optimizer
+from locallearn.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
+from locallearn.engine.optim import GroupedOptimizer, build_optimizer, group_optimizers
 from locallearn.engine.sequential import train_step
 from locallearn.model import LocalModel
 from locallearn.runner import git_revision
@@ -34,6 +37,25 @@ DEFAULT_METHODS = [
     f"infopro+manpp{RECOMPUTE}",
 ]  # fmt: skip
 CIFAR = InputInfo(channels=3, size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+
+
+def bench_inputs(backbone: str, size: int | None = None) -> tuple[InputInfo, int]:
+    """Synthetic input shape and class count of a cell: CIFAR (32 px, 10 classes) for the CIFAR
+    ResNets, ImageNet (224 px, 1000 classes) for every other backbone; ``size`` overrides the side."""
+    cifar = backbone in BACKBONES and BACKBONES[backbone].__module__.endswith("resnet_cifar")
+    if cifar:
+        return InputInfo(3, size or CIFAR.size, CIFAR.mean, CIFAR.std), 10
+    return InputInfo(3, size or 224, IMAGENET_MEAN, IMAGENET_STD), 1000
+
+
+def bench_autocast(amp: str, device: torch.device) -> Callable[[], AbstractContextManager]:
+    """``none`` or ``bf16`` autocast on the cell's device (CPU included, unlike ``engine.amp``: a
+    benchmark has no fp16 loss scaler and needs no CUDA to measure bf16 on CPU)."""
+    if amp == "none":
+        return nullcontext
+    if amp != "bf16":
+        raise ValueError(f"bench amp must be none or bf16, got {amp!r}")
+    return partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
 
 
 def checkpoint_segments(num_blocks: int) -> int:
@@ -84,19 +106,30 @@ def method_config(
 
 @dataclass
 class Cell:
-    """One method on one backbone, with its optimizers and a way to run a training step."""
+    """One method on one backbone, with its optimizers and a way to run a training step that honours
+    the cell's config (``engine.group_steps``) and autocast."""
 
     method: str
     model: LocalModel
     optimizers: list[torch.optim.Optimizer]
     segments: int = 0  # > 0: activation checkpointing over this many segments
     extra: dict[str, Any] = field(default_factory=dict)
+    cfg: Config | None = None
+    autocast: Callable[[], AbstractContextManager] = nullcontext
+    grouped: GroupedOptimizer | None = None  # built from ``cfg.engine.group_steps`` when not given
+
+    def __post_init__(self) -> None:
+        if self.grouped is None and self.cfg is not None and not self.segments:
+            self.grouped = group_optimizers(self.optimizers, self.cfg.engine.group_steps)
 
     def step(self, batch: Batch, meter=None) -> None:
         if self.segments:
-            checkpointed_step(self.model, batch, self.optimizers[0], self.segments)
+            with self.autocast():
+                checkpointed_step(self.model, batch, self.optimizers[0], self.segments)
         else:
-            train_step(self.model, batch, self.optimizers, meter=meter)
+            train_step(
+                self.model, batch, self.optimizers, autocast=self.autocast, meter=meter, grouped=self.grouped
+            )
 
 
 def build_cell(
@@ -108,17 +141,23 @@ def build_cell(
     overrides: Sequence[str] = (),
     device: torch.device | None = None,
     memory_format: torch.memory_format = torch.contiguous_format,
+    amp: str = "none",
 ) -> Cell:
+    """``amp`` (none | bf16) is the default autocast; a spec's own ``engine.amp=bf16`` wins."""
     cfg = method_config(backbone, num_blocks, method, overrides)
+    if cfg.engine.mode != "sequential" or cfg.engine.amp == "fp16":
+        raise ValueError(f"{method}: bench cells run the sequential engine without fp16 loss scaling")
+    device = device or torch.device("cpu")
     model, _, _ = build_model(cfg, inputs, num_classes)
-    model.to(device or torch.device("cpu"), memory_format=memory_format)
+    model.to(device, memory_format=memory_format)
     model.train()
     opts = [build_optimizer(model.block_parameters(k), cfg.optim) for k in range(model.num_blocks)]
     for opt in opts:  # a small fixed lr: benchmarks must not diverge on random data
         for group in opt.param_groups:
             group["lr"] = 0.01
-    segments = checkpoint_segments(num_blocks) if method == CHECKPOINT else 0
-    return Cell(method, model, opts, segments)
+    segments = checkpoint_segments(num_blocks) if parse_spec(method)[0] == CHECKPOINT else 0
+    autocast = bench_autocast(cfg.engine.amp if cfg.engine.amp != "none" else amp, device)
+    return Cell(method, model, opts, segments, cfg=cfg, autocast=autocast)
 
 
 def checkpointed_step(
