@@ -40,6 +40,8 @@ class TorchvisionBackbone(Backbone):
         if missing:
             raise RuntimeError(f"adapter bug: tensors not owned by the torchvision model: {missing}")
         self.tv_keys = {name: theirs[key] for key, name in ours.items()}  # ours -> torchvision
+        # the torchvision model's tensors no layer owns: its classifier, which the task head replaces
+        self.tv_unused = frozenset(theirs.values()) - frozenset(self.tv_keys.values())
         self.head_linear = head_linear  # torchvision name of the Linear the task head replaces
 
     def to_torchvision_state_dict(self, head: nn.Module | None = None) -> dict[str, torch.Tensor]:
@@ -62,6 +64,32 @@ class TorchvisionBackbone(Backbone):
         mine = {to_ours[k]: v for k, v in state.items() if k in to_ours}
         self.load_state_dict(mine, strict=strict)
         return sorted(k for k in state if k not in to_ours)
+
+    def load_pretrained(self, state: dict[str, torch.Tensor], source: str = "the state dict") -> None:
+        """Load pretrained weights of exactly this architecture (e.g. a torchvision ImageNet file):
+        every backbone tensor must be there with its shape; the torchvision classifier (``fc``,
+        ``classifier``, ``heads``) is ignored, whatever its size; any other key is an error (a ResNet-50
+        file for a ResNet-18, another model's names). ``num_batches_tracked`` may be absent (files
+        saved before PyTorch 1.0 lack it). Raises ``ValueError`` naming the missing, unexpected and
+        reshaped keys."""
+        to_ours = {tv: ours for ours, tv in self.tv_keys.items()}
+        own = self.state_dict()
+        unexpected = [k for k in state if k not in to_ours and k not in self.tv_unused]
+        missing = [k for k in to_ours if k not in state and not k.endswith("num_batches_tracked")]
+        reshaped = [
+            f"{k} {tuple(state[k].shape)} (expected {tuple(own[o].shape)})"
+            for k, o in to_ours.items()
+            if k in state and tuple(state[k].shape) != tuple(own[o].shape)
+        ]
+        if missing or unexpected or reshaped:
+            parts = [
+                f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("reshaped", reshaped))
+                if keys
+            ]
+            arch = getattr(self, "arch", type(self).__name__)
+            raise ValueError(f"{source} does not fit backbone {arch}: keys {'; '.join(parts)}")
+        self.load_state_dict({to_ours[k]: v for k, v in state.items() if k in to_ours}, strict=False)
 
 
 def torchvision_cnn_init(module: nn.Module, linear_std: float | None = None) -> None:
