@@ -85,11 +85,29 @@ def setup_logging(run_dir: Path | None = None, verbose: bool = True) -> None:
         root.addHandler(fh)
 
 
+# How the summary table shows a task's main metric (``summary["metric"]``): its unit; percent otherwise.
+METRIC_UNITS = {"psnr": "dB", "psnr_rgb": "dB", "ssim": "", "loss": ""}
+
+
+def metric_label(metric: str) -> str:
+    return "test acc" if metric == "top1" else f"test {metric}"
+
+
+def fmt_metric(value: float | None, metric: str) -> str:
+    if value is None:
+        return "-"
+    unit = METRIC_UNITS.get(metric, "%")
+    return f"{value:.4f}" if unit == "" else f"{value:.2f}{unit}"
+
+
 def print_table(summaries: list[dict]) -> None:
     from locallearn.metrics.memory import fmt_bytes
 
     bp = next((s for s in summaries if s["method"] == "bp"), None)
-    header = f"{'method':<18} {'K':>3} {'test acc':>9} {'best':>7} {'peak act. mem':>14} {'vs bp':>6} {'step':>8} {'params (aux)':>18}"
+    metric = summaries[0].get("metric", "top1") if summaries else "top1"
+    label = metric_label(metric)
+    w = max(len(label), 9)
+    header = f"{'method':<18} {'K':>3} {label:>{w}} {'best':>7} {'peak act. mem':>14} {'vs bp':>6} {'step':>8} {'params (aux)':>18}"
     print(header)
     print("-" * len(header))
     for s in summaries:
@@ -101,7 +119,8 @@ def print_table(summaries: list[dict]) -> None:
         )
         params = f"{s['params']['backbone'] / 1e6:.2f}M ({s['params']['aux'] / 1e6:.2f}M)"
         print(
-            f"{s['method']:<18} {s['num_blocks']:>3} {s['final']:>8.2f}% {s['best']:>6.2f}% "
+            f"{s['method']:<18} {s['num_blocks']:>3} {fmt_metric(s['final'], metric):>{w}} "
+            f"{fmt_metric(s['best'], metric):>7} "
             f"{fmt_bytes(mem) if mem else '-':>14} {ratio:>6} {s['median_step_time_s'] * 1e3:>6.0f}ms {params:>18}"
         )
     if summaries:

@@ -141,3 +141,37 @@ def test_console_entry_point_reports_errors_without_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown method 'nope'" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "metric, final, label, shown",
+    [
+        ("top1", 91.25, "test acc", "91.25%"),
+        ("miou", 48.5, "test miou", "48.50%"),
+        ("AP", 31.0, "test AP", "31.00%"),
+        ("psnr", 33.125, "test psnr", "33.12dB"),
+    ],
+)
+def test_summary_table_names_the_task_main_metric(capsys, metric, final, label, shown):
+    from locallearn.cli import print_table
+
+    summary = {
+        "method": "infopro+manpp",
+        "num_blocks": 2,
+        "metric": metric,
+        "final": final,
+        "best": final,
+        "memory": {"peak_activation_bytes": 2**20, "batch_size": 8},
+        "median_step_time_s": 0.01,
+        "params": {"backbone": 1e6, "aux": 1e5},
+        "dataset": "d",
+        "train_images": 8,
+        "epochs": 1,
+        "device": "cpu",
+        "run_dir": "r",
+    }
+    print_table([summary])
+    header, _, row = capsys.readouterr().out.splitlines()[:3]
+    assert header.split()[2:4] == label.split() and "test acc" not in header.replace(label, "")
+    assert row.split()[2:4] == [shown, shown]
+    assert header.index(label) + len(label) == row.index(shown) + len(shown)  # right-aligned under it
