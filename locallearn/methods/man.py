@@ -29,6 +29,7 @@ README value) instead of the CIFAR argparse default 1.0, which freezes the EMA (
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +37,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from locallearn.methods.base import AuxContext, Method
+from locallearn.methods.man_grouped import GroupedPair, Unsupported
 from locallearn.methods.vit_aux import vit_base_aux
 from locallearn.types import Batch
+
+log = logging.getLogger(__name__)
+_LOGGED: set[tuple[str, bool]] = set()
 
 
 @dataclass
@@ -51,6 +56,10 @@ class MomentumConfig:
     # activations (exact gradients; one more forward of the next layer per block). Their BN running
     # statistics see each batch twice, which changes nothing: the aux is not used at evaluation.
     recompute: bool = False
+    # ours: run LB and EMA as one grouped call (``man_grouped``); bitwise equal values and gradients,
+    # for layers made of Conv2d / BatchNorm2d / ReLU / pooling / additions, the two calls otherwise.
+    # Off by default: on CPU the stacked tensors are slower (see benchmarks/results/manpp_grouped*.md).
+    grouped: bool = False
 
 
 class MomentumAux(nn.Module):
@@ -74,6 +83,21 @@ class MomentumAux(nn.Module):
             self.ema.requires_grad_(False)
         self.scale = nn.Parameter(torch.tensor(1.0)) if cfg.scale else None
         self.base = base_aux
+        self.pair = self._grouped(layer) if cfg.grouped and cfg.lb and cfg.ema else None
+
+    def _grouped(self, layer: nn.Module) -> GroupedPair | None:
+        """The grouped call if the layer supports it (plain data, no state_dict keys); logs the path
+        once per layer type."""
+        try:
+            pair, why = GroupedPair(self.lb, self.ema), ""
+        except Unsupported as err:
+            pair, why = None, f": {err}"
+        key = (type(layer).__name__, pair is not None)
+        if key not in _LOGGED:
+            _LOGGED.add(key)
+            path = "one grouped call" if pair is not None else "two separate calls"
+            log.info("momentum aux: LB and EMA copies of %s run as %s%s", key[0], path, why)
+        return pair
 
     @staticmethod
     def _copy(layer: nn.Module, init: str, init_weights) -> nn.Module:
@@ -82,7 +106,7 @@ class MomentumAux(nn.Module):
             init_weights(twin)
         return twin
 
-    def branch(self, copy_: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def branch(self, copy_, h: torch.Tensor):
         if self.recompute and torch.is_grad_enabled():
             return checkpoint(copy_, h, use_reentrant=False)
         return copy_(h)
@@ -92,7 +116,10 @@ class MomentumAux(nn.Module):
             return self.branch(self.ema, h)
         if self.ema is None:
             return self.branch(self.lb, h)
-        lb, ema = self.branch(self.lb, h), self.branch(self.ema, h)
+        if self.pair is not None:
+            lb, ema = self.branch(self.pair, h)
+        else:
+            lb, ema = self.branch(self.lb, h), self.branch(self.ema, h)
         if self.scale is None:
             return lb + ema
         return self.scale * lb + (2 - self.scale) * ema
