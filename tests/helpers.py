@@ -43,3 +43,18 @@ def make_batch(n: int = 8, inputs: InputInfo = INPUTS, seed: int = 0) -> Batch:
     mean = torch.tensor(inputs.mean).view(-1, 1, 1)
     std = torch.tensor(inputs.std).view(-1, 1, 1)
     return Batch(x, y, mean, std)
+
+
+def run_cli(args, capsys, lines: bool = False):
+    """Run ``locallearn ARGS`` in-process: (exit code, stdout, stderr); ``lines=True`` gives stderr as
+    its non-blank lines."""
+    from locallearn.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    err = [line for line in out.err.splitlines() if line.strip()] if lines else out.err
+    return code, out.out, err

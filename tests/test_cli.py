@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from locallearn.cli import main
+from tests.helpers import run_cli
 
 TINY = [
     "data.name=digits",
@@ -19,16 +19,6 @@ TINY = [
     "optim.lr=0.05",
     "engine.device=cpu",
 ]
-
-
-def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_train_runs_end_to_end_and_compares_with_bp(tmp_path, capsys):

@@ -9,10 +9,11 @@ import sys
 import pytest
 
 from locallearn import runner
-from locallearn.cli import main, quickstart_base
+from locallearn.cli import quickstart_base
 from locallearn.config import load_config
 from locallearn.engine import checkpoint, distributed
 from locallearn.parallel import resume_parallel
+from tests import helpers
 
 TINY = [
     "data.name=digits",
@@ -30,13 +31,7 @@ TINY = [
 
 
 def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, [line for line in out.err.splitlines() if line.strip()]
+    return helpers.run_cli(args, capsys, lines=True)
 
 
 def error_line(err):

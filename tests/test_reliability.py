@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from locallearn.cli import main
 from locallearn.config import ConfigError, load_config
 from locallearn.data import DataError, load_datasets
 from locallearn.data.loader import ArrayDataset, Loader
@@ -20,6 +19,7 @@ from locallearn.engine import checkpoint, ddp
 from locallearn.engine.errors import DivergedError, NonFiniteLossError, check_finite
 from locallearn.parallel import resume_parallel
 from locallearn.runner import Run
+from tests import helpers
 
 TINY = [
     "data.name=digits",
@@ -36,13 +36,7 @@ TINY = [
 
 
 def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, [line for line in out.err.splitlines() if line.strip()]
+    return helpers.run_cli(args, capsys, lines=True)
 
 
 def one_error_line(err, code, expected_code=2):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from locallearn.cli import main
+from tests.helpers import run_cli
 
 TINY = [
     "data.name=digits",
@@ -20,16 +21,6 @@ TINY = [
     "engine.device=cpu",
     "engine.measure_memory=false",
 ]
-
-
-def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
