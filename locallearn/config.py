@@ -101,9 +101,13 @@ class OptimConfig:
     # multi-tensor (``foreach``) optimizer kernels; None = PyTorch's default (on for CUDA tensors,
     # off on CPU). Same update rule; see the README's speed section for the numeric difference.
     foreach: bool | None = None
+    # fused single-kernel optimizer step (torch.optim's ``fused=``; CPU and CUDA); off by default
+    fused: bool = False
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("sgd", "adamw"))
+        if self.fused and self.foreach:
+            raise ConfigError("optim.fused=true and optim.foreach=true exclude each other; pick one")
         _choice("optim.schedule", self.schedule, ("cosine", "constant"))
         _at_least("optim.epochs", self.epochs, 1)
         _at_least("optim.lr", self.lr, 0, strict=True)

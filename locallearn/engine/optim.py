@@ -20,10 +20,16 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg) -> torch.optim.Optimize
             nesterov=cfg.nesterov and cfg.momentum > 0,
             weight_decay=cfg.weight_decay,
             foreach=cfg.foreach,
+            fused=cfg.fused or None,
         )
     if cfg.name == "adamw":
         return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, foreach=cfg.foreach
+            params,
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            weight_decay=cfg.weight_decay,
+            foreach=cfg.foreach,
+            fused=cfg.fused or None,
         )
     raise ValueError(f"unknown optimizer {cfg.name!r}; choose 'sgd' or 'adamw'")
 
@@ -65,8 +71,6 @@ class GroupedOptimizer:
         if len(params) != sum(len(g["params"]) for opt in self.optimizers for g in opt.param_groups):
             raise ValueError("group_steps needs each parameter in one block's optimizer only")
         first = self.optimizers[0]
-        if first.defaults.get("fused"):
-            raise ValueError("group_steps does not support fused optimizers")
         # the base constructor takes the defaults dict as it is (AdamW's own would not accept all its keys)
         self.view = cls.__new__(cls)
         torch.optim.Optimizer.__init__(self.view, [{"params": params}], dict(first.defaults))
