@@ -21,6 +21,7 @@ On CUDA the real checkpointed step also reports ``max_memory_allocated``.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import logging
 from collections.abc import Iterator, Sequence
@@ -533,19 +534,69 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default=None, help="file stem of the results (default memory / memory_<task>)")
-    p.add_argument("--task", default="classification", choices=["classification", "detection"])
-    p.add_argument("--backbone", default="resnet50", help="detection: the torchvision ResNet")
-    p.add_argument("--size", type=int, default=600, help="detection: image side (the official code: 600)")
-    p.add_argument("--split", default="stages", choices=["stages", "units"], help="detection: K=4 or one unit per block")
+    p.add_argument(
+        "--task",
+        default="classification",
+        choices=["classification", "detection", "segmentation", "super_resolution"],
+    )
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="dense tasks: detection resnet50 (torchvision ResNet), segmentation resnet50_d8, super_resolution edsr",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="dense tasks: image side; detection 600 (the official code), segmentation crop 768 (MAN++), "
+        "super_resolution LR patch 48 (EDSR)",
+    )
+    p.add_argument(
+        "--scale", type=int, default=2, choices=[2, 3, 4], help="super_resolution: upscaling factor"
+    )
+    p.add_argument(
+        "--fit-sizes",
+        nargs=2,
+        type=int,
+        default=None,
+        help="segmentation / super_resolution: two small sides the bytes are fitted at (default 128 256 / 16 24)",
+    )
+    p.add_argument(
+        "--full-check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="segmentation / super_resolution: also run one real step at the full size to check the fit",
+    )
+    p.add_argument(
+        "--split", default="stages", choices=["stages", "units"], help="detection: K=4 or one unit per block"
+    )
     p.add_argument("--head", default="retinanet", choices=["retinanet", "yolov1"], help="detection head")
 
 
 def main(args) -> str:
+    if args.task in ("segmentation", "super_resolution"):
+        from locallearn.bench import memory_dense
+
+        return memory_dense.run_pixels(
+            args.task,
+            args.backbone,
+            args.methods if args.methods != DEFAULT_METHODS else None,
+            args.size,
+            args.scale,
+            args.fit_sizes,
+            args.batches if args.batches != [2, 4, 8] else None,
+            args.target_batch if args.target_batch != 1024 else 16,
+            args.full_check,
+            args.out,
+            args.name,
+            args.cuda_batch,
+        )
     if args.task == "detection":
         from locallearn.bench import memory_dense
 
         batches = tuple(args.batches) if args.batches != [2, 4, 8] else (1, 2, 3)
         target = args.target_batch if args.target_batch != 1024 else 16
+        args.backbone, args.size = args.backbone or "resnet50", args.size or 600
         return memory_dense.run(
             args.backbone,
             args.methods if args.methods != DEFAULT_METHODS else memory_dense.DENSE_METHODS,
