@@ -129,6 +129,8 @@ class EngineConfig:
     # speed switches (issue 13; README "Speed"): all off by default
     group_steps: bool = False  # step all blocks' optimizers in one multi-tensor update after the last block
     compile: bool = False  # torch.compile each block's body + aux (regional; once per distinct block shape)
+    compile_backend: str = "inductor"  # inductor | aot_eager | eager (the last two: no code generation)
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     # engine.mode=pipeline (engine/pipeline.py) and ddp (engine/ddp.py)
     pipeline_depth: int = 2  # batches sent to the next rank but not yet received by it (bounded queue)
     pipeline_blocks: list[int] | None = (
@@ -141,6 +143,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _choice("engine.mode", self.mode, ("sequential", "pipeline", "ddp"))
         _choice("engine.amp", self.amp, ("none", "bf16", "fp16"))
+        _choice("engine.compile_backend", self.compile_backend, ("inductor", "aot_eager", "eager"))
+        _choice(
+            "engine.compile_mode",
+            self.compile_mode,
+            ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        )
         _at_least("engine.threads", self.threads, 1)
         _at_least("engine.pipeline_depth", self.pipeline_depth, 1)
         _at_least("engine.sync_every", self.sync_every, 1)

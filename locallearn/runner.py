@@ -30,6 +30,7 @@ from locallearn.config import Config, ConfigError, dump_yaml, from_dict, load_co
 from locallearn.data import load_datasets
 from locallearn.data.imagefolder import make_loader
 from locallearn.engine import checkpoint
+from locallearn.engine.compile import compile_blocks
 from locallearn.engine.errors import DivergedError, NonFiniteLossError
 from locallearn.engine.optim import StepSchedule, build_optimizer, group_optimizers
 from locallearn.engine.sequential import evaluate, train_epoch
@@ -137,6 +138,9 @@ SAFE_ON_RESUME = (
     "engine.threads",
     "engine.measure_memory",
     "engine.dist_timeout_s",
+    "engine.compile",  # the same computation, compiled or not
+    "engine.compile_backend",
+    "engine.compile_mode",
     "data.num_workers",
 )
 
@@ -284,6 +288,8 @@ class Run:
         self.resumed_at: int | None = None
         self.skipped_steps = 0
         self.setup()
+        if cfg.engine.compile:  # last: after .to(device) and the setup that may copy the model
+            self.compile_model()
         # every check is done: only now create (or lock) the run directory
         self.lock: RunLock | None = None
         self.run_dir = self.open_run_dir(run_dir)
@@ -294,6 +300,16 @@ class Run:
 
     def setup(self) -> None:
         """What an engine mode adds to the run before the run directory exists (it may refuse)."""
+
+    def compile_model(self) -> None:
+        """``engine.compile``: torch.compile each block's body and aux in place (state-dict keys stay)."""
+        e = self.cfg.engine
+        # detection targets (boxes per image) change shape every batch and its losses are
+        # data-dependent (nonzero): dense tasks compile the bodies only
+        auxes = not self.task.dense
+        if not auxes:
+            log.info("engine.compile: task %s is dense, its aux nets and head stay eager", self.task.name)
+        compile_blocks(self.model, e.compile_backend, e.compile_mode, auxes=auxes)
 
     def open_run_dir(self, run_dir: Path | None) -> Path:
         """A fresh run directory, or ``run_dir``; locked, with temp files of a killed save removed."""
