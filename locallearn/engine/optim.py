@@ -54,8 +54,10 @@ class GroupedOptimizer:
     Adam moments; read and written through ``_OwnersState``), their param groups (the LR schedule sets
     them; ``sync`` copies their hyper-parameters into the view's single group before each step) and
     their checkpoints. Per tensor the update is the same element-wise arithmetic as each block
-    stepping alone (a multi-tensor kernel only batches tensors), so with the same ``optim.foreach``
-    the results are bitwise equal (tests/engine/test_speed_switches.py, CPU).
+    stepping alone (a multi-tensor or fused kernel only batches tensors), so with the same
+    ``optim.foreach`` / ``optim.fused`` the results are bitwise equal (tests/engine/test_speed_switches.py,
+    CPU). The cost: every block's gradients stay alive until the end of the batch (one
+    parameter-sized set, instead of one block's).
     Stepping is ``engine/step.py``'s job (``step_grouped``).
     """
 
