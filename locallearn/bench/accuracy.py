@@ -199,7 +199,7 @@ def write(
         f"data: {budget['dataset']}, {images} training images, {budget['test_subset'] or 'all'} test images "
         f"(class-balanced first N), {budget['epochs']} epochs, lr {budget['lr']} (SGD, nesterov, cosine, "
         f"{budget['warmup_epochs']} warm-up epochs), augmentation on",
-        f"model: {backbone}, K={k} (split even: one layer per block), bp K=1; seeds {sorted({s['seed'] for s in summaries})}",
+        f"model: {backbone}, K={k} (split even: the layers shared out evenly over the blocks), bp K=1; seeds {sorted({s['seed'] for s in summaries})}",
         f"wall time {wall / 60:.1f} min for {len(summaries)} runs ({jobs} at a time, torch threads {threads or 'default'})",
         "gap_closed = (err_base - err_method) / (err_base - err_bp), on the means; paper (400 epochs, CIFAR-10): "
         "DGL+MAN++ 69%, InfoPro+MAN++ 71%",
