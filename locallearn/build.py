@@ -9,12 +9,14 @@ import dataclasses
 import inspect
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from locallearn.backbones import edsr, resnet_cifar, torchvision_resnet, torchvision_vgg, vit
 from locallearn.backbones.base import Backbone
+from locallearn.backbones.torchvision_adapter import read_state_dict
 from locallearn.config import Config, ConfigError, from_dict
 from locallearn.methods.auglocal import AugLocal
 from locallearn.methods.base import AuxContext, Method
@@ -117,12 +119,41 @@ def build_backbone(name: str, in_chans: int, **kw) -> Backbone:
     return factory(in_chans=in_chans, **kw)
 
 
+def refuse_moved_options(cfg: Config) -> None:
+    """Options that moved, named with their new place (instead of "unknown key")."""
+    if "pretrained" in cfg.task.segmentation:
+        raise ConfigError(
+            "task.segmentation.pretrained is now model.pretrained (it applies to every task): "
+            f"write model.pretrained={cfg.task.segmentation['pretrained']}"
+        )
+
+
+def load_pretrained_backbone(backbone: Backbone, name: str, path: str) -> None:
+    """``model.pretrained=FILE``: a state dict of exactly this torchvision architecture (ImageNet
+    weights: ``resnet50-0676ba61.pth``, ...; dilated ResNets take their plain ResNet's file); the
+    torchvision classifier in the file is ignored. One-line ``ConfigError`` otherwise."""
+    what = "model.pretrained"
+    load = getattr(backbone, "load_pretrained", None)
+    if load is None:
+        raise ConfigError(
+            f"{what}: backbone {name} cannot load torchvision weights; use a torchvision backbone "
+            "(resnet18..152, resnext*, resnet50_d8 / resnet101_d8, vgg*, vit_*)"
+        )
+    file = Path(path).expanduser()
+    try:
+        load(read_state_dict(file, what), f"{what}={str(file)!r}")
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    log.info("backbone %s initialised from %s", name, file)
+
+
 def build_task(cfg: Config, num_classes: int) -> Task:
     """The task named by ``task.name``, its options (``task.<name>.<field>``) checked against the task
     class's own ``Config`` dataclass."""
     name = cfg.task.name
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    refuse_moved_options(cfg)
     options = {
         "classification": {"label_smoothing": cfg.task.label_smoothing},
         "detection": cfg.task.detection,
@@ -136,20 +167,34 @@ def build_task(cfg: Config, num_classes: int) -> Task:
         raise ConfigError(str(e)) from None
 
 
-def check_config(cfg: Config) -> None:
-    """Fail fast on names and options, before any data is read."""
+def check_config(cfg: Config, load_weights: bool = True) -> None:
+    """Fail fast on names and options, before any data is read (and on a missing ``model.pretrained``
+    file, unless ``load_weights`` is False: a checkpoint will be loaded instead)."""
     if cfg.model.backbone not in BACKBONES:
         raise ConfigError(f"unknown backbone {cfg.model.backbone!r}; choose from {sorted(BACKBONES)}")
     if cfg.task.name not in TASKS:
         raise ConfigError(f"unknown task {cfg.task.name!r}; choose from {sorted(TASKS)}")
+    refuse_moved_options(cfg)
+    if load_weights and cfg.model.pretrained and not Path(cfg.model.pretrained).expanduser().is_file():
+        raise ConfigError(f"model.pretrained: no file {cfg.model.pretrained!r}")
     build_method(cfg.method.name, cfg.method.options)
 
 
-def build_model(cfg: Config, inputs: InputInfo, num_classes: int) -> tuple[LocalModel, Method, Task]:
-    """Build the LocalModel for ``cfg`` on data shaped like ``inputs``."""
+def build_model(
+    cfg: Config, inputs: InputInfo, num_classes: int, load_weights: bool = True
+) -> tuple[LocalModel, Method, Task]:
+    """Build the LocalModel for ``cfg`` on data shaped like ``inputs``.
+
+    ``load_weights``: read the initial weights the config names (``model.pretrained``, the task's
+    ``init_model``). False when a checkpoint is loaded over the model next (resume, eval): the files
+    are then neither needed nor read."""
     backbone = build_backbone(
         cfg.model.backbone, inputs.channels, droprate=cfg.model.droprate, image_size=inputs.size
     )
+    if cfg.model.pretrained and load_weights:
+        # before the aux nets are built: the copies of later layers made at build time (MAN's
+        # ``init: copy``, MLAAN's chain) start from the pretrained layers; re-initialised ones stay so
+        load_pretrained_backbone(backbone, cfg.model.backbone, cfg.model.pretrained)
     method = build_method(cfg.method.name, cfg.method.options)
     task = build_task(cfg, num_classes)
     k_total = cfg.model.num_blocks
@@ -197,7 +242,8 @@ def build_model(cfg: Config, inputs: InputInfo, num_classes: int) -> tuple[Local
     auxes.append(method.make_head(HeadLoss(task, head)))
     taps = bank_taps(auxes, [*cuts, len(layers)], levels)
     model = LocalModel(backbone, cuts, auxes, window=method.window, taps=taps)
-    task.init_model(model)  # pretrained= (super-resolution: a x2 run; segmentation: ImageNet ResNet)
+    if load_weights:
+        task.init_model(model)  # super-resolution: task.super_resolution.pretrained (a x2 run)
     return model, method, task
 
 

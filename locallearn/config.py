@@ -44,6 +44,10 @@ class ModelConfig:
     split: str = "even"  # even | cuts | infopro | infopro_balanced | manpp (split.py)
     cuts: list[int] | None = None  # explicit first-layer indices of blocks 1..K-1
     droprate: float = 0.0  # InfoPro --droprate 0.0
+    # a state dict file for the backbone (e.g. torchvision's ImageNet resnet50-0676ba61.pth), loaded
+    # right after the backbone is built, before any aux net copies a layer; torchvision backbones only.
+    # Not read again when a run resumes or a checkpoint is evaluated (the checkpoint holds the weights).
+    pretrained: str = ""
 
 
 @dataclass

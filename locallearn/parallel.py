@@ -44,7 +44,9 @@ def _local_config(cfg: Config, ctx: Context) -> Config:
 
 
 class _DistributedRun(Run):
-    def __init__(self, cfg: Config, run_dir: Path | None = None, quiet: bool = False) -> None:
+    def __init__(
+        self, cfg: Config, run_dir: Path | None = None, quiet: bool = False, load_weights: bool = True
+    ) -> None:
         if cfg.engine.amp == "fp16":
             raise ConfigError(
                 f"engine.mode={cfg.engine.mode} supports amp=none or bf16 (fp16 loss scaling skips "
@@ -55,7 +57,7 @@ class _DistributedRun(Run):
                 f"engine.mode={cfg.engine.mode}: run the compared methods {cfg.compare} as separate jobs"
             )
         self.ctx = distributed.init(cfg.engine.mode, cfg.engine.device, cfg.engine.dist_timeout_s)
-        super().__init__(_local_config(cfg, self.ctx), run_dir, quiet or not self.ctx.is_main)
+        super().__init__(_local_config(cfg, self.ctx), run_dir, quiet or not self.ctx.is_main, load_weights)
         self.cfg = cfg
         self.device = self.ctx.device
 
@@ -303,12 +305,15 @@ class DDPRun(_DistributedRun):
 RUNS: dict[str, type[_DistributedRun]] = {"pipeline": PipelineRun, "ddp": DDPRun}
 
 
-def parallel_run(cfg: Config, run_dir: Path | None = None, quiet: bool = False) -> Run:
+def parallel_run(
+    cfg: Config, run_dir: Path | None = None, quiet: bool = False, load_weights: bool = True
+) -> Run:
+    """``load_weights=False``: a checkpoint is loaded next (resume); ``model.pretrained`` is not read."""
     if cfg.engine.mode not in RUNS:
         raise ConfigError(
             f"engine.mode: unknown mode {cfg.engine.mode!r}; choose sequential, {', '.join(RUNS)}"
         )
-    return RUNS[cfg.engine.mode](cfg, run_dir, quiet)
+    return RUNS[cfg.engine.mode](cfg, run_dir, quiet, load_weights)
 
 
 def resume_parallel(
@@ -333,6 +338,6 @@ def resume_parallel(
     if cfg.engine.mode == "sequential":
         return None
     cfg = resume_config(cfg, config_file, list(overrides), int(state["epoch"]))
-    run = parallel_run(cfg, run_dir=ckpt.parent, quiet=quiet)
+    run = parallel_run(cfg, run_dir=ckpt.parent, quiet=quiet, load_weights=False)
     run.load_state_dict(state)
     return run

@@ -244,10 +244,14 @@ class Run:
 
     is_main = True  # the process that writes the run directory's files (rank 0 under torchrun)
 
-    def __init__(self, cfg: Config, run_dir: Path | None = None, quiet: bool = False) -> None:
+    def __init__(
+        self, cfg: Config, run_dir: Path | None = None, quiet: bool = False, load_weights: bool = True
+    ) -> None:
+        """``load_weights=False``: a checkpoint is loaded next (``resume``), so the initial weights
+        the config names (``model.pretrained``, ...) are not read."""
         self.cfg = cfg
         self.quiet = quiet
-        check_config(cfg)
+        check_config(cfg, load_weights)
         check_group_steps(cfg)
         if cfg.engine.threads:
             torch.set_num_threads(cfg.engine.threads)
@@ -266,7 +270,9 @@ class Run:
         # the train loader drops a last batch of 1 image (batch norm, aux heads): said once in ``fit``
         self.train_loader.min_batch = max(self.train_loader.min_batch, self.min_train_batch())
         try:
-            self.model, self.method, self.task = build_model(cfg, train_set.info, train_set.num_classes)
+            self.model, self.method, self.task = build_model(
+                cfg, train_set.info, train_set.num_classes, load_weights=load_weights
+            )
         except ValueError as e:  # a method option the method itself refuses (head kind, momentum, ...)
             raise ConfigError(str(e)) from None
         self.task.bind(test_set)
@@ -361,7 +367,7 @@ class Run:
         state = checkpoint.load(ckpt)
         refuse_merged(state, ckpt)
         cfg = resume_config(config_from_checkpoint(state), config_file, list(overrides), int(state["epoch"]))
-        run = cls(cfg, run_dir=ckpt.parent, quiet=quiet)
+        run = cls(cfg, run_dir=ckpt.parent, quiet=quiet, load_weights=False)
         run.load_state_dict(state)
         return run
 
@@ -534,7 +540,7 @@ class Run:
             "epochs": self.epoch,
             "metric": self.task.main_metric,
             "final": values[-1] if values else None,
-            "best": max(values) if values else None,
+            "best": self.task.best(values),  # max, or min for a lower-is-better main metric
             "final_test_error": 100 - values[-1] if values and self.task.main_metric == "top1" else None,
             "memory": self.memory,
             "median_step_time_s": step,
@@ -560,9 +566,20 @@ def refuse_merged(state: dict[str, Any], path: Path) -> None:
 
 def config_from_checkpoint(state: dict[str, Any]) -> Config:
     try:
-        return from_dict(Config, state["config"])
+        return from_dict(Config, migrate_config(state["config"]))
     except (KeyError, ConfigError) as e:
         raise checkpoint.CheckpointError(f"checkpoint holds no usable config ({e})") from None
+
+
+def migrate_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config in today's keys: ``task.segmentation.pretrained`` became ``model.pretrained``."""
+    segmentation = (saved.get("task") or {}).get("segmentation") or {}
+    if "pretrained" not in segmentation:
+        return saved
+    saved = {**saved, "task": {**saved["task"], "segmentation": dict(segmentation)}}
+    path = saved["task"]["segmentation"].pop("pretrained")
+    saved["model"] = {**(saved.get("model") or {}), "pretrained": path}
+    return saved
 
 
 def comparison_config(cfg: Config, method: str) -> Config:
@@ -587,7 +604,7 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto") -> dict[str, Any
     test_set = test_set.subset(cfg.data.test_subset)
     if cfg.data.image_size and hasattr(test_set, "min_size"):
         test_set.min_size = cfg.data.image_size
-    model, _, task = build_model(cfg, test_set.info, test_set.num_classes)
+    model, _, task = build_model(cfg, test_set.info, test_set.num_classes, load_weights=False)
     task.bind(test_set)
     checkpoint.load_model_state(model, state["model"])
     dev = select_device(device)

@@ -74,7 +74,7 @@ def load_run(
     if data_root is not None:
         cfg.data.root = data_root
     info, num_classes = data_shape(cfg)
-    model, _, _ = build_model(cfg, info, num_classes)
+    model, _, _ = build_model(cfg, info, num_classes, load_weights=False)  # the run's weights come next
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as e:

@@ -9,12 +9,17 @@ we record it once and use it to export to / import from plain torchvision.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from locallearn.backbones.base import Backbone
 from locallearn.types import FeatureInfo
+
+# the torchvision classifiers a task head replaces: ignored in a pretrained file whatever their size
+# (VGG's adapter never builds its 120M-parameter ``classifier``, so it is not among ``tv_unused``)
+CLASSIFIERS = ("fc.", "classifier.", "heads.")
 
 
 def tensor_names(module: nn.Module) -> dict[int, str]:
@@ -74,7 +79,9 @@ class TorchvisionBackbone(Backbone):
         reshaped keys."""
         to_ours = {tv: ours for ours, tv in self.tv_keys.items()}
         own = self.state_dict()
-        unexpected = [k for k in state if k not in to_ours and k not in self.tv_unused]
+        unexpected = [
+            k for k in state if k not in to_ours and k not in self.tv_unused and not k.startswith(CLASSIFIERS)
+        ]
         missing = [k for k in to_ours if k not in state and not k.endswith("num_batches_tracked")]
         reshaped = [
             f"{k} {tuple(state[k].shape)} (expected {tuple(own[o].shape)})"
@@ -90,6 +97,31 @@ class TorchvisionBackbone(Backbone):
             arch = getattr(self, "arch", type(self).__name__)
             raise ValueError(f"{source} does not fit backbone {arch}: keys {'; '.join(parts)}")
         self.load_state_dict({to_ours[k]: v for k, v in state.items() if k in to_ours}, strict=False)
+
+
+def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict file (plain, or under ``state_dict`` / ``model``), read without
+    unpickling code (``weights_only``); one-line errors for a missing, unreadable or foreign file
+    (``FileNotFoundError`` / ``ValueError``, starting with ``what``)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: no file {str(path)!r}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, pickled code: all mean "not a weights file"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        if "Weights only load failed" in reason:  # torch's advice to unpickle code does not apply here
+            reason = "not a torch.save file of tensors; save a model's state_dict()"
+        raise ValueError(f"{what}: cannot read {str(path)!r} as a PyTorch state dict ({reason})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(v, torch.Tensor) for v in state.values())
+    ):
+        raise ValueError(f"{what}: {str(path)!r} holds no state dict (a dict of tensors)")
+    return state
 
 
 def torchvision_cnn_init(module: nn.Module, linear_std: float | None = None) -> None:

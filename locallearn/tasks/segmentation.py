@@ -21,10 +21,8 @@ means (for mean accuracy: a class with no ground-truth pixel is left out), as mm
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,16 +33,12 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from locallearn.tasks.base import Evaluator, HeadRef, Task
 from locallearn.types import Batch, FeatureInfo
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class SegmentationConfig:
     ignore_index: int = 255  # Cityscapes / VOC: 255 = void / border
     aux_width: int = 128  # channels of the local heads' conv3x3 (aux nets)
-    # a torchvision ResNet state dict file (ImageNet weights, e.g. resnet50-11ad3fa6.pth) loaded into the
-    # backbone, dilated or not: MAN++ Table V's "ImageNet-pretrained" rows; ``fc.*`` is ignored
-    pretrained: str = ""
+    # MAN++ Table V's "ImageNet-pretrained" rows: ``model.pretrained=resnet50-0676ba61.pth`` (any task)
 
     def __post_init__(self) -> None:
         if self.aux_width < 1:
@@ -86,30 +80,6 @@ def scores(confusion: torch.Tensor) -> dict[str, float]:
         "mean_acc": 100.0 * acc.mean().item() if len(acc) else 0.0,
         "miou": 100.0 * iou.mean().item() if len(iou) else 0.0,
     }
-
-
-def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """The tensors of a state dict file (plain, or under ``state_dict`` / ``model``), read without
-    unpickling code (``weights_only``); one-line errors for a missing, unreadable or foreign file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: no file {str(path)!r}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, pickled code: all mean "not a weights file"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        if "Weights only load failed" in reason:  # torch's advice to unpickle code does not apply here
-            reason = "not a torch.save file of tensors; save a model's state_dict()"
-        raise ValueError(f"{what}: cannot read {str(path)!r} as a PyTorch state dict ({reason})") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if (
-        not isinstance(state, dict)
-        or not state
-        or not all(isinstance(v, torch.Tensor) for v in state.values())
-    ):
-        raise ValueError(f"{what}: {str(path)!r} holds no state dict (a dict of tensors)")
-    return state
 
 
 class SegmentationEvaluator(Evaluator):
@@ -210,21 +180,6 @@ class Segmentation(Task):
 
     def evaluator(self) -> SegmentationEvaluator:
         return SegmentationEvaluator(self)
-
-    def init_model(self, model: nn.Module) -> None:
-        """Load ``cfg.pretrained`` into the backbone (a torchvision ResNet state dict of the same depth)."""
-        if not self.cfg.pretrained:
-            return
-        what = "task.segmentation.pretrained"
-        load = getattr(model.backbone, "load_pretrained", None)
-        if load is None:
-            raise ValueError(
-                f"{what}: backbone {type(model.backbone).__name__} cannot load torchvision weights "
-                "(use a torchvision ResNet: resnet50_d8, resnet101_d8, resnet18, ...)"
-            )
-        path = Path(self.cfg.pretrained).expanduser()
-        load(read_state_dict(path, what), f"{what}={str(path)!r}")
-        log.info("backbone initialised from %s", path)
 
 
 __all__ = [

@@ -176,6 +176,7 @@ class SREvaluator(Evaluator):
 class SuperResolution(Task):
     name = "super_resolution"
     main_metric = "psnr"
+    higher_is_better = True
     dense = True
     levels = ("C0", "L0")
     reads = ("L0",)

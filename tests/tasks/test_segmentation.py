@@ -155,56 +155,6 @@ def test_bp_k1_equals_torchvision_deeplabv3() -> None:
     )
 
 
-# ----------------------------------------------------------------------------- pretrained= from a file
-
-
-def test_pretrained_imagenet_resnet_file_loads_into_the_dilated_backbone(tmp_path) -> None:
-    """task.segmentation.pretrained=FILE: a torchvision ResNet-50 state dict (random weights standing in
-    for ImageNet's) becomes the dilated backbone's weights, ``fc`` ignored; bad files fail in one line."""
-    torch.manual_seed(1)
-    ref = torchvision.models.resnet50(weights=None).state_dict()
-    ref["fc.weight"], ref["fc.bias"] = torch.randn(10, 2048), torch.zeros(10)  # any classifier is ignored
-    path = tmp_path / "resnet50.pth"
-    torch.save(ref, path)
-    model, _, task = build("bp", k=1, backbone="resnet50_d8", **{"task.segmentation.pretrained": str(path)})
-    loaded = model.backbone.to_torchvision_state_dict()
-    assert loaded.keys() == {k for k in ref if not k.startswith("fc.")}
-    assert all(torch.equal(loaded[k], ref[k]) for k in loaded)
-
-    def fails(content, match: str) -> None:
-        bad = tmp_path / "bad.pth"
-        if isinstance(content, bytes):
-            bad.write_bytes(content)
-        else:
-            torch.save(content, bad)
-        task.cfg.pretrained = str(bad)
-        with pytest.raises(ValueError, match=match):
-            task.init_model(model)
-
-    fails(path.read_bytes()[: 1 << 20], "task.segmentation.pretrained: cannot read .*bad.pth")  # truncated
-    fails(b"not a checkpoint", "cannot read")
-    fails({"epoch": 3}, "holds no state dict")
-    fails(
-        {k: v for k, v in ref.items() if k != "layer4.2.conv3.weight"}, r"1 missing \(layer4.2.conv3.weight\)"
-    )
-    fails({**ref, "layer5.0.conv1.weight": ref["conv1.weight"]}, r"1 unexpected \(layer5.0.conv1.weight\)")
-    resnet18 = torchvision.models.resnet18(weights=None).state_dict()
-    fails({"state_dict": resnet18}, "resnet50: keys .* missing .*; .* reshaped")  # wrong depth
-    task.cfg.pretrained = str(tmp_path / "nowhere.pth")
-    with pytest.raises(FileNotFoundError, match="task.segmentation.pretrained: no file .*nowhere.pth"):
-        task.init_model(model)
-    after = model.backbone.to_torchvision_state_dict()
-    assert all(torch.equal(t, ref[k]) for k, t in after.items())  # a refused file changes nothing
-
-
-def test_pretrained_needs_a_torchvision_backbone(tmp_path) -> None:
-    path = tmp_path / "w.pth"
-    torch.save({"conv1.weight": torch.zeros(1)}, path)
-    cfg = seg_config("bp", backbone="resnet20", k=1, **{"task.segmentation.pretrained": str(path)})
-    with pytest.raises(ValueError, match="cannot load torchvision weights"):
-        build_model(cfg, InputInfo(3, 32, MEAN, STD), C)
-
-
 # -------------------------------------------------------------------------------------------- metrics
 
 
