@@ -18,6 +18,10 @@ graph inputs after the first difference instead of one graph per block (Dynamo's
 Dynamo's per-function recompile limit (8) is raised so that a deep model's distinct blocks all
 compile instead of silently falling back to eager.
 
+The memory meter still works (saved-tensor hooks see what the compiled graphs save), but it then
+measures the compiled graphs: with inductor they keep other (often larger, pooled) buffers than eager
+PyTorch, so compare activation memory between methods with compile off.
+
 Apply it last, after ``model.to(device)`` and anything that deep-copies the model (the compiled
 forward is bound to the original module: a deep copy would run the original).
 """
