@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint_sequential
 from locallearn.build import BACKBONES, build_model
 from locallearn.config import Config, load_config
 from locallearn.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
+from locallearn.engine.compile import compile_blocks
 from locallearn.engine.optim import GroupedOptimizer, build_optimizer, group_optimizers
 from locallearn.engine.sequential import train_step
 from locallearn.model import LocalModel
@@ -158,6 +159,13 @@ def build_cell(
     segments = checkpoint_segments(num_blocks) if parse_spec(method)[0] == CHECKPOINT else 0
     autocast = bench_autocast(cfg.engine.amp if cfg.engine.amp != "none" else amp, device)
     return Cell(method, model, opts, segments, cfg=cfg, autocast=autocast)
+
+
+def compile_cell(cell: Cell) -> None:
+    """Apply ``engine.compile`` (per-block torch.compile) to a built cell. Call it after counting FLOPs
+    and before timing: the compile itself lands in the first (warm-up) step."""
+    if cell.cfg is not None and cell.cfg.engine.compile and not cell.segments:
+        compile_blocks(cell.model, cell.cfg.engine.compile_backend, cell.cfg.engine.compile_mode)
 
 
 def checkpointed_step(

@@ -32,6 +32,7 @@ from locallearn.bench.common import (
     Cell,
     bench_inputs,
     build_cell,
+    compile_cell,
     header,
     markdown_table,
     parse_cell,
@@ -152,7 +153,11 @@ def run(
             built = None
         else:
             built = [build(m) for m in methods]
-            flops = [count_flops(c, batch) for c in built]
+            flops = [count_flops(c, batch) for c in built]  # before compiling: FLOPs of the eager graph
+            if warmup < 1 and any(c.cfg is not None and c.cfg.engine.compile for c in built):
+                raise ValueError("engine.compile cells need --warmup >= 1 (the first step compiles)")
+            for c in built:
+                compile_cell(c)  # engine.compile cells compile in their first (warm-up) step
             log.info(
                 "speed: %s K=%d, %d methods interleaved, %d+%d rounds", backbone, k, len(built), warmup, steps
             )
