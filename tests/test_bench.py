@@ -223,3 +223,66 @@ def test_speed_bench_compiles_cells_after_counting_flops(tmp_path):
     rows = read_csv(tmp_path / "speed.csv")
     plain, compiled = rows[1], rows[2]
     assert compiled["method"] == spec and compiled["gflop_per_step"] == plain["gflop_per_step"]
+
+
+def test_speed_breakdown_columns_add_up_to_the_profiled_step(tmp_path):
+    """The four parts of a profiled step add up to its wall clock, bp has an optimizer part, a method with
+    an aux has uncounted ops. Tolerance: on CPU the parts are the profiler's self times inside the step's
+    record_function range (they sum to the range's length), ``profiled_ms`` is time.perf_counter around
+    that range; the two clocks differ by the range's enter/exit and the profiler's own bookkeeping at
+    the edges (tens of us, measured < 1% here), far below what a part dropped or counted twice would
+    move (the smallest part, the optimizer, is several % of a step)."""
+    from locallearn.bench.speed import BREAKDOWN_COLUMNS, PARTS
+
+    main(
+        ["bench", "speed", "--cells", "resnet20:2", "--methods", "bp", "dgl", "--batch", "2"]
+        + ["--steps", "1", "--warmup", "0", "--breakdown-rounds", "1", "--out", str(tmp_path), "--name", "bd"]
+    )
+    rows = read_csv(tmp_path / "bd.csv")
+    assert set(BREAKDOWN_COLUMNS) <= set(rows[0])
+    for r in rows:
+        parts = [float(r[f"{p}_ms"]) for p in PARTS]
+        assert min(parts) >= 0 and float(r["counted_ms"]) > 0
+        assert math.isclose(sum(parts), float(r["profiled_ms"]), rel_tol=0.03, abs_tol=0.5)
+    bp, dgl = rows
+    assert float(bp["optimizer_ms"]) > 0 and float(dgl["other_ms"]) > 0
+    assert close(float(bp["time_over_flop_counted_only"]), 1.0)
+    counted_ratio = float(dgl["counted_ms"]) / float(bp["counted_ms"])
+    assert close(float(dgl["time_over_flop_counted_only"]), counted_ratio / float(dgl["flop_ratio"]))
+    md = (tmp_path / "bd.md").read_text()
+    assert "## Where a step's time goes" in md and "counted ops alone" in md
+
+
+def test_speed_breakdown_classifies_ops_like_the_flop_counter():
+    """Convolutions and matmuls (and what they call, e.g. mkldnn kernels) are counted, BN is other, the
+    SGD update is optimizer, Python between ops is host."""
+    from torch import nn
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from locallearn.bench.speed import STEP_RANGE, counted_op_names, split_step
+
+    counted = counted_op_names()
+    assert {"aten::convolution", "aten::convolution_backward", "aten::mm", "aten::addmm"} <= counted
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(2, 3, 8, 8)
+    with profile(activities=[ProfilerActivity.CPU]) as prof, record_function(STEP_RANGE):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    parts, other = split_step(prof.events(), counted, device_time=False)
+    assert all(parts[p] > 0 for p in ("counted", "optimizer", "other", "host"))
+    assert "aten::native_batch_norm" in other
+    assert not any("convolution" in name or name in ("aten::mm", "aten::addmm") for name in other)
+    assert not any(name.startswith("Optimizer.") for name in other)
+
+
+def test_speed_no_breakdown_leaves_the_columns_blank(tmp_path):
+    main(
+        ["bench", "speed", "--cells", "resnet20:2", "--methods", "dgl", "--batch", "2", "--steps", "1"]
+        + ["--warmup", "0", "--no-breakdown", "--out", str(tmp_path), "--name", "nb"]
+    )
+    rows = read_csv(tmp_path / "nb.csv")
+    assert list(rows[0]) == SPEED_COLUMNS
+    assert {r["counted_ms"] for r in rows} == {r["time_over_flop_counted_only"] for r in rows} == {""}
+    assert "## Where a step's time goes" not in (tmp_path / "nb.md").read_text()
