@@ -22,8 +22,9 @@ op: BatchNorm, element-wise, copies, pooling, interpolation, autograd bookkeepin
 and ``host`` (on CPU the step's time outside any op: Python and module-call glue; on CUDA the time the
 device sat idle). ``time_over_flop_counted_only`` = (counted time ratio) / flop_ratio: about 1 means the
 arithmetic costs what its FLOPs say and the whole overhead is the uncounted work. ``--no-breakdown``
-skips it. The profiler adds a per-op cost, so ``profiled_ms`` exceeds ``median_step_ms`` (most for
-methods with many small ops); the parts are for attribution, the medians for the ratios.
+skips it. ``profiled_ms`` is not ``median_step_ms``: the profiler adds a per-op cost (most for methods
+with many small ops) and its steps run at another moment of a shared machine; the parts are for
+attribution, the unprofiled medians for the ratios.
 """
 
 from __future__ import annotations
