@@ -216,7 +216,19 @@ def test_speed_cell_honours_group_steps_and_steps_like_the_default():
 
 def test_speed_bench_compiles_cells_after_counting_flops(tmp_path):
     spec = "dgl[engine.compile=true,engine.compile_backend=eager]"
-    args = ["bench", "speed", "--cells", "resnet20:2", "--methods", "dgl", spec, "--batch", "2", "--steps", "1"]
+    args = [
+        "bench",
+        "speed",
+        "--cells",
+        "resnet20:2",
+        "--methods",
+        "dgl",
+        spec,
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+    ]
     with pytest.raises(ValueError, match="warmup"):  # the first step compiles: it must not be timed
         main([*args, "--warmup", "0", "--out", str(tmp_path)])
     main([*args, "--warmup", "1", "--out", str(tmp_path)])
