@@ -135,6 +135,9 @@ class EngineConfig:
     compile: bool = False  # torch.compile each block's body + aux (regional; once per distinct block shape)
     compile_backend: str = "inductor"  # inductor | aot_eager | eager (the last two: no code generation)
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    # block: each block's body + aux as one compiled region (faster on CPU: benchmarks/results/compile_speed.md)
+    # | module: each body and each aux its own region
+    compile_region: str = "block"
     # engine.mode=pipeline (engine/pipeline.py) and ddp (engine/ddp.py)
     pipeline_depth: int = 2  # batches sent to the next rank but not yet received by it (bounded queue)
     pipeline_blocks: list[int] | None = (
@@ -153,6 +156,7 @@ class EngineConfig:
             self.compile_mode,
             ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         )
+        _choice("engine.compile_region", self.compile_region, ("module", "block"))
         _at_least("engine.threads", self.threads, 1)
         _at_least("engine.pipeline_depth", self.pipeline_depth, 1)
         _at_least("engine.sync_every", self.sync_every, 1)

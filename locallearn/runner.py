@@ -141,6 +141,7 @@ SAFE_ON_RESUME = (
     "engine.compile",  # the same computation, compiled or not
     "engine.compile_backend",
     "engine.compile_mode",
+    "engine.compile_region",
     "data.num_workers",
 )
 
@@ -315,7 +316,7 @@ class Run:
         auxes = not self.task.dense
         if not auxes:
             log.info("engine.compile: task %s is dense, its aux nets and head stay eager", self.task.name)
-        compile_blocks(self.model, e.compile_backend, e.compile_mode, auxes=auxes)
+        compile_blocks(self.model, e.compile_backend, e.compile_mode, auxes=auxes, region=e.compile_region)
 
     def open_run_dir(self, run_dir: Path | None) -> Path:
         """A fresh run directory, or ``run_dir``; locked, with temp files of a killed save removed."""

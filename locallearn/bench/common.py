@@ -165,7 +165,8 @@ def compile_cell(cell: Cell) -> None:
     """Apply ``engine.compile`` (per-block torch.compile) to a built cell. Call it after counting FLOPs
     and before timing: the compile itself lands in the first (warm-up) step."""
     if cell.cfg is not None and cell.cfg.engine.compile and not cell.segments:
-        compile_blocks(cell.model, cell.cfg.engine.compile_backend, cell.cfg.engine.compile_mode)
+        e = cell.cfg.engine
+        compile_blocks(cell.model, e.compile_backend, e.compile_mode, region=e.compile_region)
 
 
 def checkpointed_step(

@@ -43,13 +43,14 @@ def local_step(
     """
     if cascade is not None and scaler is not None:
         raise ValueError("window-2 methods do not support fp16 loss scaling (one scale per block); use bf16")
+    # engine.compile_region=block: this block's forward as one compiled region (engine/compile.py)
+    forward = getattr(body, "compiled_block_forward", None) or block_forward
     with track or nullcontext(), autocast or nullcontext():
         # no gradient ever leaves the block (or the two blocks of a cascade); bank entries are detached
-        h = body(h.detach(), batch.bank) if getattr(body, "writes_bank", False) else body(h.detach())
         if cascade is None:
-            out = aux(h, batch)  # the last block's aux is the task head + task loss
+            h, out = forward(body, aux, h.detach(), batch)
         else:
-            out = aux(h, batch, cascade=body(cascade.body(cascade.h.detach())))
+            h, out = forward(body, aux, h.detach(), batch, cascade.body, cascade.h.detach())
     loss = out["loss"]
     if loss.requires_grad:  # a block whose loss weights are all 0 has nothing to learn this step
         (scaler.scale(loss) if scaler is not None else loss).backward()  # frees this block's graph
@@ -64,6 +65,24 @@ def local_step(
                 opt.step()
         opt.zero_grad(set_to_none=True)
     return h.detach(), out
+
+
+def block_forward(
+    body: nn.Module,
+    aux: nn.Module,
+    h: torch.Tensor,
+    batch: Batch,
+    cascade_body: nn.Module | None = None,
+    h_prev: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The forward half of ``local_step`` on an already detached input: the block's output (not
+    detached) and the aux's outputs. With ``cascade_body`` (window 2) the aux also gets block k-1 run
+    again on its detached input ``h_prev`` and block k on that, as ``cascade=``. Pure (no detach, no
+    backward, no step), so ``engine.compile_region=block`` compiles it as one region per block."""
+    h = body(h, batch.bank) if getattr(body, "writes_bank", False) else body(h)
+    if cascade_body is None:
+        return h, aux(h, batch)  # the last block's aux is the task head + task loss
+    return h, aux(h, batch, cascade=body(cascade_body(h_prev)))
 
 
 def step_grouped(grouped: GroupedOptimizer) -> None:

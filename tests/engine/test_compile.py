@@ -15,11 +15,12 @@ from torch._dynamo.utils import counters
 
 from locallearn.config import ConfigError, load_config
 from locallearn.engine import checkpoint
-from locallearn.engine.compile import compile_blocks, compile_module, is_compiled
+from locallearn.engine.compile import compile_blocks, compile_function, compile_module, is_compiled
 from locallearn.engine.sequential import train_step
+from locallearn.engine.step import block_forward, local_step
 from locallearn.model import Body
 from locallearn.runner import Run
-from locallearn.types import FeatureBank
+from locallearn.types import Batch, FeatureBank
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +52,7 @@ def test_compiled_blocks_train_exactly_as_eager(method):
     (MAN++ momentum syncs and MLAAN's window-2 cascade included), with the same state-dict keys."""
     (ma, oa, _, _), (mb, ob, _, _) = _pair(method)
     keys = list(mb.state_dict())
-    compile_blocks(mb, backend="eager")
+    compile_blocks(mb, backend="eager", region="module")
     assert all(is_compiled(mb.body(k)) and is_compiled(mb.auxes[k]) for k in range(mb.num_blocks))
     assert list(mb.state_dict()) == keys and not any("_orig_mod" in key for key in keys)
     for la, lb in zip(_steps(ma, oa), _steps(mb, ob)):
@@ -66,7 +67,7 @@ def test_blocks_of_one_structure_share_their_graphs():
     """resnet20 K=10 (dgl): 10 bodies and 10 aux nets, but only the distinct structures compile: bodies
     stem, 16, 16->32, 32, 32->64, 64; aux nets at 16, 32, 64 channels; the head."""
     model, opts, _, _ = make_model("dgl", k=10)
-    compile_blocks(model, backend="eager")
+    compile_blocks(model, backend="eager", region="module")
     _steps(model, opts, n=2)
     assert counters["stats"]["unique_graphs"] == 6 + 3 + 1
     assert sum(counters["graph_break"].values()) == 0
@@ -76,7 +77,7 @@ def test_infopro_loss_weights_do_not_compile_a_graph_per_block():
     """InfoPro's per-block loss weights are Python floats: they become graph inputs after the first
     difference instead of one aux graph per block (7 aux nets of 3 shapes here)."""
     model, opts, _, _ = make_model("infopro", k=8)
-    compile_blocks(model, backend="eager")
+    compile_blocks(model, backend="eager", region="module")
     _steps(model, opts, n=1)
     weights = {(a.lambda1, a.lambda2) for a in list(model.auxes)[:-1]}
     assert len(weights) == 7
@@ -86,7 +87,7 @@ def test_infopro_loss_weights_do_not_compile_a_graph_per_block():
 
 def test_a_new_batch_size_recompiles_static_shapes():
     model, opts, _, _ = make_model("dgl", k=4)
-    compile_blocks(model, backend="eager")
+    compile_blocks(model, backend="eager", region="module")
     _steps(model, opts, n=1, size=8)
     first = counters["stats"]["unique_graphs"]
     _steps(model, opts, n=1, size=6)  # an epoch's smaller last batch: its own static graphs
@@ -121,9 +122,114 @@ def test_recomputing_momentum_aux_stays_eager(caplog):
 
 def test_bodies_only():
     model, opts, _, _ = make_model("dgl", k=4)
-    compile_blocks(model, backend="eager", auxes=False)
+    compile_blocks(model, backend="eager", auxes=False, region="module")
     assert not any(is_compiled(a) for a in model.auxes)
     _steps(model, opts, n=1)
+
+
+BLOCK_CASES = [
+    ("bp", 1, "eager"),
+    ("dgl", 4, "eager"),
+    ("infopro", 4, "eager"),
+    ("dgl+manpp", 4, "eager"),
+    ("mlaan", 4, "eager"),
+    ("bp", 1, "aot_eager"),
+    ("dgl", 4, "aot_eager"),
+    ("dgl+manpp", 4, "aot_eager"),
+    ("mlaan", 4, "aot_eager"),
+    # not infopro under aot_eager: its loss weights become symbolic graph inputs there, which rounds
+    # the weighted sum differently from eager in the last bit (module regions alike)
+]
+
+
+@pytest.mark.parametrize(("method", "k", "backend"), BLOCK_CASES)
+def test_block_regions_train_exactly_as_eager(method, k, backend):
+    """engine.compile_region=block: body + aux (+ block k-1 again for MLAAN's cascade) as one region
+    per block; three steps bitwise equal to uncompiled training, state-dict keys unchanged."""
+    (ma, oa, _, _), (mb, ob, _, _) = _pair(method, k=k)
+    keys = list(mb.state_dict())
+    compile_blocks(mb, backend=backend, region="block")
+    assert all(is_compiled(mb.body(i)) for i in range(mb.num_blocks))
+    assert not any(getattr(m, "_compiled_call_impl", None) for m in [*mb.auxes, *mb._bodies])
+    assert list(mb.state_dict()) == keys
+    for la, lb in zip(_steps(ma, oa), _steps(mb, ob)):
+        assert torch.equal(la, lb)
+    sa, sb = ma.state_dict(), mb.state_dict()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    assert counters["stats"]["unique_graphs"] > 0
+    assert sum(counters["graph_break"].values()) == 0
+
+
+def test_block_regions_share_graphs_between_blocks_of_one_structure():
+    """resnet20 K=10 (dgl): one graph per distinct (body, aux) pair: stem, 16, 16->32, 32, 32->64 and
+    64 channels with a DGL aux, 64 with the head: 7 graphs for 10 blocks (module regions: 10)."""
+    model, opts, _, _ = make_model("dgl", k=10)
+    compile_blocks(model, backend="eager", region="block")
+    _steps(model, opts, n=2)
+    assert counters["stats"]["unique_graphs"] == 7
+    assert sum(counters["graph_break"].values()) == 0
+
+
+def test_block_regions_infopro_loss_weights_are_graph_inputs():
+    model, opts, _, _ = make_model("infopro", k=8)
+    compile_blocks(model, backend="eager", region="block")
+    _steps(model, opts, n=1)
+    assert len({(a.lambda1, a.lambda2) for a in list(model.auxes)[:-1]}) == 7
+    # stem, 16, 16->32, 32, 32->64, 64 with the head; plus at most one before the weights went symbolic
+    assert counters["stats"]["unique_graphs"] <= 6 + 1 + 1
+
+
+def test_block_region_with_bank_writing_body_matches_eager():
+    """A body that writes bank entries and an aux that reads one, as one compiled region: the same
+    loss and gradients as eager, and the stored entries are detached."""
+
+    class ReadsBank(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 1)
+
+        def forward(self, h, batch):
+            c0 = batch.bank.read("C0")
+            return {"loss": self.fc(h.mean((2, 3))).square().mean() + c0.square().mean()}
+
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        layers = [torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 1)]
+        body, aux = Body(layers, range(3), {-1: ("input",), 1: ("C0",)}), ReadsBank()
+        if compiled:
+            body.compiled_block_forward = compile_function(block_forward, backend="eager")
+        g = torch.Generator().manual_seed(0)
+        batch = Batch(torch.randn(2, 3, 8, 8, generator=g), torch.arange(2), torch.zeros(3), torch.ones(3))
+        params = [*body.parameters(), *aux.parameters()]
+        h, out = local_step(body, aux, batch.x, batch, torch.optim.SGD(params, lr=0.1))
+        assert not h.requires_grad
+        assert sorted(name for name, _ in batch.bank.items()) == ["C0", "input"]
+        assert all(not t.requires_grad for _, t in batch.bank.items())
+        results.append(
+            [out["loss"].detach(), *(p.detach() for p in params), *(t for _, t in batch.bank.items())]
+        )
+    assert counters["stats"]["unique_graphs"] == 1
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_block_regions_fall_back_to_module_regions_with_a_reason(caplog):
+    model, opts, _, _ = make_model("dgl+manpp", k=4, **{"method.momentum.recompute": "true"})
+    with caplog.at_level("INFO", logger="locallearn.engine.compile"):
+        compile_blocks(model, backend="eager", region="block")
+    assert "module regions instead of block regions" in caplog.text
+    assert "torch.utils.checkpoint" in caplog.text
+    assert not any(getattr(model.body(k), "compiled_block_forward", None) for k in range(4))
+    assert all(getattr(model.body(k), "_compiled_call_impl", None) for k in range(4))
+    _steps(model, opts, n=1)
+    caplog.clear()
+    model, opts, _, _ = make_model("dgl", k=4)
+    with caplog.at_level("INFO", logger="locallearn.engine.compile"):
+        compile_blocks(model, backend="eager", auxes=False, region="block")  # a dense task
+    assert "aux nets stay eager" in caplog.text
+    assert not any(is_compiled(a) for a in model.auxes)
 
 
 def test_unknown_backend_or_mode_is_refused():
@@ -131,8 +237,12 @@ def test_unknown_backend_or_mode_is_refused():
         load_config(None, ["engine.compile=true", "engine.compile_backend=tvm"])
     with pytest.raises(ConfigError, match="engine.compile_mode"):
         load_config(None, ["engine.compile_mode=fast"])
+    with pytest.raises(ConfigError, match="engine.compile_region"):
+        load_config(None, ["engine.compile_region=step"])
     with pytest.raises(ValueError, match="compile_backend"):
         compile_module(torch.nn.Linear(2, 2), backend="tvm")
+    with pytest.raises(ValueError, match="compile_region"):
+        compile_blocks(make_model("dgl", k=2)[0], backend="eager", region="step")
 
 
 RUN = [
@@ -151,14 +261,21 @@ RUN = [
 ]
 
 
-def test_compiled_run_checkpoints_and_resumes_uncompiled(tmp_path):
+@pytest.mark.parametrize("region", ["module", "block"])
+def test_compiled_run_checkpoints_and_resumes_uncompiled(tmp_path, region):
     """A compiled run (memory meter on) saves ordinary checkpoints: resumed without compile, it ends
     bitwise where an uncompiled run does."""
     straight = Run(load_config(None, [*RUN, f"out_dir={tmp_path}", "name=straight"]), quiet=True)
     straight.fit()
-    cfg = load_config(None, [*RUN, f"out_dir={tmp_path}", "name=compiled", "engine.compile=true"])
-    compiled = Run(cfg, quiet=True)
-    assert is_compiled(compiled.model.body(0)) and is_compiled(compiled.model.auxes[0])
+    overrides = [
+        f"out_dir={tmp_path}",
+        "name=compiled",
+        "engine.compile=true",
+        f"engine.compile_region={region}",
+    ]
+    compiled = Run(load_config(None, [*RUN, *overrides]), quiet=True)
+    assert is_compiled(compiled.model.body(0))
+    assert is_compiled(compiled.model.auxes[0]) == (region == "module")
     compiled.fit(stop_after=1)
     assert compiled.memory["peak_activation_bytes"] > 0
     resumed = Run.resume(tmp_path / "compiled", quiet=True, overrides=["engine.compile=false"])
@@ -171,11 +288,12 @@ def test_compiled_run_checkpoints_and_resumes_uncompiled(tmp_path):
 
 
 @pytest.mark.slow
-def test_inductor_matches_eager_closely():
+@pytest.mark.parametrize("region", ["module", "block"])
+def test_inductor_matches_eager_closely(region):
     """Real code generation on the CPU (a C++ compiler is needed): close to eager, not bitwise (fused
     kernels sum in another order)."""
     (ma, oa, _, _), (mb, ob, _, _) = _pair("dgl+manpp", k=3)
-    compile_blocks(mb, backend="inductor")
+    compile_blocks(mb, backend="inductor", region=region)
     for la, lb in zip(_steps(ma, oa, n=2), _steps(mb, ob, n=2)):
         assert torch.allclose(la, lb, rtol=1e-4, atol=1e-5), (la, lb)
     sa, sb = ma.state_dict(), mb.state_dict()
