@@ -37,6 +37,8 @@ class Body(nn.Module):
         return self.layers[i]
 
     def forward(self, h: torch.Tensor, bank: FeatureBank | None = None) -> torch.Tensor:
+        if bank is not None:
+            bank.seal()  # entries of earlier blocks read detached in this one
         for name in self.input_taps if bank is not None else ():
             bank.write(name, h)
         for layer, names in zip(self.layers, self.taps):

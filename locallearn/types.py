@@ -63,24 +63,34 @@ class FeatureBank:
 
     The engine makes a fresh bank for every batch and carries it on the ``Batch``; a block writes
     entries while its body runs (``LocalModel`` taps the layers that were asked for). Every entry is
-    detached on write: a reader's loss can never reach the block that wrote it, which is what keeps
-    gradient isolation with the bank in use. Names: ``"input"`` is the network input, ``"C{s}"`` the
-    last feature map at stride ``2**s`` (the map before each down-sampling, e.g. ``C3``, ``C4``).
+    stored detached (``items``): a later block's loss can never reach the block that wrote it, which is
+    what keeps gradient isolation with the bank in use. Until ``seal`` (called as the next block's body
+    starts) ``read`` returns the live tensor instead, so a reader inside the writing block (``bp``'s
+    head reading C3/C4 with K=1, the aux of the block that wrote the entry) backpropagates into it as
+    end-to-end training would. Names: ``"input"`` is the network input, ``"C{s}"`` the last feature map
+    at stride ``2**s`` (the map before each down-sampling, e.g. ``C3``, ``C4``).
     """
 
     def __init__(self, entries: dict[str, torch.Tensor] | None = None) -> None:
         self._entries: dict[str, torch.Tensor] = {}
+        self._live: dict[str, torch.Tensor] = {}  # this block's writes, for this block's readers
         for name, t in (entries or {}).items():
             self.write(name, t)
+        self.seal()
 
     def write(self, name: str, t: torch.Tensor) -> None:
         self._entries[name] = t.detach()
+        self._live[name] = t
+
+    def seal(self) -> None:
+        """A block boundary: from now on every entry reads detached."""
+        self._live.clear()
 
     def read(self, name: str) -> torch.Tensor:
         if name not in self._entries:
             have = ", ".join(self._entries) or "nothing"
             raise KeyError(f"feature bank has no entry {name!r} for this batch (it holds: {have})")
-        return self._entries[name]
+        return self._live.get(name, self._entries[name])
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,6 +53,9 @@ class DetectionConfig:
     nms_thresh: float = 0.5
     detections_per_img: int = 100
     topk_candidates: int = 1000
+    # base anchor size on P3..P7 (x 2^0, 2^(1/3), 2^(2/3), ratios 0.5/1/2): torchvision's 32..512, i.e.
+    # 4x each level's stride, for images of ~600-800 px; smaller images may want smaller anchors
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     yolo_grid: int = 7  # YOLOv1: S = 7, B = 2, lambda_coord 5, lambda_noobj 0.5 (Redmon et al. 2016)
     yolo_boxes: int = 2
     yolo_l_coord: float = 5.0
@@ -64,6 +67,10 @@ class DetectionConfig:
         for key in ("fpn_channels", "detections_per_img", "topk_candidates", "yolo_grid", "yolo_boxes"):
             if getattr(self, key) < 1:
                 raise ValueError(f"task.detection.{key} must be >= 1, got {getattr(self, key)}")
+        if len(self.anchor_sizes) != 5 or min(self.anchor_sizes) < 1:
+            raise ValueError(
+                f"task.detection.anchor_sizes must be 5 sizes >= 1 (P3..P7), got {self.anchor_sizes}"
+            )
         for key in ("score_thresh", "nms_thresh"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"task.detection.{key} must lie in [0, 1], got {getattr(self, key)}")
@@ -82,9 +89,9 @@ def resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="nearest")
 
 
-def default_anchors() -> AnchorGenerator:
-    """torchvision's RetinaNet anchors: 3 scales x 3 ratios per level, 32..512 px on P3..P7."""
-    sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in (32, 64, 128, 256, 512))
+def default_anchors(base: Sequence[int] = (32, 64, 128, 256, 512)) -> AnchorGenerator:
+    """torchvision's RetinaNet anchors: 3 scales x 3 ratios per level, ``base`` px on P3..P7."""
+    sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in base)
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
 
 
@@ -237,7 +244,7 @@ class Detection(Task):
             self._retina = RetinaNet(
                 _Channels(self.cfg.fpn_channels),
                 num_classes,
-                anchor_generator=default_anchors(),
+                anchor_generator=default_anchors(self.cfg.anchor_sizes),
                 score_thresh=self.cfg.score_thresh,
                 nms_thresh=self.cfg.nms_thresh,
                 detections_per_img=self.cfg.detections_per_img,
