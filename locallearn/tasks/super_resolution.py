@@ -19,8 +19,8 @@ to ``skimage.metrics.structural_similarity(gaussian_weights=True, use_sample_cov
 EDSR-PyTorch scores its DIV2K validation in RGB with a ``scale + 6`` border; ``psnr_rgb`` is that
 number (``shave = scale + 6``).
 
-Deviation from EDSR under ``bp``: bank entries are detached, so the global skip's gradient does not
-reach the head conv directly (it still learns through the body's identity paths).
+Under ``bp`` (K=1) the head reads ``L0`` inside the block that wrote it, so the read is live and the
+global skip trains the head conv directly, as in EDSR.
 """
 
 from __future__ import annotations

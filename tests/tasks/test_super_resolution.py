@@ -59,6 +59,24 @@ def test_bp_output_shape_and_global_skip(scale):
     assert out.shape == (2, 3, 10 * scale, 12 * scale)
 
 
+def test_bp_global_skip_trains_the_head_conv_directly(monkeypatch):
+    """Under bp (K=1) the head reads L0 from the bank inside the block that wrote it: the read is live,
+    so the global skip's gradient reaches the head conv as in EDSR (it used to be detached)."""
+    from locallearn.types import FeatureBank
+
+    def head_conv_grad():
+        model, _, task = sr_model("bp", k=1)
+        batch = sr_batch()
+        batch.bank = FeatureBank()
+        task.loss(model(batch.x, batch.bank), batch).backward()
+        return next(model.body(0)[0].parameters()).grad.clone()
+
+    live = head_conv_grad()
+    monkeypatch.setattr(FeatureBank, "read", lambda self, name: self._entries[name])  # the old, detached read
+    detached = head_conv_grad()
+    assert not torch.allclose(live, detached)
+
+
 @pytest.mark.parametrize("method", ["bp", "dgl", "slm", "slm+manpp"])
 def test_one_step_every_method(method):
     model, optimizers, task = sr_model(method, k=1 if method == "bp" else 3)
