@@ -103,7 +103,9 @@ class FeatureBank:
 
     def nbytes(self) -> int:
         """Bytes the bank holds, each storage once."""
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self._entries.values()}
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self._entries.values()
+        }
         return sum(storages.values())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> FeatureBank:

@@ -14,7 +14,9 @@ CONFIGS = sorted(Path(__file__).parents[1].glob("configs/**/*.yaml"))
 # Detection cells on ResNet-101/152 with one block per unit build 33-50 aux nets (seconds each on CPU)
 HEAVY = ("resnet101", "resnet152")
 PARAMS = [
-    pytest.param(p, marks=pytest.mark.slow) if p.parent.name == "detection" and any(h in p.name for h in HEAVY) else p
+    pytest.param(p, marks=pytest.mark.slow)
+    if p.parent.name == "detection" and any(h in p.name for h in HEAVY)
+    else p
     for p in CONFIGS
 ]
 

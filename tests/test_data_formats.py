@@ -47,7 +47,9 @@ def test_cifar100_pickles(tmp_path):
         with open(folder / name, "wb") as f:
             pickle.dump({"data": data, "fine_labels": list(range(88, 88 + n)), "coarse_labels": [0] * n}, f)
     train, test = load_datasets("cifar100", str(tmp_path))
-    assert train.num_classes == 100 and train.labels.tolist() == list(range(88, 100))  # labels < 100 (issue 14)
+    assert train.num_classes == 100 and train.labels.tolist() == list(
+        range(88, 100)
+    )  # labels < 100 (issue 14)
 
 
 def test_svhn_mat(tmp_path):

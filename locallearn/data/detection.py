@@ -95,7 +95,9 @@ class DetectionDataset:
     def loader(self, batch_size: int, train: bool, seed: int = 0, augment: bool = True, num_workers: int = 0):
         """The ``DetectionLoader`` the runner uses (images resized to ``min_size``, as the data says)."""
         max_size = round(self.min_size * 5 / 3)  # 600 -> 1000, the official code's pair
-        return DetectionLoader(self, batch_size, train, seed, augment, self.min_size, max_size, num_workers=num_workers)
+        return DetectionLoader(
+            self, batch_size, train, seed, augment, self.min_size, max_size, num_workers=num_workers
+        )
 
     def coco_gt(self):
         """This split as a pycocotools ``COCO`` in original pixels (crowd / difficult: iscrowd=1)."""

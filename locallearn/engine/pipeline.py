@@ -141,7 +141,9 @@ def stages(sizes: list[int]) -> list[Stage]:
 
 def _spec(t: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...]]:
     if t.dtype not in DTYPES:
-        raise DistributedError(f"cannot send a {t.dtype} tensor of shape {tuple(t.shape)} through the pipeline")
+        raise DistributedError(
+            f"cannot send a {t.dtype} tensor of shape {tuple(t.shape)} through the pipeline"
+        )
     return t.dtype, tuple(t.shape)
 
 
