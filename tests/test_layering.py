@@ -68,3 +68,17 @@ def test_only_build_wires_plugins():
             parts = module.split(".")
             concrete = len(parts) == 3 and parts[1] in PLUGIN_FAMILIES and parts[2] != "base"
             assert not concrete, f"{rel} imports the plug-in {module}"
+
+
+def test_only_the_step_module_runs_backward():
+    """DESIGN.md: engine/step.py is the only place that calls .backward() (gradient isolation lives there)."""
+    for path in modules():
+        if path == PKG / "engine" / "step.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "backward"
+            ):
+                raise AssertionError(f"{path.relative_to(PKG)}:{node.lineno} calls .backward()")

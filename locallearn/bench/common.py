@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint_sequential
 
 from locallearn.build import BACKBONES, build_model
 from locallearn.config import Config, load_config
@@ -27,6 +25,7 @@ from locallearn.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
 from locallearn.engine.compile import compile_blocks
 from locallearn.engine.optim import GroupedOptimizer, build_optimizer, group_optimizers
 from locallearn.engine.sequential import train_step
+from locallearn.engine.step import checkpointed_step
 from locallearn.model import LocalModel
 from locallearn.runner import git_revision
 from locallearn.types import Batch, InputInfo
@@ -126,7 +125,9 @@ class Cell:
     def step(self, batch: Batch, meter=None) -> None:
         if self.segments:
             with self.autocast():
-                checkpointed_step(self.model, batch, self.optimizers[0], self.segments)
+                checkpointed_step(
+                    self.model.body(0), self.model.auxes[0], batch, self.optimizers[0], self.segments
+                )
         else:
             train_step(
                 self.model, batch, self.optimizers, autocast=self.autocast, meter=meter, grouped=self.grouped
@@ -167,18 +168,6 @@ def compile_cell(cell: Cell) -> None:
     if cell.cfg is not None and cell.cfg.engine.compile and not cell.segments:
         e = cell.cfg.engine
         compile_blocks(cell.model, e.compile_backend, e.compile_mode, region=e.compile_region)
-
-
-def checkpointed_step(
-    model: LocalModel, batch: Batch, optimizer: torch.optim.Optimizer, segments: int
-) -> None:
-    """End-to-end step with non-reentrant activation checkpointing of the backbone (exact gradients)."""
-    body = model.body(0)
-    h = checkpoint_sequential(nn.Sequential(*body), min(segments, len(body)), batch.x, use_reentrant=False)
-    out = model.auxes[0](h, batch)
-    out["loss"].backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def synthetic_batch(

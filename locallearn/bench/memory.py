@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint_sequential
 
 from locallearn.bench.common import (
     CHECKPOINT,
@@ -50,6 +49,7 @@ from locallearn.bench.common import (
     synthetic_batch,
     write_csv,
 )
+from locallearn.engine.step import checkpointed_step
 from locallearn.methods.man import MomentumAux
 
 log = logging.getLogger(__name__)
@@ -235,12 +235,9 @@ def measure_live(cell: Cell, batch_size: int) -> int:
     meter = LiveMeter(cell.model)
     with meter.track():
         if cell.segments:
-            body = cell.model.body(0)
-            x = (
-                batch.x.requires_grad_()
-            )  # re-entrant checkpointing passes gradients only to inputs that need them
-            h = checkpoint_sequential(body, min(cell.segments, len(body)), x, use_reentrant=True)
-            cell.model.auxes[0](h, batch)["loss"].backward()
+            checkpointed_step(
+                cell.model.body(0), cell.model.auxes[0], batch, None, cell.segments, reentrant=True
+            )
         else:
             cell.step(batch)
     return meter.peak

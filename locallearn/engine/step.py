@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint_sequential
 
 from locallearn.engine.optim import GroupedOptimizer
 from locallearn.types import Batch
@@ -96,3 +97,27 @@ def step_grouped(grouped: GroupedOptimizer) -> None:
     grouped.sync()  # the blocks' current lr (the schedule sets the block optimizers' groups)
     grouped.view.step()
     grouped.zero_grad()
+
+
+def checkpointed_step(
+    body: nn.Module,
+    aux: nn.Module,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer | None,
+    segments: int,
+    reentrant: bool = False,
+) -> dict[str, torch.Tensor]:
+    """End-to-end step (one block) with activation checkpointing of ``body`` over ``segments`` segments
+    (exact gradients): the benchmarks' ``checkpoint`` baseline. ``optimizer=None`` skips the step;
+    ``reentrant`` runs the re-entrant variant (the live-memory meter sees its recomputation)."""
+    layers = nn.Sequential(*body)
+    x = (
+        batch.x.requires_grad_() if reentrant else batch.x
+    )  # re-entrant passes gradients to inputs that need them
+    h = checkpoint_sequential(layers, min(segments, len(layers)), x, use_reentrant=reentrant)
+    out = aux(h, batch)
+    out["loss"].backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return out
