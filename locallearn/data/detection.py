@@ -26,7 +26,7 @@ from PIL import Image
 
 from locallearn.data.datasets import DataError
 from locallearn.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
-from locallearn.data.loader import EpochLoader
+from locallearn.data.loader import EpochLoader, first_images
 from locallearn.metrics.coco_eval import quiet
 from locallearn.types import Batch, InputInfo
 
@@ -85,12 +85,8 @@ class DetectionDataset:
 
     def subset(self, n: int | None) -> DetectionDataset:
         """The first ``n`` images (deterministic), or all of them."""
-        if n is None or n >= len(self):
-            return self
-        if n < 1:
-            raise ValueError(f"subset size must be >= 1, got {n}")
         lists = ("files", "image_ids", "sizes", "boxes", "labels", "ignored", "ignored_labels")
-        return replace(self, **{k: getattr(self, k)[:n] for k in lists})
+        return first_images(self, n, lists)
 
     def loader(self, batch_size: int, train: bool, seed: int = 0, augment: bool = True, num_workers: int = 0):
         """The ``DetectionLoader`` the runner uses (images resized to ``min_size``, as the data says)."""

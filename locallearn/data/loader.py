@@ -9,12 +9,23 @@ one PIL image at a time. Shuffling and augmentation draw from the loader's own g
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from locallearn.types import Batch, InputInfo
+
+
+def first_images(dataset, n: int | None, per_image: tuple[str, ...]):
+    """The first ``n`` images (deterministic) of a dataclass dataset held as parallel per-image lists
+    named ``per_image`` (a list may be None), or ``dataset`` itself when ``n`` is None or covers it."""
+    if n is None or n >= len(getattr(dataset, per_image[0])):
+        return dataset
+    if n < 1:
+        raise ValueError(f"subset size must be >= 1, got {n}")
+    lists = {k: getattr(dataset, k) for k in per_image}
+    return replace(dataset, **{k: v if v is None else v[:n] for k, v in lists.items()})
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from PIL import Image
 
 from locallearn.data.datasets import DataError
 from locallearn.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
-from locallearn.data.loader import EpochLoader
+from locallearn.data.loader import EpochLoader, first_images
 from locallearn.types import Batch, InputInfo
 
 IGNORE = 255
@@ -101,11 +101,7 @@ class SegmentationDataset:
 
     def subset(self, n: int | None) -> SegmentationDataset:
         """The first ``n`` images (deterministic), or all of them."""
-        if n is None or n >= len(self):
-            return self
-        if n < 1:
-            raise ValueError(f"subset size must be >= 1, got {n}")
-        return replace(self, images=self.images[:n], labels=self.labels[:n])
+        return first_images(self, n, ("images", "labels"))
 
     def loader(self, batch_size: int, train: bool, seed: int = 0, augment: bool = True, num_workers: int = 0):
         return SegmentationLoader(self, batch_size, train, seed, augment, self.train_repeat, num_workers)

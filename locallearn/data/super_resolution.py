@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from locallearn.data.datasets import DataError
-from locallearn.data.loader import EpochLoader
+from locallearn.data.loader import EpochLoader, first_images
 from locallearn.types import Batch, InputInfo
 
 IMAGE_EXTS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -84,10 +84,8 @@ class SRDataset:
         return InputInfo(3, self.patch, self.mean, self.std)
 
     def subset(self, n: int | None) -> SRDataset:
-        if n is None or n >= self.images:
-            return self
-        lr = None if self.lr_files is None else self.lr_files[:n]
-        return SRDataset(self.name, self.hr_files[:n], lr, self.scale, self.train, self.patch, self.repeat)
+        """The first ``n`` images (deterministic), or all of them (mean, std and patch kept)."""
+        return first_images(self, n, ("hr_files", "lr_files"))
 
     def loader(self, batch_size: int, train: bool, seed: int = 0, augment: bool = True, num_workers: int = 0):
         """This split's loader (``make_loader`` asks the dataset); images are decoded in-process."""
