@@ -9,6 +9,18 @@ from locallearn.config import load_config
 from locallearn.engine.optim import build_optimizer
 from locallearn.types import Batch, InputInfo
 
+# a CLI run in seconds: resnet20 K=2 on 64 digits, one epoch
+TINY_CLI = [
+    "data.name=digits",
+    "data.train_subset=64",
+    "data.test_subset=40",
+    "data.batch_size=32",
+    "model.backbone=resnet20",
+    "model.num_blocks=2",
+    "optim.epochs=1",
+    "optim.lr=0.05",
+    "engine.device=cpu",
+]
 INPUTS = InputInfo(channels=3, size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 

@@ -6,19 +6,10 @@ import sys
 
 import pytest
 
+from tests import helpers
 from tests.helpers import run_cli
 
-TINY = [
-    "data.name=digits",
-    "data.train_subset=64",
-    "data.test_subset=40",
-    "data.batch_size=32",
-    "model.backbone=resnet20",
-    "model.num_blocks=2",
-    "optim.epochs=1",
-    "optim.lr=0.05",
-    "engine.device=cpu",
-]
+TINY = helpers.TINY_CLI
 
 
 def test_train_runs_end_to_end_and_compares_with_bp(tmp_path, capsys):

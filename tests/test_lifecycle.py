@@ -15,19 +15,7 @@ from locallearn.engine import checkpoint, distributed
 from locallearn.parallel import resume_parallel
 from tests import helpers
 
-TINY = [
-    "data.name=digits",
-    "data.train_subset=64",
-    "data.test_subset=40",
-    "data.batch_size=32",
-    "model.backbone=resnet20",
-    "model.num_blocks=2",
-    "method.name=dgl",
-    "optim.epochs=1",
-    "optim.lr=0.05",
-    "engine.device=cpu",
-    "engine.measure_memory=false",
-]
+TINY = [*helpers.TINY_CLI, "method.name=dgl", "engine.measure_memory=false"]
 
 
 def run_cli(args, capsys):

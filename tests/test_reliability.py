@@ -21,18 +21,7 @@ from locallearn.parallel import resume_parallel
 from locallearn.runner import Run
 from tests import helpers
 
-TINY = [
-    "data.name=digits",
-    "data.train_subset=64",
-    "data.test_subset=40",
-    "data.batch_size=32",
-    "model.backbone=resnet20",
-    "model.num_blocks=2",
-    "optim.epochs=1",
-    "optim.lr=0.05",
-    "engine.device=cpu",
-    "engine.measure_memory=false",
-]
+TINY = [*helpers.TINY_CLI, "engine.measure_memory=false"]
 
 
 def run_cli(args, capsys):

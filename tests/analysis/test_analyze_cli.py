@@ -7,20 +7,10 @@ import pytest
 import torch
 
 from locallearn.cli import main
+from tests import helpers
 from tests.helpers import run_cli
 
-TINY = [
-    "data.name=digits",
-    "data.train_subset=64",
-    "data.test_subset=40",
-    "data.batch_size=32",
-    "model.backbone=resnet20",
-    "model.num_blocks=2",
-    "optim.epochs=1",
-    "optim.lr=0.05",
-    "engine.device=cpu",
-    "engine.measure_memory=false",
-]
+TINY = [*helpers.TINY_CLI, "engine.measure_memory=false"]
 
 
 @pytest.fixture(scope="module")
