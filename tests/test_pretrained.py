@@ -238,6 +238,7 @@ class LossTask(Classification):
     """A stub task whose main metric is its test loss: lower is better."""
 
     main_metric = "loss"
+    higher_is_better = False
 
 
 def test_higher_is_better_defaults() -> None:

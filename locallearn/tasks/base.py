@@ -64,19 +64,12 @@ class Task:
 
     name: str = "task"
     main_metric: str = "loss"
-    higher_is_better: bool = False  # of ``main_metric``: a loss is better lower (see __init_subclass__)
+    higher_is_better: bool = False  # of ``main_metric`` (a loss is better lower); tasks say theirs
     dense: bool = False  # aux nets end in ``build_local_head`` (maps in) instead of ``local_head``
     levels: tuple[str, ...] = ()  # bank-style names of the feature levels the head consumes
     reads: tuple[str, ...] = ()  # of those, the ones the head takes from the feature bank
     local_reads: tuple[str, ...] = ()  # bank entries an aux's local head may be given besides its maps
     Config: type = type(None)  # the options dataclass (``task.<name>.<field>``)
-
-    def __init_subclass__(cls, **kw: Any) -> None:
-        super().__init_subclass__(**kw)
-        # a task that names its main metric but not its direction: a score (top1, AP, mIoU, PSNR) is
-        # better higher, a loss or an error lower; setting ``higher_is_better`` says it explicitly
-        if "main_metric" in cls.__dict__ and "higher_is_better" not in cls.__dict__:
-            cls.higher_is_better = not cls.main_metric.lower().endswith(("loss", "error"))
 
     def best(self, values: Sequence[float]) -> float | None:
         """The best of ``values`` of the main metric (max or min by ``higher_is_better``); None if empty."""

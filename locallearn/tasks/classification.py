@@ -33,6 +33,7 @@ class Pool(nn.Module):
 class Classification(Task):
     name = "classification"
     main_metric = "top1"
+    higher_is_better = True
     Config = ClassificationConfig
 
     def __init__(self, num_classes: int, cfg: ClassificationConfig | None = None) -> None:

@@ -231,6 +231,7 @@ class DetectionEvaluator(Evaluator):
 class Detection(Task):
     name = "detection"
     main_metric = "AP"
+    higher_is_better = True
     dense = True
     Config = DetectionConfig
 
