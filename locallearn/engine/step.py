@@ -47,7 +47,8 @@ def local_step(
     # engine.compile_region=block: this block's forward as one compiled region (engine/compile.py)
     forward = getattr(body, "compiled_block_forward", None) or block_forward
     with track or nullcontext(), autocast or nullcontext():
-        # no gradient ever leaves the block (or the two blocks of a cascade); bank entries are detached
+        # no gradient ever leaves the block (or the two blocks of a cascade); bank entries written by
+        # earlier blocks read detached (FeatureBank.seal)
         if cascade is None:
             h, out = forward(body, aux, h.detach(), batch)
         else:
@@ -111,9 +112,8 @@ def checkpointed_step(
     (exact gradients): the benchmarks' ``checkpoint`` baseline. ``optimizer=None`` skips the step;
     ``reentrant`` runs the re-entrant variant (the live-memory meter sees its recomputation)."""
     layers = nn.Sequential(*body)
-    x = (
-        batch.x.requires_grad_() if reentrant else batch.x
-    )  # re-entrant passes gradients to inputs that need them
+    # re-entrant checkpointing passes gradients only to inputs that need them
+    x = batch.x.requires_grad_() if reentrant else batch.x
     h = checkpoint_sequential(layers, min(segments, len(layers)), x, use_reentrant=reentrant)
     out = aux(h, batch)
     out["loss"].backward()
