@@ -1,8 +1,8 @@
-"""Copy the current benchmark tables from benchmarks/results/*.md into README.md.
+"""Copy the current benchmark tables from benchmarks/results/*.md into README.md and docs/*.md.
 
-README.md marks each generated block with ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->``;
+A page marks each generated block with ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->``;
 this script replaces what stands between the markers with ``benchmarks/results/NAME.md``: headings
-moved three levels down, image links made relative to the repository root, and long sections
+moved three levels down, image links made relative to the page, and long sections
 (profiles) left in the results file. Run it after any ``locallearn bench ...``:
 
     python benchmarks/update_readme.py
@@ -20,7 +20,7 @@ SKIP_SECTIONS = ("Profiles",)  # too long for the README; they stay in the resul
 MARKER = re.compile(r"(<!-- results:([\w.-]+) -->\n)(.*?)(<!-- /results:\2 -->)", re.S)
 
 
-def render(name: str) -> str:
+def render(name: str, prefix: str = "") -> str:
     path = RESULTS / f"{name}.md"
     if not path.is_file():
         raise SystemExit(f"update_readme: {path} does not exist; run the benchmark first")
@@ -32,7 +32,7 @@ def render(name: str) -> str:
             continue
         if line.startswith("#"):
             line = "###" + line
-        line = re.sub(r"\]\(([\w.-]+\.(?:png|csv|md))\)", r"](benchmarks/results/\1)", line)
+        line = re.sub(r"\]\(([\w.-]+\.(?:png|csv|md))\)", rf"]({prefix}benchmarks/results/\1)", line)
         out.append(line)
     text = "\n".join(out).strip() + "\n"
     note = f"_Generated from `benchmarks/results/{name}.md` by `python benchmarks/update_readme.py`._\n\n"
@@ -40,11 +40,13 @@ def render(name: str) -> str:
 
 
 def main() -> int:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    new, count = MARKER.subn(lambda m: m[1] + render(m[2]) + m[4], text)
-    readme.write_text(new)
-    print(f"updated {count} generated block(s) in {readme}")
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        prefix = "../" if page.parent.name == "docs" else ""
+        text = page.read_text()
+        new, count = MARKER.subn(lambda m, p=prefix: m[1] + render(m[2], p) + m[4], text)
+        if count:
+            page.write_text(new)
+            print(f"updated {count} generated block(s) in {page.relative_to(ROOT)}")
     return 0
 
 
