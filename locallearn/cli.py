@@ -181,9 +181,13 @@ def cmd_list(args: argparse.Namespace) -> None:
     from locallearn.data import DATASETS
     from locallearn.split import TABLES
 
+    import torch
+
     print("backbones:")
     for name, make in BACKBONES.items():
-        print(f"  {name:<12} {len(make(in_chans=3))} layers")
+        with torch.device("meta"):  # count layers without allocating or initialising weights
+            layers = len(make(in_chans=3))
+        print(f"  {name:<12} {layers} layers")
     print("methods:")
     for name, cls in METHODS.items():
         print(f"  {name:<12} {cls.paper}")
