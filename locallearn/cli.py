@@ -177,11 +177,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
+    import torch
+
     from locallearn.build import BACKBONES, METHODS, MOMENTUM, TASKS, method_names
     from locallearn.data import DATASETS
     from locallearn.split import TABLES
-
-    import torch
 
     print("backbones:")
     for name, make in BACKBONES.items():
