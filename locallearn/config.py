@@ -9,6 +9,7 @@ method's own ``Config`` dataclass when the model is built.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -25,6 +26,31 @@ class ConfigError(ValueError):
 
 # PyYAML reads YAML 1.1, where ``1e-3`` (no dot, unsigned exponent) is a string: float fields take it.
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+# What the run's tensors can hold: a float beyond float32 overflows on the first step (or rounds to 0), an
+# int beyond int64 does not fit a tensor, a seed outside 0..2**32-1 is refused by numpy's seeding.
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.401298464324817e-45  # the smallest float32 above 0 (subnormal)
+INT64_MAX = 2**63 - 1
+SEED_MAX = 2**32 - 1
+# An epoch count above this cannot finish (a million epochs of one step each is days of work): a typo.
+MAX_EPOCHS = 1_000_000
+
+
+def _float(value: Any, where: str) -> float:
+    try:
+        x = float(value)
+    except OverflowError:  # an int too large for a Python float
+        x = math.inf
+    if not math.isfinite(x):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    if abs(x) > FLOAT32_MAX or 0 < abs(x) < FLOAT32_TINY:
+        raise ConfigError(
+            f"{where}={x:g} is beyond what float32 holds (|x| up to 3.4e38, and not below 1.4e-45 unless 0): "
+            "the run's tensors cannot use it"
+        )
+    return x
 
 
 def _choice(where: str, value: str, choices: tuple[str, ...]) -> None:
@@ -114,6 +140,10 @@ class OptimConfig:
             raise ConfigError("optim.fused=true and optim.foreach=true exclude each other; pick one")
         _choice("optim.schedule", self.schedule, ("cosine", "constant"))
         _at_least("optim.epochs", self.epochs, 1)
+        if self.epochs > MAX_EPOCHS:
+            raise ConfigError(
+                f"optim.epochs={self.epochs} cannot finish (more than {MAX_EPOCHS:,} epochs); is a digit too many?"
+            )
         _at_least("optim.lr", self.lr, 0, strict=True)
         _at_least("optim.warmup_lr", self.warmup_lr, 0)
         for key in ("momentum", "weight_decay", "warmup_epochs"):
@@ -182,6 +212,58 @@ class Config:
 
     def __post_init__(self) -> None:
         _at_least("checkpoint_every", self.checkpoint_every, 1)
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(
+                f"seed must lie in 0..{SEED_MAX} (2**32-1, what numpy can seed), got {self.seed}"
+            )
+        check_run_name(self.name)
+
+
+def check_run_name(name: str | None) -> None:
+    """A run name is one directory inside ``out_dir``: ``../x`` would place the run outside it and
+    ``a/b`` nest it (issue 22)."""
+    if name is None:
+        return
+    separators = [c for c in ("/", "\\", "\0") if c in name]
+    if not name.strip() or name in (".", "..") or separators:
+        raise ConfigError(
+            f"name={name!r}: a run name is one directory name inside out_dir (not empty, '.' or '..', "
+            "no '/' or '\\'); set out_dir=... to choose where runs go"
+        )
+
+
+def config_warnings(
+    cfg: Config, train_images: int | None = None, num_classes: int | None = None
+) -> list[str]:
+    """Values a run accepts that change what it does without saying so (issue 22): one line each, for
+    the run to log when it starts. ``train_images``: the training set's size before
+    ``data.train_subset`` takes its first N."""
+    out = []
+    o, d = cfg.optim, cfg.data
+    if o.schedule == "cosine" and o.warmup_epochs > o.epochs:
+        out.append(
+            f"optim.warmup_epochs={o.warmup_epochs:g} is more than optim.epochs={o.epochs}: the whole run is "
+            f"inside the warm-up, so the learning rate never follows the cosine from optim.lr={o.lr:g}"
+        )
+    if d.train_subset is not None and train_images is not None and d.train_subset > train_images:
+        out.append(
+            f"data.train_subset={d.train_subset} is more than the {train_images} training images of "
+            f"{d.name}: the run uses all {train_images}"
+        )
+    # the classification subsets are class-balanced (one image of each class first); dense images hold many
+    classification = cfg.task.name == "classification"
+    if classification and d.train_subset is not None and num_classes and d.train_subset < num_classes:
+        out.append(
+            f"data.train_subset={d.train_subset} is fewer than the {num_classes} classes of {d.name}: "
+            f"{num_classes - d.train_subset} classes have no training image"
+        )
+    used = min(train_images, d.train_subset or train_images) if train_images is not None else None
+    if used is not None and d.batch_size > used:
+        out.append(
+            f"data.batch_size={d.batch_size} is more than the {used} training images: each epoch is one "
+            f"step on a batch of {used}"
+        )
+    return out
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:
@@ -210,10 +292,12 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        return _float(value, where)
     if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        return float(value)
+        return _float(value, where)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > INT64_MAX:
+            raise ConfigError(f"{where}={value} does not fit a 64-bit integer")
         return value
     if tp is bool and isinstance(value, bool):
         return value
@@ -285,12 +369,45 @@ def merge(base: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(f"key {key!r} twice")
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in a mapping without a word; a config file that sets a
+    value twice is a mistake whichever one was meant, so it is refused. ``<<`` merges may still be
+    overridden by the mapping's own keys (that is what a merge is for)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the base class says what is wrong
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(
+            f"config file {str(path)!r} sets {e.key!r} twice in one mapping (lines {e.first} and {e.second}); "
+            "YAML would keep the last silently: delete the one you did not mean"
+        ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {str(path)!r} is not a text (UTF-8) file") from None
     except OSError as e:

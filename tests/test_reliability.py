@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from locallearn.config import ConfigError, load_config
+from locallearn.config import ConfigError, config_warnings, load_config, load_yaml
 from locallearn.data import DataError, load_datasets
 from locallearn.data.loader import ArrayDataset, Loader
 from locallearn.engine import checkpoint, ddp
@@ -259,3 +259,131 @@ def test_pipeline_run_writes_a_merged_checkpoint_that_eval_reads(tmp_path):
     assert result["top1"] == pytest.approx(summary["final"])
     with pytest.raises(checkpoint.CheckpointError, match="merged copy"):
         resume_parallel(run_dir / "checkpoint.pt")
+
+
+# -- 6. issue 22: one line and the documented exit code for what the probe found ---------------------
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("seed=-1", "seed must lie in 0..4294967295"),
+        ("seed=4294967296", "seed must lie in 0..4294967295"),
+        ("optim.lr=1e39", "beyond what float32 holds"),
+        ("optim.lr=1e-50", "beyond what float32 holds"),
+        ("optim.lr=.inf", "expected a finite number"),
+        ("optim.weight_decay=.nan", "expected a finite number"),
+        ("optim.lr=1e400", "expected a finite number"),
+        ("data.batch_size=99999999999999999999", "does not fit a 64-bit integer"),
+        ("optim.epochs=1000000000", "cannot finish"),
+    ],
+)
+def test_numbers_the_run_cannot_use_are_refused_at_config_time(tmp_path, capsys, override, message):
+    code, _, err = run_cli(["train", *TINY, override, f"out_dir={tmp_path}"], capsys)
+    assert message in one_error_line(err, code)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "", ".", "..", "/abs"])
+def test_a_run_name_is_one_path_component(tmp_path, capsys, name):
+    out = tmp_path / "deep" / "out"
+    code, _, err = run_cli(["train", *TINY, f"out_dir={out}", f"name={name}"], capsys)
+    assert "one directory name inside out_dir" in one_error_line(err, code)
+    assert list(tmp_path.iterdir()) == []  # nothing created, inside out_dir or outside it
+
+
+def test_a_key_twice_in_a_yaml_file_is_refused_naming_it(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n")
+    code, _, err = run_cli(["train", "-c", str(path)], capsys)
+    line = one_error_line(err, code)
+    assert "'lr' twice" in line and "lines 2 and 4" in line and str(path) in line
+    merged = tmp_path / "merge.yaml"  # a YAML merge key the mapping overrides is not a duplicate
+    merged.write_text("base: &b {lr: 0.1, epochs: 3}\noptim:\n  <<: *b\n  lr: 0.2\n")
+    assert load_config(None, [], base={"optim": load_yaml(merged)["optim"]}).optim.lr == 0.2
+
+
+def test_values_that_change_the_run_are_named(tmp_path):
+    cfg = load_config(None, ["optim.epochs=2", "optim.warmup_epochs=5", "data.train_subset=4"])
+    warnings = config_warnings(cfg, train_images=1797, num_classes=10)
+    assert any("optim.warmup_epochs=5 is more than optim.epochs=2" in w for w in warnings)
+    assert any("data.train_subset=4 is fewer than the 10 classes" in w for w in warnings)
+    assert any("data.batch_size=1024 is more than the 4 training images" in w for w in warnings)
+    cfg = load_config(None, ["data.train_subset=5000", "data.batch_size=64", "optim.warmup_epochs=1"])
+    (warning,) = config_warnings(cfg, train_images=1797, num_classes=10)
+    assert "data.train_subset=5000 is more than the 1797 training images" in warning
+    ok = load_config(None, ["data.train_subset=64", "data.batch_size=32", "optim.warmup_epochs=1"])
+    assert config_warnings(ok, train_images=1797, num_classes=10) == []
+
+
+def disk_full_in_torch(obj, f, *args, **kwargs):
+    """What torch.save does when the disk fills: the file's OSError, then its zip writer's
+    RuntimeError while closing (the OSError as its context)."""
+    f.write(b"partial")
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662") from None
+
+
+def test_full_disk_inside_torch_s_zip_writer_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    real_save, saves = torch.save, []
+
+    def save(obj, f, *a, **k):
+        saves.append(1)
+        if len(saves) == 2:
+            disk_full_in_torch(obj, f)
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    args = ["train", *TINY, "optim.epochs=2", "method.name=dgl", f"out_dir={tmp_path}", "name=r"]
+    code, _, err = run_cli(args, capsys)
+    line = one_error_line(err, code, 1)
+    assert "No space left on device" in line and str(tmp_path / "r" / "checkpoint.pt") in line, line
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path / "r" / "checkpoint.pt")["epoch"] == 1  # the previous one is intact
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.endswith(".tmp")]
+    # torch's RuntimeError alone (no OSError to read): still a write error naming the file
+    monkeypatch.setattr(
+        torch, "save", lambda *a: (_ for _ in ()).throw(RuntimeError("unexpected pos 1 vs 0"))
+    )
+    with pytest.raises(checkpoint.CheckpointWriteError) as info:
+        checkpoint.save(tmp_path / "c.pt", {"epoch": 1})
+    assert info.value.filename == str(tmp_path / "c.pt") and info.value.errno in (errno.ENOSPC, errno.EIO)
+
+
+class RunsCode:
+    """Unpickling this creates ``path``: what a malicious checkpoint could do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_files_a_user_names_are_read_without_running_code(finished_run, tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    state = checkpoint.load(finished_run / "checkpoint.pt")
+    evil = tmp_path / "evil.pt"
+    torch.save({**state, "format": checkpoint.FORMAT, "extra": RunsCode(marker)}, evil)
+    weights = tmp_path / "weights.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": RunsCode(marker)}, weights)
+    for args in (
+        ["eval", str(evil)],
+        ["train", "--resume", str(evil)],
+        ["analyze", "gradcam", str(evil), "--out", str(tmp_path / "a")],
+    ):
+        code, _, err = run_cli(args, capsys)
+        assert "weights_only=True" in one_error_line(err, code), args
+    sr = ["-c", "configs/super_resolution/smoke_edsr_tiny_photos.yaml"]
+    for args in (
+        [*TINY, "model.backbone=resnet18", f"model.pretrained={weights}"],
+        [*sr, f"task.super_resolution.pretrained={weights}"],
+    ):
+        code, _, err = run_cli(["train", *args, f"out_dir={tmp_path / 'out'}"], capsys)
+        assert "cannot read" in one_error_line(err, code), (args, err)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    # our own files hold plain types only, and an older file with numpy values still loads
+    checkpoint.save(tmp_path / "np.pt", {"config": {}, "model": {}, "epoch": np.int64(1), "m": np.ones(2)})
+    assert checkpoint.load(tmp_path / "np.pt")["epoch"] == 1
+    torch.save({"format": checkpoint.FORMAT, "config": {}, "model": {}, "epoch": np.float64(2)}, evil)
+    assert checkpoint.load(evil)["epoch"] == 2

@@ -3,22 +3,36 @@
 A save writes a hidden temp file next to the target and renames it over the target, so a failed
 write (full disk, kill) leaves the previous checkpoint intact; a temp file a killed process left
 behind is removed by ``remove_stale_temp`` when the run directory is next opened (under its lock).
+
+Every checkpoint is read with ``torch.load(weights_only=True)``: a file someone else made cannot run
+code when it is loaded. What ``save`` writes is tensors and plain types only (dicts, lists, numbers,
+strings), so our own files always pass.
 """
 
 from __future__ import annotations
 
+import errno
+import importlib
 import os
 import random
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated or not a locallearn checkpoint."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, I/O error); the previous one is intact. An
+    ``OSError`` with the checkpoint's path as ``filename``, so callers report it like any failed write."""
 
 
 FORMAT = "locallearn-checkpoint-v1"
@@ -40,13 +54,75 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the run's other files follow the umask
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
+            torch.save(plain({"format": FORMAT, **state}), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception):
+            raise _write_error(e, path) from None
         raise
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` with numpy scalars as Python numbers and numpy arrays as tensors, so that the file
+    loads with ``weights_only=True`` (a metric or a memory count may come back from numpy)."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.array(obj))
+    return obj
+
+
+# numpy values in a checkpoint written before ``plain`` (arrays, scalars, dtypes): rebuilt from raw
+# bytes, no code runs; read with these allowed rather than refused.
+_NUMPY_GLOBALS = re.compile(
+    r"numpy\.(_core\.|core\.)?(multiarray\._reconstruct|multiarray\.scalar|ndarray|dtype|dtypes\.\w+DType)"
+)
+
+
+def _numpy_globals(path: Path) -> list[Any] | None:
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return None
+    if not names or not all(_NUMPY_GLOBALS.fullmatch(n) for n in names):
+        return None
+    found = []
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            return None
+    # the dtype classes are reached inside the arrays' state, not listed above; object arrays stay refused
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType") and n != "ObjectDType"]
+    return found + dtypes
+
+
+def _write_error(e: Exception, path: Path) -> Exception:
+    """One error naming the checkpoint for a failed write. torch reports a full disk as the file's
+    ``OSError`` followed, while its zip writer closes, by ``RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos`` (the OSError is that one's ``__context__``)."""
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__ or cause.__cause__
+    if isinstance(cause, OSError):
+        code, reason = cause.errno or errno.EIO, cause.strerror or str(cause)
+    elif isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "inline_container" in str(e)):
+        free = shutil.disk_usage(path.parent).free
+        code = errno.ENOSPC if free < 64 * 2**20 else errno.EIO
+        reason = f"{os.strerror(code)} (torch's zip writer stopped; {free / 2**20:.0f} MiB free there)"
+    else:
+        return e  # not a write failure (a bug, an object torch cannot save): keep its traceback
+    if code == errno.ENOSPC:
+        reason += "; free some space (the previous checkpoint is left as it was)"
+    return CheckpointWriteError(code, reason, str(path))
 
 
 def load(
@@ -56,8 +132,21 @@ def load(
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:
+            allowed = _numpy_globals(path) if "Weights only load failed" in str(e) else None
+            if not allowed:
+                raise
+            with torch.serialization.safe_globals(allowed):
+                state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a truncated zip / pickle
+        if "Weights only load failed" in str(e):  # a valid file holding objects that would run code
+            raise CheckpointError(
+                f"{str(path)!r} holds Python objects besides tensors and plain types; locallearn reads "
+                "checkpoints with torch.load(weights_only=True) so that a file cannot run code, and does "
+                "not load this one"
+            ) from None
         raise CheckpointError(
             f"cannot read checkpoint {str(path)!r}: the file is truncated or corrupt ({type(e).__name__})"
         ) from None

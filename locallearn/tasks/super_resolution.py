@@ -228,8 +228,18 @@ class SuperResolution(Task):
         path = Path(self.cfg.pretrained)
         if not path.is_file():
             raise FileNotFoundError(f"task.super_resolution.pretrained: no file {str(path)!r}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        state = state.get("model", state)
+        try:  # weights_only: a file from elsewhere cannot run code when it is read
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            reason = "it holds objects besides tensors" if "Weights only" in str(e) else type(e).__name__
+            raise ValueError(
+                f"task.super_resolution.pretrained: cannot read {str(path)!r} as a checkpoint or state dict "
+                f"of tensors ({reason})"
+            ) from None
+        state = state.get("model", state) if isinstance(state, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"task.super_resolution.pretrained: {str(path)!r} holds no state dict")
+        state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         own = model.state_dict()
         missing = [
             k for k in own if k.startswith("backbone.") and (k not in state or state[k].shape != own[k].shape)
