@@ -387,3 +387,27 @@ def test_files_a_user_names_are_read_without_running_code(finished_run, tmp_path
     assert checkpoint.load(tmp_path / "np.pt")["epoch"] == 1
     torch.save({"format": checkpoint.FORMAT, "config": {}, "model": {}, "epoch": np.float64(2)}, evil)
     assert checkpoint.load(evil)["epoch"] == 2
+
+
+# -- 7. the whole bad-input table through the command line (tests/probe_bad_inputs.py) ---------------
+def test_bad_input_table_in_process():
+    from tests import probe_bad_inputs as probe
+
+    failed = probe.probe(probe.CASES, probe.run_in_process, report=lambda line: None)
+    assert not failed, [(r.case.id, r.problems, r.err[-300:]) for r in failed]
+
+
+def test_bad_input_table_as_a_real_process_one_case():
+    """One interpreter start (~4 s unloaded): the module entry point, its stderr and exit code."""
+    from tests import probe_bad_inputs as probe
+
+    failed = probe.probe(probe.select(["eval-runs-code"]), report=lambda line: None)
+    assert not failed, [(r.case.id, r.problems, r.err[-300:]) for r in failed]
+
+
+@pytest.mark.slow  # one interpreter per case: ~3-10 s each
+def test_bad_input_table_as_real_processes():
+    from tests import probe_bad_inputs as probe
+
+    failed = probe.probe(probe.CASES, report=lambda line: None)
+    assert not failed, [(r.case.id, r.problems, r.err[-300:]) for r in failed]

@@ -1,0 +1,247 @@
+"""The bad-input table through the real command line (issue 22): every case must end with exactly one
+``locallearn: error:`` line, no ``Traceback``, the documented exit code, and no run directory.
+
+As a script (each case a fresh ``python -m locallearn`` process; ~5 s a case on a loaded CPU)::
+
+    python tests/probe_bad_inputs.py            # the whole table
+    python tests/probe_bad_inputs.py seed name  # only the cases whose id contains one of the words
+
+Under pytest, ``tests/test_reliability.py`` runs the whole table in-process (fast), a few cases as real
+processes, and the whole table as processes in a slow test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+# a CLI run in seconds (tests/helpers.TINY_CLI), so that a case the CLI wrongly accepts ends soon
+TINY = [
+    "data.name=digits",
+    "data.train_subset=64",
+    "data.test_subset=40",
+    "data.batch_size=32",
+    "model.backbone=resnet20",
+    "model.num_blocks=2",
+    "optim.epochs=1",
+    "optim.lr=0.05",
+    "engine.device=cpu",
+    "engine.measure_memory=false",
+    "engine.threads=1",
+]
+
+
+@dataclass
+class Case:
+    id: str
+    args: list[str]  # {dir} is the case's scratch directory (files made by ``make_files``)
+    code: int  # the documented exit code (README "Exit codes": 2 bad input, 1 I/O, 3 diverged)
+    message: str  # a part of the one error line
+    train: bool = True  # a `train` case: no run directory may remain in {dir}/runs
+
+
+class CodeRunner:
+    """Unpickling it creates the file ``path``: what a malicious checkpoint could do."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def make_files(d: Path) -> None:
+    """The files the table's cases point at."""
+    (d / "dup.yaml").write_text("optim:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n")
+    (d / "broken.yaml").write_text("optim: [1, 2\n")
+    (d / "list.yaml").write_text("- 1\n- 2\n")
+    (d / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (d / "truncated.pt").write_bytes(b"PK\x03\x04" + b"\0" * 40)
+    (d / "not-ours.pt").write_bytes(b"")
+    torch.save({"w": torch.zeros(1)}, d / "plain.pt")
+    evil = {"format": "locallearn-checkpoint-v1", "config": {}, "model": {}, "epoch": 1}
+    torch.save({**evil, "x": CodeRunner(str(d / "code-ran"))}, d / "evil.pt")
+    (d / "evilrun").mkdir(exist_ok=True)
+    torch.save({**evil, "x": CodeRunner(str(d / "code-ran"))}, d / "evilrun" / "checkpoint.pt")
+    torch.save({"model": {"w": torch.zeros(1)}, "x": CodeRunner(str(d / "code-ran"))}, d / "evil-weights.pt")
+    np.zeros(3).tofile(d / "weights.npy")
+    # a run directory whose process was killed during its first save (issue 22.6)
+    killed = d / "killed"
+    killed.mkdir(exist_ok=True)
+    (killed / "config.yaml").write_text("seed: 0\n")
+    (killed / "train.log").write_text("")
+    (killed / ".checkpoint.pt.abc123.tmp").write_bytes(b"")
+    (killed / ".lock").write_text(f"999999999 {socket.gethostname()}\n")  # its process is gone
+
+
+SR = ["-c", str(ROOT / "configs/super_resolution/smoke_edsr_tiny_photos.yaml")]
+OUT = "out_dir={dir}/runs"
+CASES = [
+    # -- configuration: one line, exit 2, before anything is written
+    Case("unknown-key", ["train", *TINY, "optim.lrr=0.1", OUT], 2, "unknown config key 'optim.lrr'"),
+    Case("bad-type", ["train", *TINY, "optim.lr=fast", OUT], 2, "optim.lr: expected float"),
+    Case("no-equals", ["train", *TINY, "optim.lr", OUT], 2, "must look like key=value"),
+    Case("seed-negative", ["train", *TINY, "seed=-1", OUT], 2, "seed must lie in 0..4294967295"),
+    Case("seed-2^32", ["train", *TINY, "seed=4294967296", OUT], 2, "seed must lie in 0..4294967295"),
+    Case("lr-float32", ["train", *TINY, "optim.lr=1e39", OUT], 2, "beyond what float32 holds"),
+    Case("lr-nan", ["train", *TINY, "optim.lr=.nan", OUT], 2, "expected a finite number"),
+    Case("lr-inf", ["train", *TINY, "optim.lr=1e400", OUT], 2, "expected a finite number"),
+    Case("lr-zero", ["train", *TINY, "optim.lr=0", OUT], 2, "optim.lr must be > 0"),
+    Case("batch-zero", ["train", *TINY, "data.batch_size=0", OUT], 2, "data.batch_size must be >= 1"),
+    Case("batch-int64", ["train", *TINY, "data.batch_size=99999999999999999999", OUT], 2, "64-bit"),
+    Case("epochs-absurd", ["train", *TINY, "optim.epochs=99999999999", OUT], 2, "cannot finish"),
+    Case("name-escapes", ["train", *TINY, "name=../../x", OUT], 2, "one directory name inside out_dir"),
+    Case("name-nested", ["train", *TINY, "name=a/b", OUT], 2, "one directory name inside out_dir"),
+    Case("name-dotdot", ["train", *TINY, "name=..", OUT], 2, "one directory name inside out_dir"),
+    Case("name-empty", ["train", *TINY, "name=", OUT], 2, "one directory name inside out_dir"),
+    Case("method-unknown", ["train", *TINY, "method.name=magic", OUT], 2, "magic"),
+    Case("device-unknown", ["train", *TINY, "engine.device=tpu9", OUT], 2, "engine.device"),
+    Case("task-vs-data", ["train", *TINY, "task.name=segmentation", OUT], 2, "does not fit data.name=digits"),
+    # -- config files
+    Case("yaml-missing", ["train", "-c", "{dir}/nowhere.yaml", OUT], 2, "does not exist"),
+    Case("yaml-binary", ["train", "-c", "{dir}/binary.yaml", OUT], 2, "not a text"),
+    Case("yaml-broken", ["train", "-c", "{dir}/broken.yaml", OUT], 2, "not valid YAML"),
+    Case("yaml-list", ["train", "-c", "{dir}/list.yaml", OUT], 2, "must hold a mapping"),
+    Case("yaml-duplicate-key", ["train", "-c", "{dir}/dup.yaml", OUT], 2, "sets 'lr' twice"),
+    # -- data
+    Case(
+        "data-missing", ["train", "data.name=cifar10", "data.root={dir}/nodata", OUT], 2, "data.name=digits"
+    ),
+    # -- files a user names: never unpickled with code, one line each
+    Case("eval-missing", ["eval", "{dir}/nowhere.pt"], 2, "does not exist", train=False),
+    Case("eval-truncated", ["eval", "{dir}/truncated.pt"], 2, "truncated or corrupt", train=False),
+    Case("eval-empty", ["eval", "{dir}/not-ours.pt"], 2, "not-ours.pt", train=False),
+    Case("eval-plain-weights", ["eval", "{dir}/plain.pt"], 2, "not a locallearn checkpoint", train=False),
+    Case("eval-runs-code", ["eval", "{dir}/evil.pt"], 2, "weights_only=True", train=False),
+    Case("resume-runs-code", ["train", "--resume", "{dir}/evilrun"], 2, "weights_only=True", train=False),
+    Case("analyze-runs-code", ["analyze", "gradcam", "{dir}/evilrun"], 2, "weights_only=True", train=False),
+    Case("analyze-missing", ["analyze", "gradcam", "{dir}/nowhere"], 2, "does not exist", train=False),
+    Case(
+        "pretrained-runs-code",
+        ["train", *TINY, "model.backbone=resnet18", "model.pretrained={dir}/evil-weights.pt", OUT],
+        2,
+        "cannot read",
+    ),
+    Case(
+        "pretrained-not-torch",
+        ["train", *TINY, "model.backbone=resnet18", "model.pretrained={dir}/weights.npy", OUT],
+        2,
+        "cannot read",
+    ),  # fmt: skip
+    Case(
+        "sr-pretrained-runs-code",
+        ["train", *SR, "task.super_resolution.pretrained={dir}/evil-weights.pt", OUT],
+        2,
+        "cannot read",
+    ),  # fmt: skip
+    # -- a run killed during its first save (issue 22.6)
+    Case(
+        "resume-never-started",
+        ["train", "--resume", "{dir}/killed"],
+        2,
+        "never finished an epoch",
+        train=False,
+    ),  # fmt: skip
+]
+
+
+@dataclass
+class Result:
+    case: Case
+    code: int
+    err: str
+    problems: list[str]
+
+
+def check(case: Case, code: int, err: str, d: Path) -> Result:
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("locallearn: error:")]
+    problems = []
+    if "Traceback" in err:
+        problems.append("a Traceback on stderr")
+    if code != case.code:
+        problems.append(f"exit code {code}, documented {case.code}")
+    if len(errors) != 1:
+        problems.append(f"{len(errors)} error lines")
+    elif case.message not in errors[0]:
+        problems.append(f"the error line lacks {case.message!r}")
+    if (d / "code-ran").exists():
+        problems.append("a file it read ran code")
+    runs = d / "runs"
+    if case.train and runs.exists() and any(runs.iterdir()):
+        problems.append(f"left a run directory: {sorted(p.name for p in runs.iterdir())}")
+    return Result(case, code, err, problems)
+
+
+def fill(args: list[str], d: Path) -> list[str]:
+    return [a.replace("{dir}", str(d)) for a in args]
+
+
+def run_process(case: Case, d: Path, timeout: float = 300) -> Result:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "locallearn", *fill(case.args, d)],
+        cwd=d,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return check(case, proc.returncode, proc.stderr, d)
+
+
+def run_in_process(case: Case, d: Path) -> Result:
+    """The same case through ``locallearn.cli.main`` in this process (no interpreter start-up)."""
+    from locallearn.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(fill(case.args, d))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except Exception:  # what the process would print as a traceback
+            import traceback
+
+            traceback.print_exc(file=err)
+            code = 1
+    return check(case, code, err.getvalue(), d)
+
+
+def probe(cases: list[Case], runner=run_process, report=print) -> list[Result]:
+    """Each case in a fresh scratch directory; the results with problems."""
+    failed = []
+    for case in cases:
+        with tempfile.TemporaryDirectory(prefix=f"probe-{case.id}-") as tmp:
+            d = Path(tmp)
+            make_files(d)
+            result = runner(case, d)
+        status = "ok" if not result.problems else "FAIL: " + "; ".join(result.problems)
+        last = (result.err.strip().splitlines() or [""])[-1]
+        report(f"{case.id:<26} exit {result.code:<3} {status}\n{'':<26} {last[:150]}")
+        if result.problems:
+            failed.append(result)
+    return failed
+
+
+def select(words: list[str]) -> list[Case]:
+    return [c for c in CASES if not words or any(w in c.id for w in words)]
+
+
+if __name__ == "__main__":
+    cases = select(sys.argv[1:])
+    failed = probe(cases)
+    print(f"\n{len(cases) - len(failed)} of {len(cases)} cases give one line and the documented exit code")
+    sys.exit(1 if failed else 0)
