@@ -11,6 +11,12 @@ blocks. Two heads:
   3 x [1x1 conv, BN, ReLU] to ``feature_dim`` -> GAP -> 3 x [Linear, BN1d, ReLU] at 4*feature_dim ->
   task local head. About 0.64 M parameters per head at feature_dim 128.
 
+Dense tasks (``dense_head``): ``fpn`` (default) = ``n_conv`` x [1x1 conv, BN, ReLU] at the block's own
+resolution, then the task's local head on that one map (detection: a local FPN whose other levels are
+resampled from it and RetinaNet's 4-conv head over P3-P7; the memory-augmented MAN paper's "DGL with an
+upsampling FPN", its Table 3 baseline); ``manpp`` = the official MAN++ COCO aux (``detection_aux.py``:
+1x1 projection, RetinaNet subnets of ``head_convs`` layers at the block's own stride only; RetinaNet).
+
 Deviations from the official code: the head ends in the task's ``local_head`` (a Linear for
 classification), so the same head serves any task; ``NLC`` token features are pooled over tokens
 first; the last block is trained by the task head alone (GAP + Linear, the backbone's own classifier),
@@ -29,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from locallearn.methods.base import AuxContext, Method, level_name
+from locallearn.methods.detection_aux import OwnStrideDetectionAux
 from locallearn.types import Batch
 
 DENSE_WIDTH = 256  # dense tasks: the width of DGL's conv layers before the task's local head
@@ -40,6 +47,18 @@ class DGLConfig:
     n_conv: int = 3  # mlp-sr: n_lin = 3
     n_mlp: int = 3  # mlp-sr: mlp_layers = 3
     feature_dim: int = 128  # manpp head: --aux_net_feature_dim 128
+    # dense tasks: "fpn" (ours: 1x1 convs -> local FPN -> the task's full local head) | "manpp" (MAN++'s
+    # COCO AuxiliaryDetectionHead, RetinaNet only: 1x1 projection -> subnets at the block's own stride)
+    dense_head: str = "fpn"
+    head_convs: int = 2  # dense_head=manpp: 3x3 conv layers per subnet (RetinaNet's main head: 4)
+
+    def __post_init__(self) -> None:
+        if self.dense_head not in ("fpn", "manpp"):
+            raise ValueError(f"dgl.dense_head must be 'fpn' or 'manpp', got {self.dense_head!r}")
+        if not 0 <= self.head_convs <= 4:
+            raise ValueError(
+                f"dgl.head_convs must lie in 0..4 (RetinaNet's subnets have 4), got {self.head_convs}"
+            )
 
 
 def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
@@ -128,4 +147,16 @@ class DGL(Method):
     Config = DGLConfig
 
     def build_aux(self, k: int, ctx: AuxContext) -> nn.Module:
-        return DenseDGLAux(ctx, self.cfg) if ctx.task.dense else DGLAux(ctx, self.cfg)
+        if not ctx.task.dense:
+            return DGLAux(ctx, self.cfg)
+        if self.cfg.dense_head == "manpp":
+            return OwnStrideDetectionAux(ctx, self.cfg.head_convs)
+        return DenseDGLAux(ctx, self.cfg)
+
+    def make_aux(self, k: int, ctx: AuxContext) -> nn.Module:
+        aux = super().make_aux(k, ctx)
+        # parts that carry their task's own init (the focal-loss prior) re-apply it after the backbone's
+        for m in aux.modules():
+            if hasattr(m, "init_task_weights"):
+                m.init_task_weights()
+        return aux

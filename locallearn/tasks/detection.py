@@ -251,6 +251,8 @@ class Detection(Task):
                 detections_per_img=self.cfg.detections_per_img,
                 topk_candidates=self.cfg.topk_candidates,
             )
+            self.anchors_per_location = self._retina.anchor_generator.num_anchors_per_location()[0]
+            self._level_anchors: dict[tuple[int, ...], AnchorGenerator] = {}
         else:
             self.levels, self.reads = ("C5",), ()
         self.main_chs = 0
@@ -284,7 +286,17 @@ class Detection(Task):
             torch.empty((0, 0, *s), dtype=output["cls_logits"].dtype, device=x.device)
             for s in output["sizes"]
         ]
-        return self._retina.anchor_generator(images, grids)
+        return self.anchor_generator(output.get("levels"))(images, grids)
+
+    def anchor_generator(self, levels: Sequence[int] | None = None) -> AnchorGenerator:
+        """The anchors of P3..P7, or of the pyramid ``levels`` an output names (an aux predicting
+        at its own stride only: ``methods/detection_aux.py``)."""
+        if levels is None:
+            return self._retina.anchor_generator
+        key = tuple(levels)
+        if key not in self._level_anchors:
+            self._level_anchors[key] = default_anchors([self.cfg.anchor_sizes[lv - 3] for lv in key])
+        return self._level_anchors[key]
 
     def loss(self, output: Any, batch: Batch) -> torch.Tensor:
         if self.cfg.head == "yolov1":
