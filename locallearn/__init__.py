@@ -7,13 +7,14 @@ Public API::
     summary = Run(cfg).fit()
 """
 
-__version__ = "0.1.0"
-
 from locallearn.build import BACKBONES, METHODS, build_backbone, build_method, build_model  # noqa: E402
 from locallearn.config import Config, ConfigError, load_config  # noqa: E402
+from locallearn.launch import evaluate_checkpoint, make_run, resume_run  # noqa: E402
 from locallearn.model import LocalModel  # noqa: E402
-from locallearn.runner import Run, evaluate_checkpoint  # noqa: E402
+from locallearn.run import Run  # noqa: E402
+from locallearn.trainer import Trainer  # noqa: E402
 from locallearn.types import Batch, FeatureInfo, InputInfo  # noqa: E402
+from locallearn.version import __version__  # noqa: E402, F401
 
 __all__ = [
     "BACKBONES",
@@ -25,9 +26,12 @@ __all__ = [
     "InputInfo",
     "LocalModel",
     "Run",
+    "Trainer",
     "build_backbone",
     "build_method",
     "build_model",
     "evaluate_checkpoint",
+    "make_run",
+    "resume_run",
     "load_config",
 ]

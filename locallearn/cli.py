@@ -136,7 +136,7 @@ def print_table(summaries: list[dict]) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from locallearn.config import load_config
-    from locallearn.runner import comparison_config, make_run, resume_run
+    from locallearn.launch import comparison_config, make_run, resume_run
 
     if args.resume:
         run = resume_run(args.resume, config_file=args.config, overrides=args.overrides)
@@ -169,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from locallearn.runner import evaluate_checkpoint
+    from locallearn.launch import evaluate_checkpoint
 
     setup_logging()
     result = evaluate_checkpoint(args.checkpoint, args.device)

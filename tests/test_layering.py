@@ -1,6 +1,8 @@
 """Dependencies point one way (DESIGN.md): types is a leaf; plug-ins see only types and base contracts;
 the engine never imports a method, task or backbone; only build.py wires plug-ins together (the CLI,
-the runner and the benchmarks sit on top and may name them)."""
+the runner and the benchmarks sit on top and may name them); no module imports itself through others
+(no import circles, lazy imports inside functions included); the trainer writes no file and prints
+nothing (DESIGN.md, "Layers of a run")."""
 
 import ast
 from pathlib import Path
@@ -11,8 +13,10 @@ PKG = Path(__file__).parents[1] / "locallearn"
 PLUGIN_FAMILIES = ("backbones", "methods", "tasks")
 
 
-def runtime_imports(path: Path) -> set[str]:
-    """locallearn modules imported at run time (imports under ``if TYPE_CHECKING:`` are skipped)."""
+def runtime_imports(path: Path, resolve: bool = False) -> set[str]:
+    """locallearn modules imported at run time (imports under ``if TYPE_CHECKING:`` are skipped).
+    ``resolve``: ``from locallearn.data import imagefolder`` names the module ``locallearn.data.imagefolder``
+    (not the package), as the import graph needs."""
     tree = ast.parse(path.read_text())
     skip = set()
     for node in ast.walk(tree):
@@ -23,7 +27,12 @@ def runtime_imports(path: Path) -> set[str]:
         if id(node) in skip:
             continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("locallearn"):
-            found.add(node.module)
+            if not resolve:
+                found.add(node.module)
+                continue
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in MODULES else node.module)
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("locallearn"))
     return found
@@ -31,6 +40,92 @@ def runtime_imports(path: Path) -> set[str]:
 
 def modules(sub: str = "") -> list[Path]:
     return sorted((PKG / sub).rglob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in modules()}
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each circle as one path ``[a, b, ..., a]`` (Tarjan's strongly connected components, then a
+    shortest way back for a readable message)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    components = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            part = []
+            while part[-1:] != [v]:
+                part.append(stack.pop())
+            if len(part) > 1 or v in graph[v]:
+                components.append(set(part))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    circles = []
+    for part in components:
+        start = min(part)
+        paths = {start: [start]}
+        queue = [start]
+        while queue:  # breadth first inside the component, until an edge returns to start
+            v = queue.pop(0)
+            if start in graph[v]:
+                circles.append(paths[v] + [start])
+                break
+            for w in sorted(graph[v] & part):
+                if w not in paths:
+                    paths[w] = paths[v] + [w]
+                    queue.append(w)
+    return circles
+
+
+def test_import_circle_finder_finds_one():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert import_circles(graph) == [["a", "b", "c", "a"]]
+    assert import_circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles():
+    graph = {name: runtime_imports(path, resolve=True) & MODULES.keys() for name, path in MODULES.items()}
+    circles = import_circles(graph)
+    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+
+
+RUN_LAYER = ("trainer.py", "run.py", "rundir.py", "resume.py", "launch.py", "parallel.py", "runner.py",
+             "distributed_run.py", "pipeline_run.py", "ddp_run.py", "engine/sequential.py")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", RUN_LAYER)
+def test_run_layer_files_stay_small(name):
+    lines = len((PKG / name).read_text().splitlines())
+    assert lines <= 320, f"{name} has {lines} lines: split it by concept (DESIGN.md)"
+
+
+def test_the_trainer_writes_no_file_and_prints_nothing():
+    tree = ast.parse((PKG / "trainer.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = ast.unparse(node.func)
+            banned = ("print", "open", "logging", "checkpoint.save", "torch.save", "write_text", "tqdm")
+            assert not any(name == b or name.endswith("." + b) or name.startswith(b) for b in banned), name
+    assert not {"locallearn.run", "locallearn.rundir", "locallearn.launch"} & runtime_imports(
+        PKG / "trainer.py"
+    )
 
 
 def test_types_is_a_leaf():

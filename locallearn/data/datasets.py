@@ -17,12 +17,8 @@ import numpy as np
 import torch
 
 from locallearn.data import imagefolder
+from locallearn.data.errors import DataError
 from locallearn.data.loader import ArrayDataset, Augment
-
-
-class DataError(RuntimeError):
-    """A dataset is missing or unreadable."""
-
 
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)  # InfoPro train.py
 CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
@@ -252,7 +248,7 @@ DATASETS: dict[str, Callable[[str, bool], tuple[ArrayDataset, ArrayDataset]]] = 
 
 def _detection(name: str) -> Callable:
     def load(root: str, download: bool):
-        from locallearn.data.detection import DETECTION_DATASETS  # it imports this module: import late
+        from locallearn.data.detection import DETECTION_DATASETS  # imported on first use
 
         return DETECTION_DATASETS[name](root, download)
 
@@ -264,7 +260,7 @@ DATASETS.update({n: _detection(n) for n in ("coco", "voc", "voc0712")})  # Detec
 
 def _segmentation(name: str) -> Callable:
     def load(root: str, download: bool):
-        from locallearn.data.segmentation import SEGMENTATION_DATASETS  # it imports this module: import late
+        from locallearn.data.segmentation import SEGMENTATION_DATASETS  # imported on first use
 
         return SEGMENTATION_DATASETS[name](root, download)
 
@@ -277,7 +273,7 @@ DATASETS.update({n: _segmentation(n) for n in ("cityscapes", "voc_seg", "voc_seg
 
 def _super_resolution(name: str) -> Callable:
     def load(root: str, download: bool):
-        from locallearn.data.super_resolution import SR_DATASETS  # it imports this module: import late
+        from locallearn.data.super_resolution import SR_DATASETS  # imported on first use
 
         return SR_DATASETS[name](root, download)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from locallearn.data.errors import DataError
 from locallearn.data.loader import EpochLoader, Loader
 from locallearn.types import Batch, InputInfo
 
@@ -86,8 +87,6 @@ def transform(train: bool, size: int):
 
 def imagenet(root: str, download: bool, size: int = 224) -> tuple[ImageFolderData, ImageFolderData]:
     from torchvision.datasets import ImageFolder
-
-    from locallearn.data.datasets import DataError  # datasets.py registers this module: import late
 
     if download:
         raise DataError(

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from locallearn.data.datasets import DataError
+from locallearn.data.errors import DataError
 from locallearn.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
 from locallearn.data.loader import EpochLoader, first_images
 from locallearn.types import Batch, InputInfo

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from locallearn.data.datasets import DataError
+from locallearn.data.errors import DataError
 from locallearn.data.loader import EpochLoader, first_images
 from locallearn.types import Batch, InputInfo
 

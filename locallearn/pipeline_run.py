@@ -1,0 +1,190 @@
+"""``engine.mode=pipeline``: each rank trains its block group (``engine/pipeline.py``), sends the
+detached activation forward, and checkpoints its own part (``checkpoint.rank{r}.pt``); at the end rank 0
+merges every rank's weights into an ordinary ``checkpoint.pt`` for eval and export."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from locallearn.config import ConfigError, to_dict
+from locallearn.distributed_run import DistributedRun
+from locallearn.engine import checkpoint, distributed, pipeline
+from locallearn.rundir import environment
+from locallearn.types import Batch
+
+log = logging.getLogger(__name__)
+
+
+class PipelineRun(DistributedRun):
+    def setup(self) -> None:
+        ctx, e = self.ctx, self.cfg.engine
+        pipeline.check_method(self.method.window, self.model.num_blocks, ctx.world)
+        pipeline.check_model(self.model)
+        sizes = self._assignment()
+        self.stage = pipeline.stages(sizes)[ctx.rank]
+        self.pipe = pipeline.Pipe(ctx, e.pipeline_depth, self.train_loader.mean, self.train_loader.std)
+        self.link = pipeline.MomentumLink(ctx, self.model, self.stage, e.sync_every, e.sync_lag)
+        if ctx.is_main:
+            log.info("pipeline over %d ranks: blocks per rank %s", ctx.world, sizes)
+
+    def _assignment(self) -> list[int]:
+        k, world = self.model.num_blocks, self.ctx.world
+        sizes = self.cfg.engine.pipeline_blocks
+        if sizes is not None:
+            if len(sizes) != world or sum(sizes) != k or min(sizes) < 1:
+                raise ConfigError(
+                    f"engine.pipeline_blocks={sizes}: need {world} positive entries (one per rank) summing to K={k}"
+                )
+            return list(sizes)
+        sizes = None
+        if self.ctx.is_main:
+            info = self.train_loader.data.info
+            x = torch.zeros(2, info.channels, info.size, info.size, device=self.device)
+            y = torch.zeros(2, dtype=torch.long, device=self.device)
+            batch = Batch(x, y, self.train_loader.mean.to(self.device), self.train_loader.std.to(self.device))
+            sizes = pipeline.partition([float(c) for c in pipeline.block_costs(self.model, batch)], world)
+        return distributed.broadcast_object(self.ctx, sizes, 0, "agreeing on the block assignment")
+
+    def _owned_keys(self) -> set[str]:
+        layers = {i for k in self.stage.blocks for i in self.model.ranges[k]}
+        if self.link.replica is not None:
+            layers.add(self.model.cuts[self.stage.blocks.stop - 1])
+        prefixes = tuple(f"backbone.layers.{i}." for i in layers) + tuple(
+            f"auxes.{k}." for k in self.stage.blocks
+        )
+        return {
+            key
+            for key in self.model.state_dict()
+            if key.startswith(prefixes) or not key.startswith(("backbone.layers.", "auxes."))
+        }
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        keys = self._owned_keys()
+        return {
+            "config": to_dict(self.cfg),
+            "model": {k: v for k, v in self.model.state_dict().items() if k in keys},
+            "optimizers": {k: self.optimizers[k].state_dict() for k in self.stage.blocks},
+            "schedule": self.schedule.state_dict(),
+            "scalers": None,
+            "rng": checkpoint.rng_state(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "memory": self.memory,
+            "step_times": self.step_times,
+            "skipped_steps": self.skipped_steps,
+            "environment": environment(),
+            "pipeline": {
+                "rank": self.ctx.rank,
+                "world_size": self.ctx.world,
+                "blocks": [self.stage.blocks.start, self.stage.blocks.stop],
+                "momentum": self.link.state_dict(),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        info = state.get("pipeline") or {}
+        mine = [self.stage.blocks.start, self.stage.blocks.stop]
+        if info.get("world_size") != self.ctx.world or list(info.get("blocks", [])) != mine:
+            raise checkpoint.CheckpointError(
+                f"rank {self.ctx.rank}: the checkpoint was written by {info.get('world_size')} ranks with blocks "
+                f"{info.get('blocks')} on this rank; this job has {self.ctx.world} ranks and blocks {mine}"
+            )
+        epochs = distributed.all_gather_object(self.ctx, int(state["epoch"]), "comparing checkpoint epochs")
+        if len(set(epochs)) != 1:
+            raise checkpoint.CheckpointError(f"the ranks' checkpoints are at different epochs {epochs}")
+        missing = self._owned_keys() - set(state["model"])
+        if missing:
+            raise checkpoint.CheckpointError(
+                f"rank {self.ctx.rank}: checkpoint lacks {sorted(missing)[:3]}..."
+            )
+        self.model.load_state_dict(state["model"], strict=False)
+        for k, s in state["optimizers"].items():
+            self.optimizers[int(k)].load_state_dict(s)
+        self.schedule.load_state_dict(state["schedule"])
+        self.link.load_state_dict(info["momentum"])
+        checkpoint.set_rng_state(state["rng"])
+        self.load_progress(state)
+
+    def save_checkpoint(self) -> None:
+        state = self.state_dict()
+        checkpoint.save(self.run_dir / f"checkpoint.rank{self.ctx.rank}.pt", state)
+        self.saved_epoch = self.epoch
+        if self.epoch >= self.cfg.optim.epochs:
+            self.save_merged(state["model"])
+
+    def save_merged(self, mine: dict[str, torch.Tensor]) -> None:
+        """Rank 0 writes every rank's weights as one ordinary ``checkpoint.pt`` (for eval / export).
+        A layer held twice (rank r's replica of rank r+1's first layer) is taken from its owner."""
+        parts = [None] * self.ctx.world if self.ctx.is_main else None
+        with self.ctx.collective("gathering the weights for the merged checkpoint"):
+            dist.gather_object({k: v.cpu() for k, v in mine.items()}, parts, dst=0)
+        if not self.ctx.is_main:
+            return
+        merged: dict[str, torch.Tensor] = {}
+        for part in reversed(parts):  # the owner of a layer is the later rank
+            for key, value in part.items():
+                merged.setdefault(key, value)
+        order = list(self.model.state_dict())
+        state = {
+            "config": to_dict(self.cfg),
+            "model": {k: merged[k] for k in order if k in merged},
+            "epoch": self.epoch,
+            "history": self.history,
+            "memory": self.memory,
+            "environment": environment(),
+            "merged_from": "pipeline",
+        }
+        checkpoint.save(self.run_dir / "checkpoint.pt", state)
+
+    # -- training ----------------------------------------------------------------------------
+    def train_one_epoch(self) -> dict[str, Any]:
+        self.train_loader.set_epoch(self.epoch)
+        meter = self.measure_memory()
+        steps = len(self.train_loader)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        with self.progress_bar(steps) as bar:
+            stats = pipeline.train_epoch(
+                self.model,
+                self.stage,
+                self.pipe,
+                self.link,
+                self.train_loader if self.stage.first else None,
+                steps,
+                self.optimizers,
+                self.schedule,
+                self.device,
+                self.scalers,
+                self.autocast,
+                meter,
+                self.memory_format,
+                bar,
+            )
+        mine = (stats["block_losses"], meter.block_bytes if meter is not None else [])
+        gathered = distributed.all_gather_object(self.ctx, mine, "gathering the epoch's losses")
+        stats["epoch_time"] = time.perf_counter() - t0  # until the last rank has finished
+        stats["block_losses"] = [loss for losses, _ in gathered for loss in losses]
+        stats["images"] = len(self.train_loader.data)
+        self.record_epoch(stats, [b for _, bb in gathered for b in bb] if meter is not None else None)
+        return stats
+
+    def evaluate(self) -> dict[str, float]:
+        metrics = pipeline.evaluate(
+            self.model,
+            self.stage,
+            self.pipe,
+            self.test_loader if self.stage.first else None,
+            len(self.test_loader),
+            self.task,
+            self.device,
+            self.autocast,
+            self.memory_format,
+        )
+        return distributed.broadcast_object(self.ctx, metrics, self.ctx.world - 1, "sharing the test metrics")

@@ -1,0 +1,68 @@
+"""What a run reports: one ``metrics.csv`` row and one log line per epoch, and ``summary.json``."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from typing import Any
+
+import numpy as np
+
+from locallearn.rundir import environment
+
+log = logging.getLogger("locallearn.run")
+
+
+def epoch_row(epoch: int, lr: float, stats: dict[str, Any], metrics: dict[str, float]) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "lr": lr,
+        "train_loss": stats["block_losses"][-1],
+        "train_local_loss_mean": float(np.mean(stats["block_losses"])),
+        **{f"test_{k}": v for k, v in metrics.items()},
+        "epoch_time_s": stats["epoch_time"],
+        "images_per_s": stats["images"] / stats["epoch_time"],
+    }
+
+
+def log_epoch(epoch: int, epochs: int, main: str, metrics: dict[str, float], seconds: float) -> None:
+    log.info(
+        "epoch %d/%d  test %s %s  loss %.4f  (%.1fs)",
+        epoch,
+        epochs,
+        main,
+        "-" if metrics[main] is None else f"{metrics[main]:.2f}",  # None: undefined (no ground truth)
+        metrics["loss"],
+        seconds,
+    )
+
+
+def run_summary(run: Any) -> dict[str, Any]:
+    """``summary.json``: the final and best test metric, memory, speed, sizes, environment."""
+    main = f"test_{run.task.main_metric}"
+    values = [row[main] for row in run.history]
+    step = statistics.median(run.step_times) if run.step_times else float("nan")
+    return {
+        "run_dir": str(run.run_dir),
+        "method": run.cfg.method.name,
+        "backbone": run.cfg.model.backbone,
+        "num_blocks": run.model.num_blocks,
+        "cuts": run.model.cuts,
+        "dataset": run.cfg.data.name,
+        "train_images": len(run.train_loader.data),
+        "epochs": run.epoch,
+        "metric": run.task.main_metric,
+        "final": values[-1] if values else None,
+        # max, or min for a lower-is-better main metric; undefined (None) epochs left out
+        "best": run.task.best([v for v in values if v is not None]),
+        "final_test_error": 100 - values[-1] if values and run.task.main_metric == "top1" else None,
+        "memory": run.memory,
+        "median_step_time_s": step,
+        "images_per_s": run.cfg.data.batch_size / step if run.step_times else None,
+        "time_per_epoch_s": float(np.mean([r["epoch_time_s"] for r in run.history])) if run.history else None,
+        "params": run.model.parameter_counts(),
+        "device": str(run.device),
+        "skipped_steps": run.skipped_steps,
+        "seed": run.cfg.seed,
+        "environment": environment(),
+    }
