@@ -69,6 +69,9 @@ class ModelConfig:
     num_blocks: int = 16  # K, all gradient-isolated blocks including the last (MAN++ Table I: K=16)
     split: str = "even"  # even | cuts | infopro | infopro_balanced | manpp (split.py)
     cuts: list[int] | None = None  # explicit first-layer indices of blocks 1..K-1
+    # backbone=torchvision:NAME | timm:NAME | package.module:factory: module names where a layer
+    # starts (None = the model's stages); docs/backbones.md "Any model"
+    cut_at: list[str] | None = None
     droprate: float = 0.0  # InfoPro --droprate 0.0
     # a state dict file for the backbone (e.g. torchvision's ImageNet resnet50-0676ba61.pth), loaded
     # right after the backbone is built, before any aux net copies a layer; torchvision backbones only.
@@ -109,6 +112,9 @@ class DataConfig:
     test_subset: int | None = None
     num_workers: int = 0
     image_size: int | None = None  # detection: the shorter side images are resized to (default 600)
+    # folder / imagenet: the side of the square crop (default 224); docs/backbones.md "Any model"
+    mean: list[float] | None = None  # folder / imagenet normalisation (default: ImageNet's)
+    std: list[float] | None = None
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "test_batch_size", "train_subset", "test_subset", "image_size"):
@@ -195,6 +201,17 @@ class EngineConfig:
 
 
 @dataclass
+class LogConfig:
+    """Watching a run (docs/api.md "Watching a run"); changes nothing it computes."""
+
+    progress_every_s: float = 30.0  # off a terminal: a progress line this often (epoch, step, losses)
+    tensorboard: bool = False  # event files in RUN/tensorboard (needs the tensorboard package)
+
+    def __post_init__(self) -> None:
+        _at_least("log.progress_every_s", self.progress_every_s, 0)
+
+
+@dataclass
 class Config:
     seed: int = 0
     out_dir: str = "runs"
@@ -209,6 +226,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         _at_least("checkpoint_every", self.checkpoint_every, 1)
