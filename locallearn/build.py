@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from locallearn.backbones import edsr, resnet_cifar, torchvision_resnet, torchvision_vgg, vit
+from locallearn.backbones import edsr, external, resnet_cifar, torchvision_resnet, torchvision_vgg, vit
 from locallearn.backbones.base import Backbone
 from locallearn.backbones.torchvision_adapter import read_state_dict
 from locallearn.config import Config, ConfigError, from_dict
@@ -128,6 +128,36 @@ def refuse_moved_options(cfg: Config) -> None:
         )
 
 
+def external_backbone(cfg: Config, inputs: InputInfo, num_classes: int) -> Backbone:
+    """``torchvision:NAME`` / ``timm:NAME`` / ``package.module:factory`` split at ``model.cut_at``
+    (default: its stages) and checked against the model; a classification model gets the data's
+    classes (its classifier becomes the task head)."""
+    if cfg.model.droprate:
+        raise ConfigError(
+            f"model.droprate applies to the listed backbones; {cfg.model.backbone} keeps its own"
+        )
+    classes = num_classes if cfg.task.name == "classification" else None
+    try:
+        return external.from_spec(cfg.model.backbone, classes, inputs.channels, inputs.size, cfg.model.cut_at)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def source_model(cfg: Config, num_classes: int) -> nn.Module:
+    """A fresh, untrained model of the kind the run's backbone was cut from (what ``locallearn
+    export`` writes a state dict for): the ``torchvision:`` / ``timm:`` / ``module:`` model, or
+    torchvision's own class for a listed torchvision ResNet. ``ConfigError`` for other backbones."""
+    name = cfg.model.backbone
+    if external.is_spec(name):
+        return external.source_model(name, num_classes if cfg.task.name == "classification" else None)
+    if name in torchvision_resnet.FACTORIES:
+        from torchvision import models
+
+        dilated = {"replace_stride_with_dilation": [False, True, True]} if name.endswith("_d8") else {}
+        return models.get_model(name.removesuffix("_d8"), weights=None, num_classes=num_classes, **dilated)
+    raise ConfigError(f"backbone {name} has no source model outside locallearn to export to")
+
+
 def load_pretrained_backbone(backbone: Backbone, name: str, path: str) -> None:
     """``model.pretrained=FILE``: a state dict of exactly this torchvision architecture (ImageNet
     weights: ``resnet50-0676ba61.pth``, ...; dilated ResNets take their plain ResNet's file); the
@@ -170,8 +200,20 @@ def build_task(cfg: Config, num_classes: int) -> Task:
 def check_config(cfg: Config, load_weights: bool = True) -> None:
     """Fail fast on names and options, before any data is read (and on a missing ``model.pretrained``
     file, unless ``load_weights`` is False: a checkpoint will be loaded instead)."""
-    if cfg.model.backbone not in BACKBONES:
-        raise ConfigError(f"unknown backbone {cfg.model.backbone!r}; choose from {sorted(BACKBONES)}")
+    if external.is_spec(cfg.model.backbone):
+        try:
+            external.check_spec(cfg.model.backbone)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    elif cfg.model.backbone not in BACKBONES:
+        raise ConfigError(
+            f"unknown backbone {cfg.model.backbone!r}; choose from {sorted(BACKBONES)}, or any model as "
+            "torchvision:NAME, timm:NAME or package.module:factory"
+        )
+    elif cfg.model.cut_at is not None:
+        raise ConfigError(
+            "model.cut_at applies to torchvision:NAME, timm:NAME and package.module:factory backbones"
+        )
     if cfg.task.name not in TASKS:
         raise ConfigError(f"unknown task {cfg.task.name!r}; choose from {sorted(TASKS)}")
     refuse_moved_options(cfg)
@@ -188,9 +230,12 @@ def build_model(
     ``load_weights``: read the initial weights the config names (``model.pretrained``, the task's
     ``init_model``). False when a checkpoint is loaded over the model next (resume, eval): the files
     are then neither needed nor read."""
-    backbone = build_backbone(
-        cfg.model.backbone, inputs.channels, droprate=cfg.model.droprate, image_size=inputs.size
-    )
+    if external.is_spec(cfg.model.backbone):
+        backbone = external_backbone(cfg, inputs, num_classes)
+    else:
+        backbone = build_backbone(
+            cfg.model.backbone, inputs.channels, droprate=cfg.model.droprate, image_size=inputs.size
+        )
     if cfg.model.pretrained and load_weights:
         # before the aux nets are built: the copies of later layers made at build time (MAN's
         # ``init: copy``, MLAAN's chain) start from the pretrained layers; re-initialised ones stay so
@@ -237,7 +282,11 @@ def build_model(
             f"task {task.name} reads {missing} from the feature bank but backbone {cfg.model.backbone} "
             f"has no such level (it has {sorted(levels)})"
         )
-    head = task.build_head(info[-1], {name: levels[name][1] for name in task.reads})
+    own = backbone.source_head() if isinstance(backbone, external.ExternalBackbone) else None
+    if own is not None and task.name == "classification":
+        head = own  # the model's own classifier: the trained model is the user's model
+    else:
+        head = task.build_head(info[-1], {name: levels[name][1] for name in task.reads})
     head_ref.module = head
     auxes.append(method.make_head(HeadLoss(task, head)))
     taps = bank_taps(auxes, [*cuts, len(layers)], levels)

@@ -135,9 +135,12 @@ def print_table(summaries: list[dict]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from locallearn.config import load_config
-    from locallearn.launch import comparison_config, make_run, resume_run
+    from locallearn.config import dump_yaml, load_config
+    from locallearn.launch import comparison_config, make_run, resume_run, resumed_config
 
+    if args.resume and args.print_config:
+        print(dump_yaml(resumed_config(args.resume, args.config, args.overrides)), end="")
+        return
     if args.resume:
         run = resume_run(args.resume, config_file=args.config, overrides=args.overrides)
         setup_logging(run.run_dir if run.is_main else None, verbose=run.is_main)  # torchrun: rank 0 speaks
@@ -149,6 +152,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.config is None and not args.quickstart:
         base = quickstart_base(args.overrides)
     cfg = load_config(args.config, args.overrides, base=base)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return
     configs = [cfg] + [comparison_config(cfg, m) for m in cfg.compare]
     summaries = []
     for c in configs:
@@ -216,6 +222,24 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     print(args.analysis_main(args))
 
 
+def config_keys_help() -> str:
+    """``train --help``: every config section and its keys (``--print-config`` shows the values)."""
+    import dataclasses
+    import textwrap
+
+    from locallearn.config import Config
+
+    lines = ["config keys (key=value overrides; see the values with --print-config):"]
+    sections = [f for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)]
+    top = [f.name for f in dataclasses.fields(Config) if f not in sections]
+    lines += textwrap.wrap(", ".join(top), 100, initial_indent="  ", subsequent_indent="    ")
+    for f in sections:
+        keys = ", ".join(k.name for k in dataclasses.fields(f.default_factory) if k.name != "options")
+        lines += textwrap.wrap(f"{f.name}: {keys}", 100, initial_indent="  ", subsequent_indent="    ")
+    lines.append("  method.<base method>.<option>, method.momentum.<option>: a method's own options")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="locallearn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model",
         description="Train with a YAML config and dotted overrides (optim.lr=0.05). With no arguments at all, "
         "runs the quick start: InfoPro+MAN++ and bp on the embedded digits data, side by side.",
+        epilog=config_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("-c", "--config", help="YAML config file")
     train.add_argument(
@@ -233,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint_every, engine.device/threads/measure_memory/dist_timeout_s and data.num_workers",
     )
     train.add_argument("--quickstart", action="store_true", help="start from the quick-start settings")
+    train.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit (trains nothing)"
+    )
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.num_blocks=8")
     train.set_defaults(func=cmd_train)
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its test set")

@@ -15,7 +15,7 @@ from locallearn.data.imagefolder import make_loader
 from locallearn.engine import checkpoint
 from locallearn.engine.sequential import evaluate
 from locallearn.parallel import parallel_run, resume_parallel
-from locallearn.resume import config_from_checkpoint
+from locallearn.resume import config_from_checkpoint, resume_config
 from locallearn.run import Run, check_group_steps
 from locallearn.trainer import select_device
 
@@ -36,6 +36,18 @@ def resume_run(
     return resume_parallel(path, quiet, config_file, overrides) or Run.resume(
         path, quiet, config_file, overrides
     )
+
+
+def resumed_config(path: str | Path, config_file: str | None = None, overrides: list[str] = ()) -> Config:
+    """The config ``train --resume PATH`` would continue with (``--print-config``); reads no data."""
+    path = Path(path)
+    ckpt = path
+    if path.is_dir():
+        ckpt = path / "checkpoint.pt"
+        if not ckpt.exists() and (path / "checkpoint.rank0.pt").exists():
+            ckpt = path / "checkpoint.rank0.pt"  # a pipeline run: every rank's file holds the config
+    state = checkpoint.load(ckpt)
+    return resume_config(config_from_checkpoint(state), config_file, list(overrides), int(state["epoch"]))
 
 
 def comparison_config(cfg: Config, method: str) -> Config:

@@ -8,17 +8,33 @@ from typing import Any
 
 import numpy as np
 
+from locallearn.engine.optim import StepSchedule, lr_at
 from locallearn.rundir import environment
 
 log = logging.getLogger("locallearn.run")
 
 
-def epoch_row(epoch: int, lr: float, stats: dict[str, Any], metrics: dict[str, float]) -> dict[str, Any]:
+def epoch_lr(schedule: StepSchedule, first_step: int) -> float:
+    """The learning rate an epoch trained at: the mean over its steps ``first_step`` .. now (the
+    schedule moves every step; the value after the last step would say 0 for a cosine's last epoch)."""
+    steps = range(first_step, schedule.step_count)
+    if not steps:
+        return schedule.lr
+    return float(np.mean([lr_at(s / schedule.steps_per_epoch, schedule.cfg) for s in steps]))
+
+
+def epoch_row(
+    epoch: int, schedule: StepSchedule, first_step: int, stats: dict[str, Any], metrics: dict[str, float]
+) -> dict[str, Any]:
+    """One ``metrics.csv`` row: ``lr`` as ``epoch_lr`` says, ``train_loss`` the last block's (the task
+    loss), ``train_loss_block{k}`` every block's mean local loss over the epoch."""
+    losses = stats["block_losses"]
     return {
         "epoch": epoch,
-        "lr": lr,
-        "train_loss": stats["block_losses"][-1],
-        "train_local_loss_mean": float(np.mean(stats["block_losses"])),
+        "lr": epoch_lr(schedule, first_step),
+        "train_loss": losses[-1],
+        "train_local_loss_mean": float(np.mean(losses)),
+        **{f"train_loss_block{k}": loss for k, loss in enumerate(losses)},
         **{f"test_{k}": v for k, v in metrics.items()},
         "epoch_time_s": stats["epoch_time"],
         "images_per_s": stats["images"] / stats["epoch_time"],

@@ -23,6 +23,8 @@ SAFE_ON_RESUME = (
     "engine.compile_mode",
     "engine.compile_region",
     "data.num_workers",
+    "log.progress_every_s",  # watching a run changes nothing it computes
+    "log.tensorboard",
 )
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from locallearn.build import build_model, check_config, resolved_method_options
 from locallearn.config import Config, ConfigError, dump_yaml, to_dict
@@ -28,6 +27,7 @@ from locallearn.report import epoch_row, log_epoch, run_summary
 from locallearn.resume import config_from_checkpoint, refuse_merged, resume_config
 from locallearn.rundir import RunLock, environment, fresh_run_dir, write_metrics
 from locallearn.trainer import Trainer, autocast_factory, check_group_steps, select_device
+from locallearn.watch import Progress, TensorBoard, tensorboard_writer_class
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,9 @@ class Run:
         self.saved_epoch: int | None = None  # the epoch of the checkpoint on disk, if any
         self.resumed_at: int | None = None
         self.skipped_steps = 0
+        self.tensorboard: TensorBoard | None = None  # opened by ``fit`` on the main process
+        if cfg.log.tensorboard:
+            tensorboard_writer_class()  # a missing package is refused before the run directory exists
         self.setup()
         if cfg.engine.compile:  # last: after .to(device) and the setup that may copy the model
             self.compile_model()
@@ -195,13 +198,16 @@ class Run:
             return None
         return ActivationMeter(self.model)
 
-    def progress_bar(self, total: int) -> tqdm:
-        return tqdm(
-            total=total,
-            desc=f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}",
-            leave=False,
-            disable=None if not self.quiet else True,
-            dynamic_ncols=True,
+    def progress_bar(self, total: int) -> Progress:
+        """The epoch's progress: a bar on a terminal, log lines off one (``watch.py``)."""
+        return Progress(
+            self.epoch + 1,
+            self.cfg.optim.epochs,
+            total,
+            self.quiet,
+            self.cfg.log.progress_every_s,
+            tensorboard=self.tensorboard,
+            first_step=self.schedule.step_count,
         )
 
     def record_epoch(self, stats: dict[str, Any], block_bytes: list[int] | None) -> None:
@@ -239,6 +245,9 @@ class Run:
         try:
             return self._fit(stop_after)
         finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+                self.tensorboard = None
             if self.lock is not None:
                 self.lock.release()
 
@@ -261,16 +270,21 @@ class Run:
             )
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+            if self.cfg.log.tensorboard:
+                self.tensorboard = TensorBoard(self.run_dir)
         last = epochs if stop_after is None else min(stop_after, epochs)
         while self.epoch < last:
             try:
+                first_step = self.schedule.step_count
                 stats = self.train_one_epoch()
             except NonFiniteLossError as e:
                 raise NonFiniteLossError(e.block, e.step, e.value, self.epoch + 1) from None
             metrics = self.evaluate()
             check_metrics(metrics, self.task.main_metric, self.epoch + 1)  # None = undefined, not NaN
             self.epoch += 1
-            self.history.append(epoch_row(self.epoch, self.schedule.lr, stats, metrics))
+            self.history.append(epoch_row(self.epoch, self.schedule, first_step, stats, metrics))
+            if self.tensorboard is not None:
+                self.tensorboard.epoch(self.history[-1])
             if self.is_main:
                 self.write_metrics()
             log_epoch(self.epoch, self.cfg.optim.epochs, self.task.main_metric, metrics, stats["epoch_time"])

@@ -91,6 +91,7 @@ def train_epoch(
         batch.x = batch.x.contiguous(memory_format=memory_format)
         sync_device(device)
         t0 = time.perf_counter()
+        lr = schedule.lr  # the rate this step trains at
         outs = train_step(
             model, batch, optimizers, scalers, autocast, meter if n_batches == 0 else None, grouped
         )
@@ -102,9 +103,8 @@ def train_epoch(
         losses += step_losses
         n_batches += 1
         seen += len(batch)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{outs[-1]['loss'].item():.3f}", lr=f"{schedule.lr:.3g}")
+        if progress is not None:  # run.py's watch.Progress: a bar, or log lines off a terminal
+            progress.step(step_losses.tolist(), len(batch), lr)
     return {
         "block_losses": (losses / max(n_batches, 1)).tolist(),
         "step_times": step_times,
