@@ -4,7 +4,10 @@ The same saved-tensor meter as the classification bench (plus what the feature b
 block runs), on real training steps of RetinaNet over a torchvision ResNet at ``--size`` px with a few
 boxes per image. Bytes are measured at two small batches and extrapolated affinely to
 ``--target-batch`` (per-image tensors plus small per-step ones: anchors, matching, BN statistics); a
-third batch checks the fit. On CUDA (``--cuda-batch``) real steps also report
+third batch checks the fit. Each block is fitted on its own and printed (``blocks_MiB``); the step's peak
+is the largest. Rows by stages are built from MAN++ Table IV's configs (``detection_config``), so
+``dgl+manpp`` is the Table IV cell with the official MAN++ aux; variants are specs
+(``dgl+manpp[momentum.recompute=true]``). On CUDA (``--cuda-batch``) real steps also report
 ``max_memory_allocated``.
 
 ``--task segmentation`` (DeepLabV3, MAN++ TPAMI Table VI) and ``--task super_resolution`` (EDSR, memory-
@@ -33,7 +36,7 @@ from locallearn.metrics.memory import ActivationMeter
 from locallearn.types import Batch, InputInfo
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-DENSE_METHODS = ["bp", "dgl", "slm", "dgl+manpp", "slm+manpp"]
+DENSE_METHODS = ["bp", "dgl", "slm", "dgl+manpp", "dgl+manpp[momentum.recompute=true]", "slm+manpp"]
 
 
 def unit_cuts(stages: list[int], by_stage: bool) -> list[int]:
@@ -58,26 +61,46 @@ def detection_batch(n: int, size: int, classes: int, seed: int = 0) -> Batch:
     return Batch(x, targets, mean, std)
 
 
-def build(backbone: str, method: str, by_stage: bool, size: int, classes: int, head: str):
-    args = [
-        f"model.backbone={backbone}",
-        f"method.name={method}",
-        "task.name=detection",
-        f"task.detection.head={head}",
-    ]
+def detection_config(backbone: str, spec: str, by_stage: bool) -> tuple[str, dict, list[str]]:
+    """The config a detection row is built from: its file name (or ``-``), its content and the overrides.
+
+    By stages (K=4): MAN++ Table IV's ``manpp_coco_retinanet_{backbone}_{e2e,k4_dgl_manpp}.yaml`` (the
+    resnet50 file for other backbones): bp = E2E; any other method gets the K=4 file with its name swapped
+    in and the file's options that apply to it (``dgl``'s official aux, ``momentum``). By units (MAN Tables
+    2-4's one residual unit per block): the method's defaults. ``spec`` may carry options
+    (``dgl+manpp[momentum.recompute=true]``, ``dgl+manpp[dgl.dense_head=fpn]``)."""
+    name, options = parse_spec(spec)
+    data: dict = {"task": {"name": "detection"}, "method": {"name": name}}
+    file = "-"
+    if by_stage:
+        cell = "e2e" if name == "bp" else "k4_dgl_manpp"
+        path = CONFIGS / "detection" / f"manpp_coco_retinanet_{backbone}_{cell}.yaml"
+        if not path.is_file():
+            path = CONFIGS / "detection" / f"manpp_coco_retinanet_resnet50_{cell}.yaml"
+        data, file = load_yaml(path), path.name
+        keep = {name.split("+")[0], *(("momentum",) if "+" in name else ())}
+        data["method"] = {"name": name, **{k: v for k, v in data["method"].items() if k in keep}}
+    return file, data, [f"model.backbone={backbone}", *options]
+
+
+def build(backbone: str, method: str, by_stage: bool, size: int, classes: int, head: str, with_file=False):
+    """The model and optimizers of one row (``method`` a spec); the config file's name with ``with_file``."""
+    file, data, overrides = detection_config(backbone, method, by_stage)
+    args = [*overrides, f"task.detection.head={head}"]
     probe = load_config(None, [f"model.backbone={backbone}", "method.name=bp", "model.num_blocks=1"])
     inputs = InputInfo(3, size, *IMAGENET)
-    if method != "bp":
+    if data["method"]["name"] != "bp":  # the stage (or unit) cuts of this backbone
         layers, _, _ = build_model(probe, inputs, classes)
         cuts = unit_cuts([f.stage for f in layers.backbone.feature_info], by_stage)
-        args += [f"model.num_blocks={len(cuts) + 1}", f"model.cuts={cuts}"]
+        args = [f"model.num_blocks={len(cuts) + 1}", f"model.cuts={cuts}", *args]
     else:
-        args.append("model.num_blocks=1")
-    cfg = load_config(None, args)
+        args = ["model.num_blocks=1", *args]
+    cfg = load_config(None, args, base=data)
+    torch.manual_seed(0)
     model, _, _ = build_model(cfg, inputs, classes)
     model.train()
     opts = [build_optimizer(model.block_parameters(k), cfg.optim) for k in range(model.num_blocks)]
-    return model, opts
+    return (model, opts, file) if with_file else (model, opts)
 
 
 def measure(model, opts, batch: Batch) -> list[int]:
@@ -105,37 +128,40 @@ def run(
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for method in methods:
-        model, opts = build(backbone, method, by_stage, size, 80, head)
-        peaks = {b: max(measure(model, opts, detection_batch(b, size, 80, seed=b))) for b in batches}
+        model, opts, file = build(backbone, method, by_stage, size, 80, head, with_file=True)
+        blocks = {b: measure(model, opts, detection_batch(b, size, 80, seed=b)) for b in batches}
         b0, b1 = batches[0], batches[1]
-        slope = (peaks[b1] - peaks[b0]) / (b1 - b0)
-        fixed = peaks[b0] - slope * b0
+        # per block: bytes = fixed + slope * batch (the blocks run one after the other: the peak is the largest)
+        slopes = [(y1 - y0) / (b1 - b0) for y0, y1 in zip(blocks[b0], blocks[b1])]
+        fixed = [y0 - a * b0 for y0, a in zip(blocks[b0], slopes)]
+        at = [c + a * target_batch for c, a in zip(fixed, slopes)]
+        peak = max(at)
+        k = at.index(peak)
         check = batches[2] if len(batches) > 2 else None
         row = {
             "method": method,
             "K": model.num_blocks,
-            "peak_MiB_at_target": mib(fixed + slope * target_batch),
-            "per_image_MiB": mib(slope),
-            "fit_error_pct": 100 * abs(fixed + slope * check - peaks[check]) / peaks[check]
+            "cuts": " ".join(map(str, model.cuts)) or "-",
+            "peak_block": k,
+            "peak_MiB_at_target": mib(peak),
+            "blocks_MiB": " / ".join(f"{mib(v):.0f}" for v in at),
+            "per_image_MiB": mib(slopes[k]),
+            "fit_error_pct": 100 * abs(fixed[k] + slopes[k] * check - blocks[check][k]) / blocks[check][k]
             if check
             else None,
             "params_M_backbone": model.parameter_counts()["backbone"] / 1e6,
             "params_M_aux": model.parameter_counts()["aux"] / 1e6,
+            "config": file,
         }
         if use_cuda:
-            device = torch.device("cuda")
-            model.to(device)  # the optimizers hold the same parameters, now on the device
-            batch = detection_batch(cuda_batch, size, 80).to(device)
-            torch.cuda.reset_peak_memory_stats()
-            train_step(model, batch, opts)
-            torch.cuda.synchronize()
-            row["cuda_max_allocated_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+            row["cuda_max_allocated_GiB"] = cuda_step(model, opts, detection_batch(cuda_batch, size, 80))
         rows.append(row)
+        del model, opts
     bp = rows[0]["peak_MiB_at_target"]
     for row in rows:
         row["ratio_to_bp"] = row["peak_MiB_at_target"] / bp
-    columns = ["method", "K", "peak_MiB_at_target", "ratio_to_bp", "per_image_MiB", "fit_error_pct",
-               "params_M_backbone", "params_M_aux"] + (["cuda_max_allocated_GiB"] if use_cuda else [])  # fmt: skip
+    columns = ["method", "K", "cuts", "peak_block", "peak_MiB_at_target", "ratio_to_bp", "blocks_MiB", "per_image_MiB",
+               "fit_error_pct", "params_M_backbone", "params_M_aux", "config"] + (["cuda_max_allocated_GiB"] if use_cuda else [])  # fmt: skip
     write_csv(out_dir / f"{name}.csv", rows, columns)
     split = "by stages (K=4, MAN++ Table IV)" if by_stage else "one residual unit per block (MAN Tables 2-4)"
     lines = header(
@@ -143,6 +169,12 @@ def run(
         f"extrapolated to {target_batch} from {list(batches[:2])} (checked at {batches[2:]})",
         notes=[
             f"split: {split}; 80 classes, 4 random boxes per image, synthetic images; {head} head",
+            "rows by stages are built from MAN++ Table IV's configs (`config`; bp = E2E, the others the K=4 "
+            "dgl+manpp file with the method swapped in and its options that apply: dgl's `dense_head: manpp` is the "
+            "official MAN++ COCO aux, `[dgl.dense_head=fpn]` ours)",
+            "blocks_MiB: every block's bytes at the target batch, each fitted on its own (block 0 = stem + layer1 + "
+            "its aux, the last = layer4 + FPN + RetinaNet head); the step's peak is the largest: the blocks run one "
+            "after the other and each frees its graph before the next",
             "peak = bytes saved for backward by the largest block (body + aux), plus the feature-bank entries "
             "alive while it runs; bp is one block",
             f"wall time {time.perf_counter() - t0:.0f} s",
