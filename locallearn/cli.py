@@ -163,7 +163,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         log.info(
             "training %s on %s (K=%d, cuts %s) -> %s",
             c.method.name,
-            c.data.name,
+            run.train_loader.data.name if c.data.name == "folder" else c.data.name,  # folder data: its name
             run.model.num_blocks,
             run.model.cuts,
             run.run_dir,
@@ -194,6 +194,11 @@ def cmd_list(args: argparse.Namespace) -> None:
         with torch.device("meta"):  # count layers without allocating or initialising weights
             layers = len(make(in_chans=3))
         print(f"  {name:<12} {layers} layers")
+    print(
+        "  any model: model.backbone=torchvision:NAME | timm:NAME | package.module:factory (num_classes=\n"
+        "    from the data), split at its stages or at model.cut_at=[module names]; its own classifier is\n"
+        "    the head; `locallearn export RUN OUT.pt` writes its state dict (docs/backbones.md, Any model)"
+    )
     print("methods:")
     for name, cls in METHODS.items():
         print(f"  {name:<12} {cls.paper}")
@@ -205,11 +210,19 @@ def cmd_list(args: argparse.Namespace) -> None:
     print(f"  all names: {', '.join(method_names())}")
     print("tasks:\n  " + ", ".join(TASKS))
     print("datasets:\n  " + ", ".join(DATASETS))
+    print("  folder: data.root=DIR with train/<class>/* and val/<class>/*, data.image_size=N (default 224)")
     print("split tables (model.split=NAME model.num_blocks=K):")
     for table, arches in TABLES.items():
         for arch, ks in arches.items():
             print(f"  {table:<17} {arch:<10} K = {', '.join(str(k) for k in [1, *ks])}")
     print("  even              any        K = 1..number of layers")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from locallearn.export import export_run
+
+    setup_logging()
+    print(export_run(args.run, args.out, args.device))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -268,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", help="checkpoint.pt or its run directory")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=cmd_eval)
+    ex = sub.add_parser(
+        "export",
+        help="write a run's model as its source model's own state dict (torchvision / timm / your model)",
+    )
+    ex.add_argument("run", metavar="RUN", help="run directory (or its checkpoint.pt)")
+    ex.add_argument("out", metavar="OUT.pt", help="file to write (torch.save of a state dict)")
+    ex.add_argument("--device", default="cpu", help="device for the output check (default cpu)")
+    ex.set_defaults(func=cmd_export)
     ls = sub.add_parser("list", help="list backbones, methods, tasks, datasets and split tables")
     ls.set_defaults(func=cmd_list)
     bench = sub.add_parser("bench", help="benchmarks: write tables and plots into benchmarks/results/")

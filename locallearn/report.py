@@ -64,7 +64,8 @@ def run_summary(run: Any) -> dict[str, Any]:
         "backbone": run.cfg.model.backbone,
         "num_blocks": run.model.num_blocks,
         "cuts": run.model.cuts,
-        "dataset": run.cfg.data.name,
+        # folder data is called by its folder's name
+        "dataset": run.train_loader.data.name if run.cfg.data.name == "folder" else run.cfg.data.name,
         "train_images": len(run.train_loader.data),
         "epochs": run.epoch,
         "metric": run.task.main_metric,

@@ -45,7 +45,10 @@ def environment() -> dict[str, str]:
 def run_name(cfg: Config) -> str:
     if cfg.name:
         return cfg.name
-    return f"{cfg.data.name}-{cfg.model.backbone}-K{cfg.model.num_blocks}-{cfg.method.name}"
+    # folder data is named after its folder; torchvision:NAME / package.module:factory without the colon
+    data = Path(cfg.data.root).expanduser().resolve().name if cfg.data.name == "folder" else cfg.data.name
+    backbone = cfg.model.backbone.replace(":", "-")
+    return f"{data}-{backbone}-K{cfg.model.num_blocks}-{cfg.method.name}"
 
 
 def fresh_run_dir(cfg: Config) -> Path:

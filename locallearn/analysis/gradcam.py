@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locallearn.analysis.runs import LoadedRun, images, load_runs, out_dir, write_csv
+from locallearn.analysis.runs import LoadedRun, images, load_runs, out_dir, run_datasets, write_csv
 from locallearn.config import ConfigError
 
 
@@ -105,6 +105,10 @@ def main(args: argparse.Namespace) -> str:
         if not -num_layers <= i < num_layers:
             raise ConfigError(f"--layers {i}: the backbone has {num_layers} layers (0..{num_layers - 1})")
     batch = next(images(runs[0].cfg, args.images, args.images))
+    test_set = run_datasets(runs[0].cfg)[1]
+    # folder data: class names (sub-folder names) and the folder's own name instead of numbers / "folder"
+    names = class_names(test_set)
+    dataset = getattr(test_set, "name", "") or runs[0].cfg.data.name
     picture = batch.image.clamp(0, 1)
     rows, table = [], []
     for r in runs:
@@ -128,8 +132,10 @@ def main(args: argparse.Namespace) -> str:
                         "layer": layer,
                         "image": j,
                         "label": int(batch.y[j]),
+                        "label_name": names(int(batch.y[j])),
                         "target": int(target[j]),
                         "pred": int(pred[j]),
+                        "pred_name": names(int(pred[j])),
                         "target_prob": float(prob[j]),
                         "cam_peak_row": peak[0],
                         "cam_peak_col": peak[1],
@@ -138,11 +144,25 @@ def main(args: argparse.Namespace) -> str:
                 )
     out = out_dir(args)
     write_csv(out / "gradcam.csv", table)
-    plot(picture, batch.y, rows, out / "gradcam.png", f"Grad-CAM of the {args.target} class score")
+    title = f"Grad-CAM of the {args.target} class score, {dataset} test images"
+    plot(picture, batch.y, rows, out / "gradcam.png", title, names)
     return f"Grad-CAM of {len(batch)} images x {len(rows)} rows: wrote {out / 'gradcam.csv'} and {out / 'gradcam.png'}"
 
 
-def plot(picture: torch.Tensor, labels: torch.Tensor, rows: list, path: Path, title: str) -> None:
+def class_names(dataset) -> Callable[[int], str]:
+    """Label -> its class name (``dataset.classes``, e.g. folder data), or the number itself."""
+    classes = list(getattr(dataset, "classes", None) or [])
+    return lambda c: classes[c] if 0 <= c < len(classes) else str(c)
+
+
+def plot(
+    picture: torch.Tensor,
+    labels: torch.Tensor,
+    rows: list,
+    path: Path,
+    title: str,
+    names: Callable[[int], str] = str,
+) -> None:
     from locallearn.bench.common import plt
 
     pyplot = plt()
@@ -154,12 +174,14 @@ def plot(picture: torch.Tensor, labels: torch.Tensor, rows: list, path: Path, ti
     shown = picture[:, 0] if gray else picture.permute(0, 2, 3, 1)
     for j in range(n):
         axes[0, j].imshow(shown[j].numpy(), cmap="gray" if gray else None, vmin=0, vmax=1)
-        axes[0, j].set_title(f"label {int(labels[j])}", fontsize=7)
+        axes[0, j].set_title(f"label {names(int(labels[j]))}", fontsize=7)
         for i, (_, cam, pred) in enumerate(rows, start=1):
             ax = axes[i, j]
             ax.imshow(shown[j].numpy(), cmap="gray" if gray else None, vmin=0, vmax=1)
             ax.imshow(cam[j].numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            ax.set_title(f"pred {int(pred[j])}", fontsize=6, color="black" if pred[j] == labels[j] else "red")
+            ax.set_title(
+                f"pred {names(int(pred[j]))}", fontsize=6, color="black" if pred[j] == labels[j] else "red"
+            )
     axes[0, 0].set_ylabel("image", fontsize=7)
     for i, (label, _, _) in enumerate(rows, start=1):
         axes[i, 0].set_ylabel(label, fontsize=7)

@@ -86,14 +86,21 @@ def load_run(
 
 
 @functools.lru_cache(maxsize=2)
-def datasets(name: str, root: str):
-    """(train, test) of a dataset, read once per process: every run of an analysis shares them."""
-    return load_datasets(name, root, False)
+def datasets(name: str, root: str, image_size: int | None = None, mean=None, std=None):
+    """(train, test) of a dataset, read once per process: every run of an analysis shares them.
+    ``image_size``, ``mean``, ``std`` (tuples): the folder readers' options (``load_datasets``)."""
+    return load_datasets(name, root, False, image_size, mean and list(mean), std and list(std))
+
+
+def run_datasets(cfg: Config):
+    """``datasets`` for a run's config (its data section's name, root, size and normalisation)."""
+    d = cfg.data
+    return datasets(d.name, d.root, d.image_size, d.mean and tuple(d.mean), d.std and tuple(d.std))
 
 
 def data_shape(cfg: Config):
     """(InputInfo, num_classes) of the run's dataset."""
-    train, _ = datasets(cfg.data.name, cfg.data.root)
+    train, _ = run_datasets(cfg)
     return train.info, train.num_classes
 
 
@@ -125,7 +132,7 @@ def load_runs(
 
 def images(cfg: Config, n: int | None, batch_size: int, train: bool = False) -> Iterator[Batch]:
     """The first ``n`` (class-balanced, fixed) test or training images, un-augmented, in a fixed order."""
-    train_set, test_set = datasets(cfg.data.name, cfg.data.root)
+    train_set, test_set = run_datasets(cfg)
     data = (train_set if train else test_set).subset(n)
     return iter(make_loader(data, batch_size, False))
 

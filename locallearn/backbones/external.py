@@ -27,6 +27,7 @@ and in eval mode; any difference raises. The source model's state is restored af
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import pkgutil
 
@@ -430,12 +431,13 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _differs(ref: torch.Tensor | None, out: torch.Tensor | None, rtol: float) -> bool:
-    """Beyond float32 round-off of the same operations (relative to the reference's magnitude)."""
+    """Beyond float32 round-off of the same operations, relative to the reference's largest value
+    (a fresh model's outputs may be ~1e-5 in eval mode: an absolute tolerance would pass anything)."""
     if ref is None or out is None:
         return (ref is None) != (out is None)
     if ref.shape != out.shape:
         return True
-    return ref.numel() > 0 and _max_diff(ref, out) > rtol * (1 + float(ref.float().abs().max()))
+    return ref.numel() > 0 and _max_diff(ref, out) > rtol * float(ref.float().abs().max()) + 1e-12
 
 
 @torch.no_grad()
@@ -508,12 +510,9 @@ def is_spec(name: str) -> bool:
     return ":" in name
 
 
-def source_model(spec: str, num_classes: int | None = None) -> nn.Module:
-    """Build the model ``spec`` names, untrained: ``torchvision:NAME`` (``weights=None``),
-    ``timm:NAME`` (``pretrained=False``) or ``package.module:factory`` (called with
-    ``num_classes=`` when it takes it). Raises ``SplitError`` with one line if it cannot."""
+def _factory(spec: str):
+    """The constructor ``spec`` names, called as ``make(**kw)``; ``SplitError`` if there is none."""
     prefix, _, rest = spec.partition(":")
-    kw = {} if num_classes is None else {"num_classes": num_classes}
     if prefix == "torchvision":
         import torchvision
 
@@ -521,7 +520,7 @@ def source_model(spec: str, num_classes: int | None = None) -> nn.Module:
             raise SplitError(
                 f"model.backbone={spec}: torchvision has no model {rest!r} (torchvision.models.list_models())"
             )
-        return torchvision.models.get_model(rest, weights=None, **kw)
+        return lambda **kw: torchvision.models.get_model(rest, weights=None, **kw)
     if prefix == "timm":
         try:
             import timm
@@ -529,23 +528,34 @@ def source_model(spec: str, num_classes: int | None = None) -> nn.Module:
             raise SplitError(f"model.backbone={spec}: timm is not installed (pip install timm)") from None
         if not timm.is_model(rest):
             raise SplitError(f"model.backbone={spec}: timm has no model {rest!r} (timm.list_models())")
-        return timm.create_model(rest, pretrained=False, **kw)
+        return lambda **kw: timm.create_model(rest, pretrained=False, **kw)
     try:
         factory = pkgutil.resolve_name(spec)
     except (ImportError, AttributeError, ValueError) as e:
         raise SplitError(
-            f"model.backbone={spec}: cannot import it ({e}); write package.module:factory"
+            f"model.backbone={spec}: cannot import it ({e}); write torchvision:NAME, timm:NAME or "
+            "package.module:factory"
         ) from None
     if not callable(factory):
         raise SplitError(f"model.backbone={spec}: {rest!r} is not callable")
-    import inspect
-
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
     takes = "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    model = factory(**kw) if takes else factory()
+    return (lambda **kw: factory(**kw)) if takes else (lambda **kw: factory())
+
+
+def check_spec(spec: str) -> None:
+    """Raise ``SplitError`` unless ``spec`` names a model that can be built (nothing is built)."""
+    _factory(spec)
+
+
+def source_model(spec: str, num_classes: int | None = None) -> nn.Module:
+    """Build the model ``spec`` names, untrained: ``torchvision:NAME`` (``weights=None``),
+    ``timm:NAME`` (``pretrained=False``) or ``package.module:factory`` (called with
+    ``num_classes=`` when it takes it). Raises ``SplitError`` with one line if it cannot."""
+    model = _factory(spec)(**({} if num_classes is None else {"num_classes": num_classes}))
     if not isinstance(model, nn.Module):
         raise SplitError(
             f"model.backbone={spec}: the factory returned a {type(model).__name__}, not an nn.Module"

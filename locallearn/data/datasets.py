@@ -242,7 +242,8 @@ DATASETS: dict[str, Callable[[str, bool], tuple[ArrayDataset, ArrayDataset]]] = 
     "cifar100": lambda root, dl: cifar(root, dl, 100),
     "svhn": svhn,
     "stl10": stl10,
-    "imagenet": imagefolder.imagenet,  # ImageFolder tree, streamed (not in memory)
+    "imagenet": imagefolder.imagenet,  # ImageFolder tree, streamed (not in memory), 224 px preset
+    "folder": imagefolder.folder,  # any ImageFolder tree at data.image_size, named after its folder
 }
 
 
@@ -285,10 +286,34 @@ SR_NAMES = [f"{n}{x}" for n in ("div2k", "sr_folder", "skimage_photos") for x in
 DATASETS.update({n: _super_resolution(n) for n in SR_NAMES})
 
 
-def load_datasets(name: str, root: str = "data", download: bool = False) -> tuple[ArrayDataset, ArrayDataset]:
+# readers that take data.image_size / data.mean / data.std (the others have their own sizes and statistics)
+SIZED = ("imagenet", "folder")
+
+
+def load_datasets(
+    name: str,
+    root: str = "data",
+    download: bool = False,
+    image_size: int | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train, test) of dataset ``name``; ``image_size``, ``mean`` and ``std`` reach the folder
+    readers (``SIZED``); other datasets refuse ``mean`` / ``std`` (detection reads ``image_size``
+    itself)."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
+    if name not in SIZED and (mean is not None or std is not None):
+        raise DataError(f"data.mean / data.std apply to {' and '.join(SIZED)} data, not {name}")
     try:
+        if name in SIZED:
+            return DATASETS[name](root, download, image_size, mean, std)
         return DATASETS[name](root, download)
     except ValueError as e:  # ArrayDataset's own checks on a reader without a _dataset() wrapper
         raise DataError(f"{name}: {e}") from None
+
+
+def load_data(data) -> tuple:
+    """``load_datasets`` for a config's ``data`` section (``DataConfig``): name, root, download,
+    image_size, mean and std."""
+    return load_datasets(data.name, data.root, data.download, data.image_size, data.mean, data.std)

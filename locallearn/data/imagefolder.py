@@ -1,16 +1,25 @@
-"""ImageNet-style data: a torchvision ``ImageFolder`` tree (``root/train/<class>/*``, ``root/val/...``)
+"""Folder data: a torchvision ``ImageFolder`` tree (``root/train/<class>/*``, ``root/val/<class>/*``)
 streamed from disk by a ``torch.utils.data.DataLoader`` with worker processes.
 
-Transforms are the standard ImageNet ones the papers use (PRIOR_ART §2.7): train RandomResizedCrop
-+ horizontal flip; test resize to size * 256/224 then center crop. ``StreamingLoader`` keeps the
-in-memory ``Loader``'s interface (``set_epoch``, ``len``, ``.data``, batches of ``Batch`` carrying
-mean / std) so the runner treats both alike; shuffling is seeded by (seed, epoch).
+``data.name=folder`` reads any such tree at ``data.image_size`` (default 224) and is called by the
+folder's name (``root``'s last part) in logs and titles; ``data.name=imagenet`` is the same reader
+named ``imagenet``. Class names are the sub-folder names (sorted), kept as ``classes``.
+
+Images of any size and shape become ``size`` x ``size`` with the standard ImageNet transforms the
+papers use (PRIOR_ART §2.7): train RandomResizedCrop (a random 8-100% of the area at aspect 3/4-4/3,
+resized to ``size``) + horizontal flip; test (and train with ``data.augment=false``) resize the
+shorter side to ``size * 256/224``, then crop the centre ``size`` x ``size`` (a 96x80 photo at 64 px:
+88x73, centre 64x64). Normalised with ImageNet's mean / std unless ``data.mean`` / ``data.std`` are
+given. ``StreamingLoader`` keeps the in-memory ``Loader``'s interface (``set_epoch``, ``len``,
+``.data``, batches of ``Batch`` carrying mean / std) so the runner treats both alike; shuffling is
+seeded by (seed, epoch).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -22,6 +31,9 @@ from locallearn.types import Batch, InputInfo
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_SIZE = 224
+
+log = logging.getLogger(__name__)
 
 
 class ImageFolderData:
@@ -47,6 +59,11 @@ class ImageFolderData:
 
     def __len__(self) -> int:
         return len(self.folder) if self.indices is None else len(self.indices)
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names (the sub-folder names, sorted): label i is ``classes[i]``."""
+        return list(self.folder.classes)
 
     @property
     def info(self) -> InputInfo:
@@ -85,29 +102,65 @@ def transform(train: bool, size: int):
     return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor()])
 
 
-def imagenet(root: str, download: bool, size: int = 224) -> tuple[ImageFolderData, ImageFolderData]:
+def folder(
+    root: str,
+    download: bool = False,
+    size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    name: str | None = None,
+) -> tuple[ImageFolderData, ImageFolderData]:
+    """(train, val) of the ImageFolder tree under ``root``, ``size`` px square (default 224),
+    called ``name`` (default: the folder's own name). ``DataError`` names what is missing."""
     from torchvision.datasets import ImageFolder
 
+    where = Path(root).expanduser()
+    name = name or where.resolve().name or "folder"
+    size = size or DEFAULT_SIZE
+    mean, std = tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise DataError(f"{name}: data.mean / data.std need 3 values (RGB) and std > 0, got {mean} / {std}")
+    if download:
+        raise DataError(f"{name}: folder data cannot be downloaded; put the ImageFolder tree under data.root")
+    parts = []
+    for split, train in (("train", True), ("val", False)):
+        path = where / split
+        if not path.is_dir():
+            raise DataError(
+                f"{name}: {str(path.resolve())!r} not found; data.root must hold train/<class>/* and "
+                "val/<class>/* image files (torchvision ImageFolder layout)"
+            )
+        try:
+            data = ImageFolder(str(path), transform(train, size))
+        except (FileNotFoundError, OSError) as e:
+            raise DataError(f"{name}: cannot read {str(path)!r}: {e}") from None
+        parts.append(ImageFolderData(data, train, size, mean, std, name))
+    train_set, val_set = parts
+    if train_set.classes != val_set.classes:
+        raise DataError(
+            f"{name}: train/ and val/ hold different class folders ({train_set.classes} vs {val_set.classes})"
+        )
+    log.info(
+        "%s: %d classes (%s), %d train / %d val images at %d px",
+        name,
+        len(train_set.classes),
+        ", ".join(train_set.classes[:10]) + (", ..." if len(train_set.classes) > 10 else ""),
+        len(train_set),
+        len(val_set),
+        size,
+    )
+    return train_set, val_set
+
+
+def imagenet(
+    root: str, download: bool = False, size: int | None = None, mean=None, std=None
+) -> tuple[ImageFolderData, ImageFolderData]:
+    """ImageNet's preset: the folder reader named ``imagenet``, 224 px unless ``size`` says otherwise."""
     if download:
         raise DataError(
             "ImageNet cannot be downloaded automatically; put the ImageFolder tree under data.root"
         )
-    parts = []
-    for split, train in (("train", True), ("val", False)):
-        path = Path(root) / split
-        if not path.is_dir():
-            raise DataError(
-                f"imagenet: {str(path.resolve())!r} not found; data.root must hold train/<class>/*.JPEG "
-                "and val/<class>/*.JPEG (torchvision ImageFolder layout)"
-            )
-        try:
-            parts.append(ImageFolderData(ImageFolder(str(path), transform(train, size)), train, size))
-        except (FileNotFoundError, OSError) as e:
-            raise DataError(f"imagenet: cannot read {str(path)!r}: {e}") from None
-    train_set, val_set = parts
-    if train_set.folder.classes != val_set.folder.classes:
-        raise DataError("imagenet: train/ and val/ hold different class folders")
-    return train_set, val_set
+    return folder(root, False, size or DEFAULT_SIZE, mean, std, name="imagenet")
 
 
 class StreamingLoader(EpochLoader):
