@@ -65,6 +65,13 @@ TASKS: dict[str, type[Task]] = {
     "segmentation": Segmentation,
     "super_resolution": SuperResolution,
 }
+# the targets each task trains on, in the words datasets use for theirs (data.datasets.TARGETS)
+TASK_TARGETS: dict[str, str] = {
+    "classification": "class labels",
+    "detection": "boxes",
+    "segmentation": "label maps",
+    "super_resolution": "HR images",
+}
 
 
 def method_names() -> list[str]:
@@ -217,9 +224,27 @@ def check_config(cfg: Config, load_weights: bool = True) -> None:
     if cfg.task.name not in TASKS:
         raise ConfigError(f"unknown task {cfg.task.name!r}; choose from {sorted(TASKS)}")
     refuse_moved_options(cfg)
+    check_task_fits_data(cfg.task.name, cfg.data.name)
     if load_weights and cfg.model.pretrained and not Path(cfg.model.pretrained).expanduser().is_file():
         raise ConfigError(f"model.pretrained: no file {cfg.model.pretrained!r}")
     build_method(cfg.method.name, cfg.method.options)
+
+
+def check_task_fits_data(task: str, data: str) -> None:
+    """One line naming both when ``data``'s targets are not what ``task`` trains on (a dataset
+    without declared targets, or an unknown name, is left to the data loader)."""
+    from locallearn.data.datasets import TARGETS
+
+    held, needed = TARGETS.get(data), TASK_TARGETS.get(task)
+    if held is None or needed is None or held == needed:
+        return
+    tasks = [t for t, n in TASK_TARGETS.items() if n == held]
+    fitting = [d for d, t in TARGETS.items() if t == needed]
+    raise ConfigError(
+        f"task.name={task} does not fit data.name={data}: {data} holds {held}, {task} needs {needed}. "
+        f"Use task.name={' or '.join(tasks)} with {data}, or {task} with data.name="
+        f"{' | '.join(fitting)}"
+    )
 
 
 def build_model(

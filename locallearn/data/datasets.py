@@ -256,7 +256,12 @@ def _detection(name: str) -> Callable:
     return load
 
 
+# What each dataset's targets are: a task that needs others is refused before anything is built
+# (build.check_config names what would fit). Datasets added below say theirs as they are registered.
+TARGETS: dict[str, str] = dict.fromkeys(DATASETS, "class labels")
+
 DATASETS.update({n: _detection(n) for n in ("coco", "voc", "voc0712")})  # DetectionDataset splits
+TARGETS.update(dict.fromkeys(("coco", "voc", "voc0712"), "boxes"))
 
 
 def _segmentation(name: str) -> Callable:
@@ -270,6 +275,7 @@ def _segmentation(name: str) -> Callable:
 
 # SegmentationDataset splits
 DATASETS.update({n: _segmentation(n) for n in ("cityscapes", "voc_seg", "voc_seg_sample")})
+TARGETS.update(dict.fromkeys(("cityscapes", "voc_seg", "voc_seg_sample"), "label maps"))
 
 
 def _super_resolution(name: str) -> Callable:
@@ -284,6 +290,7 @@ def _super_resolution(name: str) -> Callable:
 # SRDataset splits: div2k, sr_folder, skimage_photos (x2), each also _x3 / _x4
 SR_NAMES = [f"{n}{x}" for n in ("div2k", "sr_folder", "skimage_photos") for x in ("", "_x3", "_x4")]
 DATASETS.update({n: _super_resolution(n) for n in SR_NAMES})
+TARGETS.update(dict.fromkeys(SR_NAMES, "HR images"))
 
 
 # readers that take data.image_size / data.mean / data.std (the others have their own sizes and statistics)

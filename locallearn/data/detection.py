@@ -64,6 +64,7 @@ class DetectionDataset:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     coco: object = None  # the pycocotools COCO object read from disk (COCO); built on demand (VOC)
+    protocol: str = "coco"  # how the test split is scored: "coco" (COCOeval) or "voc" (+ VOC mAP)
 
     def __post_init__(self) -> None:
         n = len(self.files)
@@ -89,7 +90,9 @@ class DetectionDataset:
         return first_images(self, n, lists)
 
     def loader(self, batch_size: int, train: bool, seed: int = 0, augment: bool = True, num_workers: int = 0):
-        """The ``DetectionLoader`` the runner uses (images resized to ``min_size``, as the data says)."""
+        """The ``DetectionLoader`` the runner uses (images resized to ``min_size``, as the data says),
+        once every image file it will read is checked (before a run directory exists)."""
+        check_images(self.name, self.files)
         max_size = round(self.min_size * 5 / 3)  # 600 -> 1000, the official code's pair
         return DetectionLoader(
             self, batch_size, train, seed, augment, self.min_size, max_size, num_workers=num_workers
@@ -133,6 +136,22 @@ def _missing(name: str, where: Path, how: str) -> DataError:
     return DataError(f"{name} not found: expected {str(where.resolve())!r}; {how}")
 
 
+def check_images(name: str, files: Sequence[Path]) -> None:
+    """Every file exists and is an image PIL can identify (its header only: no decoding), so that a
+    run stops before it starts instead of at the first batch that reads a bad file."""
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise DataError(
+            f"{name}: {len(missing)} of {len(files)} image files are missing, e.g. {str(missing[0])!r}"
+        )
+    for f in files:
+        try:
+            with Image.open(f):
+                pass
+        except OSError as e:  # PIL.UnidentifiedImageError included: not an image, whatever its suffix
+            raise DataError(f"{name}: {str(f)!r} is not a readable image ({e.__class__.__name__})") from None
+
+
 def _xyxy(x: float, y: float, w: float, h: float, iw: int, ih: int) -> tuple[float, ...]:
     """COCO xywh -> xyxy clipped to the image (torchvision's ConvertCocoPolysToMask)."""
     return (min(max(x, 0), iw), min(max(y, 0), ih), min(max(x + w, 0), iw), min(max(y + h, 0), ih))
@@ -151,28 +170,43 @@ def read_coco(root: str | Path, split: str) -> DetectionDataset:
     for p in (ann_file, folder):
         if not p.exists():
             raise _missing(f"coco {split}2017", p, COCO_HELP)
+    where = repr(str(ann_file))
     try:
         with quiet(f"COCO({ann_file})"):
             coco = COCO(str(ann_file))
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"cannot read {str(ann_file)!r}: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        # pycocotools asserts that the file holds a dict; a missing key is a KeyError
+        raise DataError(
+            f"cannot read {where}: not a COCO instances file ({e.__class__.__name__}: {e})"
+        ) from None
     cat_ids = sorted(coco.getCatIds())
     to_label = {c: i for i, c in enumerate(cat_ids)}
-    names = tuple(coco.cats[c]["name"] for c in cat_ids)
+    names = tuple(str(coco.cats[c].get("name", c)) for c in cat_ids)
     files, ids, sizes, boxes, labels, ignored, ignored_labels = [], [], [], [], [], [], []
     for img_id in sorted(coco.getImgIds()):
         img = coco.imgs[img_id]
-        ih, iw = int(img["height"]), int(img["width"])
+        try:
+            ih, iw, file_name = int(img["height"]), int(img["width"]), str(img["file_name"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(
+                f"{where}: image {img_id} needs 'file_name' and integer 'height', 'width'; got {img}"
+            ) from None
         parts = {0: ([], []), 1: ([], [])}
         for a in coco.imgToAnns.get(img_id, []):
             part = parts[1 if a.get("iscrowd", 0) else 0]
-            part[0].append(_xyxy(*a["bbox"], iw, ih))
+            part[0].append(_coco_box(a, iw, ih, where))
+            if a.get("category_id") not in to_label:
+                raise DataError(
+                    f"{where}: annotation {a.get('id')} (image {img_id}) has category_id "
+                    f"{a.get('category_id')!r}, which is not in 'categories' ({len(cat_ids)} ids, "
+                    f"{cat_ids[0] if cat_ids else '-'}..{cat_ids[-1] if cat_ids else '-'})"
+                )
             part[1].append(to_label[a["category_id"]])
         (b, lab), (cb, cl) = (
             (np.array(bs, np.float32).reshape(-1, 4), np.array(ls, np.int64)) for bs, ls in parts.values()
         )
         keep = _keep(b)
-        files.append(folder / img["file_name"])
+        files.append(folder / file_name)
         ids.append(img_id)
         sizes.append((ih, iw))
         boxes.append(b[keep])
@@ -182,6 +216,18 @@ def read_coco(root: str | Path, split: str) -> DetectionDataset:
     return DetectionDataset(
         "coco", names, files, ids, sizes, boxes, labels, cat_ids, ignored, ignored_labels, coco=coco
     )
+
+
+def _coco_box(ann: dict, iw: int, ih: int, where: str) -> tuple[float, ...]:
+    bbox = ann.get("bbox")
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        raise DataError(
+            f"{where}: annotation {ann.get('id')} (image {ann.get('image_id')}) needs 'bbox' = 4 numbers "
+            f"[x, y, width, height]; got {bbox!r}"
+        ) from None
+    return _xyxy(x, y, w, h, iw, ih)
 
 
 def _voc_image_ids(stems: list[str]) -> list[int]:
@@ -209,23 +255,14 @@ def read_voc(root: str | Path, year: str = "2007", image_set: str = "trainval") 
                 tree = ET.parse(xml_file).getroot()
             except ET.ParseError as e:
                 raise DataError(f"cannot read {str(xml_file)!r}: {e}") from None
-            size = tree.find("size")
-            hw = (
-                (0, 0)
-                if size is None
-                else (int(size.findtext("height", "0")), int(size.findtext("width", "0")))
-            )
-            if min(hw) <= 0:
-                with Image.open(jpg) as im:
-                    hw = (im.height, im.width)
+            hw = _voc_size(tree, jpg, xml_file)
             parts = {False: ([], []), True: ([], [])}
-            for obj in tree.iter("object"):
-                bb = obj.find("bndbox")
+            for n, obj in enumerate(tree.iter("object"), 1):
+                label, (x1, y1, x2, y2) = _voc_object(obj, n, xml_file, to_label)
+                part = parts[(obj.findtext("difficult") or "0").strip() == "1"]
                 # 1-based inclusive pixel indices -> continuous coords (torchvision's reference).
-                x1, y1, x2, y2 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-                part = parts[obj.findtext("difficult", "0").strip() == "1"]
                 part[0].append((x1 - 1, y1 - 1, x2, y2))
-                part[1].append(to_label[obj.findtext("name").strip()])
+                part[1].append(label)
             (b, lab), (db, dl) = (
                 (np.array(bs, np.float32).reshape(-1, 4), np.array(ls, np.int64)) for bs, ls in parts.values()
             )
@@ -248,7 +285,41 @@ def read_voc(root: str | Path, year: str = "2007", image_set: str = "trainval") 
         list(range(1, len(VOC_CLASSES) + 1)),
         ignored,
         ignored_labels,
+        protocol="voc",
     )
+
+
+def _voc_size(tree: ET.Element, jpg: Path, xml_file: Path) -> tuple[int, int]:
+    """(h, w) from ``<size>``, or from the image header where ``<size>`` is absent or zero."""
+    size = tree.find("size")
+    try:
+        hw = (0, 0) if size is None else (int(size.findtext("height") or 0), int(size.findtext("width") or 0))
+    except ValueError:
+        raise DataError(f"{str(xml_file)!r}: <size> needs integer <height> and <width>") from None
+    if min(hw) <= 0:
+        try:
+            with Image.open(jpg) as im:
+                hw = (im.height, im.width)
+        except OSError as e:
+            raise DataError(f"{str(jpg)!r} is not a readable image ({e.__class__.__name__})") from None
+    return hw
+
+
+def _voc_object(obj: ET.Element, n: int, xml_file: Path, to_label: dict[str, int]):
+    """(label, (xmin, ymin, xmax, ymax)) of the ``n``-th ``<object>`` (from 1); a ``DataError`` naming
+    the file and the object otherwise."""
+    name = (obj.findtext("name") or "").strip()
+    what = f"{str(xml_file)!r}: object {n} ({name or 'no <name>'})"
+    if name not in to_label:
+        raise DataError(f"{what}: unknown class name {name!r}; VOC classes are {', '.join(to_label)}")
+    bb = obj.find("bndbox")
+    if bb is None:
+        raise DataError(f"{what} has no <bndbox>")
+    try:
+        return to_label[name], tuple(float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+    except (TypeError, ValueError):
+        values = {k: bb.findtext(k) for k in ("xmin", "ymin", "xmax", "ymax")}
+        raise DataError(f"{what}: <bndbox> needs numbers xmin, ymin, xmax, ymax; got {values}") from None
 
 
 def _voc_download(root: str, year: str, image_set: str) -> None:

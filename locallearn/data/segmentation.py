@@ -104,7 +104,38 @@ class SegmentationDataset:
         return first_images(self, n, ("images", "labels"))
 
     def loader(self, batch_size: int, train: bool, seed: int = 0, augment: bool = True, num_workers: int = 0):
+        """This split's loader, once every file it will read is checked (``check_files``)."""
+        self.check_files()
         return SegmentationLoader(self, batch_size, train, seed, augment, self.train_repeat, num_workers)
+
+    def check_files(self) -> None:
+        """Before a run starts (no run directory yet): every image and label map exists and is an
+        image of the same size (headers only), and, without a ``lut`` (VOC: the values are the class
+        ids), every label value is a class id or 255, which needs the maps decoded (VOC2012 train +
+        val: ~2,900 small palette PNGs). With a ``lut`` every value maps to an id or 255 anyway."""
+        for image, label in zip(self.images, self.labels):
+            (w, h), _ = _header(self.name, image)
+            (lw, lh), mode = _header(self.name, label)
+            if mode not in LABEL_MODES:
+                raise DataError(
+                    f"{self.name}: label map {str(label)!r} is a {mode} image; expected one channel of "
+                    f"class ids (a palette or grayscale PNG)"
+                )
+            if (lw, lh) != (w, h):
+                raise DataError(
+                    f"{self.name}: label map {str(label)!r} is {lw}x{lh}, its image {str(image)!r} is {w}x{h}"
+                )
+            if self.lut is None:
+                with Image.open(label) as lab:
+                    self._check_values(np.array(lab), label)
+
+    def _check_values(self, label: np.ndarray, path: Path) -> None:
+        bad = (label >= self.num_classes) & (label != IGNORE)
+        if bad.any():
+            raise DataError(
+                f"{self.name}: {str(path)!r} holds label {int(label[bad].flat[0])}; "
+                f"expected 0..{self.num_classes - 1} or {IGNORE}"
+            )
 
     def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Image ``i`` as uint8 (3, H, W) and its label map as int64 (H, W) of class ids / 255."""
@@ -123,17 +154,25 @@ class SegmentationDataset:
             )
         if self.lut is not None:
             label = self.lut[label.astype(np.int64).clip(0, 255)]
+        self._check_values(label, self.labels[i])
         label = torch.from_numpy(label.astype(np.int64))
-        bad = (label >= self.num_classes) & (label != IGNORE)
-        if bad.any():
-            raise DataError(
-                f"{self.name}: {str(self.labels[i])!r} holds label {int(label[bad][0])}; "
-                f"expected 0..{self.num_classes - 1} or {IGNORE}"
-            )
         return torch.from_numpy(img).permute(2, 0, 1).contiguous(), label
 
 
 # ------------------------------------------------------------------------------------------- readers
+
+LABEL_MODES = ("P", "L", "I", "I;16")  # one channel: palette indices (VOC) or values (Cityscapes ids)
+
+
+def _header(name: str, path: Path) -> tuple[tuple[int, int], str]:
+    """(size, mode) from an image file's header (no decoding); a ``DataError`` naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.size, im.mode
+    except FileNotFoundError:
+        raise DataError(f"{name}: {str(path)!r} is missing") from None
+    except OSError as e:  # PIL.UnidentifiedImageError included: not an image, whatever its suffix
+        raise DataError(f"{name}: {str(path)!r} is not a readable image ({e.__class__.__name__})") from None
 
 
 def _missing(name: str, where: Path, how: str) -> DataError:

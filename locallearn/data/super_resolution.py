@@ -43,6 +43,15 @@ def read_image(path: Path) -> np.ndarray:
         raise DataError(f"cannot read image {str(path)!r}: {e}") from None
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header (no decoding)."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except OSError as e:  # PIL.UnidentifiedImageError included: not an image, whatever its suffix
+        raise DataError(f"cannot read image {str(path)!r}: {e}") from None
+
+
 def bicubic_lr(hr: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
     """(LR, HR cropped to a multiple of ``scale``): PIL bicubic down-scaling."""
     h, w = hr.shape[0] // scale * scale, hr.shape[1] // scale * scale
@@ -88,8 +97,32 @@ class SRDataset:
         return first_images(self, n, ("hr_files", "lr_files"))
 
     def loader(self, batch_size: int, train: bool, seed: int = 0, augment: bool = True, num_workers: int = 0):
-        """This split's loader (``make_loader`` asks the dataset); images are decoded in-process."""
+        """This split's loader (``make_loader`` asks the dataset), once every file is checked
+        (``check_files``); images are decoded in-process."""
+        self.check_files(train)
         return SRLoader(self, batch_size, train, seed, augment)
+
+    def check_files(self, train: bool) -> None:
+        """Before a run starts (no run directory yet), from the headers only: every HR / LR file is an
+        image, and for training every LR image holds a ``patch`` x ``patch`` crop."""
+        for i, hr in enumerate(self.hr_files):
+            w, h = image_size(hr)
+            if self.lr_files is not None:
+                lw, lh = image_size(self.lr_files[i])
+                small = f"its LR image {str(self.lr_files[i])!r} is {lw}x{lh}"
+                if w < lw * self.scale or h < lh * self.scale:
+                    raise DataError(
+                        f"{self.name}: {str(self.lr_files[i])!r} ({lw}x{lh}) times {self.scale} exceeds "
+                        f"its HR image {str(hr)!r} ({w}x{h})"
+                    )
+            else:
+                lw, lh = w // self.scale, h // self.scale
+                small = f"its x{self.scale} LR image would be {lw}x{lh}"
+            if train and min(lw, lh) < self.patch:
+                raise DataError(
+                    f"{self.name}: {str(hr)!r} ({w}x{h}) is too small to train on: {small}, smaller than "
+                    f"a {self.patch}px LR patch (HR images need {self.patch * self.scale}x{self.patch * self.scale})"
+                )
 
     def pair(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(LR, HR) uint8 (3, h, w) / (3, h*s, w*s) of image ``i``, decoded once."""
@@ -213,8 +246,9 @@ class SRLoader(EpochLoader):
                 lr, hr = self.data.pair(j % self.data.images)
                 if self.train:
                     if min(lr.shape[1:]) < p:
+                        hr_file = self.data.hr_files[j % self.data.images]
                         raise DataError(
-                            f"{self.data.name}: image {j % self.data.images} is smaller than a {p}px LR patch"
+                            f"{self.data.name}: {str(hr_file)!r}: its LR image is smaller than a {p}px patch"
                         )
                     y = int(torch.randint(0, lr.shape[1] - p + 1, (1,), generator=gen))
                     x = int(torch.randint(0, lr.shape[2] - p + 1, (1,), generator=gen))

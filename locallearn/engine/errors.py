@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -27,3 +29,17 @@ def check_finite(losses: torch.Tensor, step: int, first_block: int = 0) -> None:
     if len(bad):
         i = int(bad[0, 0])
         raise NonFiniteLossError(first_block + i, step + 1, float(losses[i]))
+
+
+def check_metrics(metrics: dict[str, float | None], main: str, epoch: int) -> None:
+    """The test pass's part of the divergence rule (the training losses are checked every step by
+    ``check_finite``): the test loss and the main metric must be finite. None means undefined (COCO
+    AP of a size bucket without ground truth, VOC mAP without a non-difficult box), not diverged, and
+    the other columns (COCO's size buckets, AP75, ...) are never looked at."""
+    checked = {k: metrics.get(k) for k in ("loss", main)}
+    bad = {k: v for k, v in checked.items() if v is not None and not math.isfinite(v)}
+    if bad:
+        raise DivergedError(
+            f"training diverged: the test {' and '.join(f'{k} is {v}' for k, v in bad.items())} after "
+            f"epoch {epoch}; lower optim.lr. The last good checkpoint is left as it was"
+        )

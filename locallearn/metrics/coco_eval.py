@@ -5,6 +5,10 @@ Detections arrive per batch in the resized coordinates the model saw; ``update``
 the original image with each target's ``orig_size`` / ``size`` (per axis, the inverse of the loader's
 resize) and ``compute`` runs COCOeval over the images seen so far only, so a subset of a split is
 scored against its own ground truth.
+
+A size bucket without ground truth (no box of that area in the images scored: small images, small
+subsets) has no AP: COCOeval reports -1, ``compute`` gives None (undefined, an empty cell in
+metrics.csv), never NaN, which would read as a diverged run.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -75,10 +78,15 @@ class CocoEvaluator:
             rows[:, 6] = self.to_category[_numpy(d["labels"]).reshape(-1).astype(np.int64)]
             self.rows.append(rows)
 
-    def compute(self) -> dict[str, float]:
-        if not self.rows:
-            return dict.fromkeys(KEYS, 0.0)
+    def compute(self) -> dict[str, float | None]:
+        """Percent; None where undefined (no ground truth in that size bucket, or none at all)."""
         from pycocotools.cocoeval import COCOeval
+
+        if not self.rows:  # no detection: AP 0 where there is ground truth to find
+            ranges = dict(zip(("all", "small", "medium", "large"), COCOeval(iouType="bbox").params.areaRng))
+            has = {name: self._has_ground_truth(rng) for name, rng in ranges.items()}
+            buckets = ("all", "all", "all", "small", "medium", "large")
+            return {k: (0.0 if has[b] else None) for k, b in zip(KEYS, buckets)}
 
         with quiet("COCOeval"):
             dt = self.coco_gt.loadRes(np.concatenate(self.rows))
@@ -87,4 +95,9 @@ class CocoEvaluator:
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
-        return {k: (math.nan if s < 0 else float(s) * 100) for k, s in zip(KEYS, ev.stats)}
+        return {k: (None if s < 0 else float(s) * 100) for k, s in zip(KEYS, ev.stats)}
+
+    def _has_ground_truth(self, area_range: Sequence[float]) -> bool:
+        """COCOeval's test for a bucket: a non-crowd box of the scored images with area in range."""
+        anns = self.coco_gt.loadAnns(self.coco_gt.getAnnIds(imgIds=sorted(self.image_ids)))
+        return any(not a.get("iscrowd", 0) and area_range[0] <= a["area"] <= area_range[1] for a in anns)

