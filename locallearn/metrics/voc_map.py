@@ -13,8 +13,8 @@ AP from the precision/recall curve (``method``):
   scored this way by its own devkit, by detectron2's ``PascalVOCDetectionEvaluator`` (``use_07_metric``
   for 2007) and by mmdetection (``eval_mode='11points'`` for VOC2007): the numbers the papers' VOC
   tables compare against.
-- ``"area"``: the area under the precision curve made monotone (VOC2010+ devkit), the exact integral,
-  usually a little lower than 11-point on the same detections.
+- ``"area"``: the area under the precision curve made monotone (VOC2010+ devkit), the exact integral;
+  within a point or so of 11-point on the same detections, either side (11-point samples the curve).
 
 Boxes are continuous xyxy pixels (the loader's ``x1 = xmin - 1, x2 = xmax`` of the 1-based inclusive
 XML indices), so the devkit's "+1" widths are plain differences here: the IoU is the devkit's.
