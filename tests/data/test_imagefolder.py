@@ -66,3 +66,40 @@ def test_train_resnet18_on_a_tiny_imagefolder(tmp_path) -> None:
     )
     summary = json.loads((out / "tiny" / "summary.json").read_text())
     assert summary["epochs"] == 1 and summary["train_images"] == 6 and summary["final"] is not None
+
+
+def test_folder_honours_image_size_and_keeps_class_names(tmp_path) -> None:
+    """data.name=folder: 40x48 PNGs come out at the asked size, named after the folder and its classes."""
+    make_tree(tmp_path / "pets", classes=("cat", "dog", "fox"))
+    train, val = load_datasets("folder", str(tmp_path / "pets"), image_size=32)
+    assert (train.name, train.classes, train.info.size, train.num_classes) == (
+        "pets",
+        ["cat", "dog", "fox"],
+        32,
+        3,
+    )
+    for data, is_train in ((train, True), (val, False)):
+        batch = next(iter(make_loader(data, 4, is_train)))
+        assert batch.x.shape == (4, 3, 32, 32)
+    assert load_datasets("folder", str(tmp_path / "pets"), image_size=57)[1].info.size == 57
+    assert load_datasets("folder", str(tmp_path / "pets"))[0].info.size == 224  # the default
+
+
+def test_folder_normalisation_is_imagenet_unless_given(tmp_path) -> None:
+    make_tree(tmp_path)
+    train, _ = load_datasets("folder", str(tmp_path), image_size=16)
+    assert train.info.mean == (0.485, 0.456, 0.406)
+    train, _ = load_datasets("folder", str(tmp_path), image_size=16, mean=[0.5] * 3, std=[0.25] * 3)
+    batch = next(iter(make_loader(train, 2, False)))
+    assert torch.allclose(batch.x * 0.25 + 0.5, batch.image, atol=1e-6)
+    with pytest.raises(DataError, match="data.mean / data.std apply to imagenet and folder"):
+        load_datasets("digits", mean=[0.5], std=[0.5])
+    with pytest.raises(DataError, match="3 values"):
+        load_datasets("folder", str(tmp_path), mean=[0.5], std=[0.5])
+
+
+def test_folder_refuses_different_classes_in_train_and_val(tmp_path) -> None:
+    make_tree(tmp_path)
+    (tmp_path / "val" / "dog").rename(tmp_path / "val" / "wolf")
+    with pytest.raises(DataError, match="different class folders"):
+        load_datasets("folder", str(tmp_path))
