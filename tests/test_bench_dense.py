@@ -84,3 +84,63 @@ def test_no_full_check_leaves_the_columns_out(tmp_path):
     header = path.read_text().splitlines()[0].split(",")
     assert "full_size_MiB" not in header and header[:2] == ["method", "K"]
     assert memory_dense.PIXEL_TASKS["super_resolution"][:2] == ("edsr", 48)
+
+
+# ------------------------------------------------------------------ detection
+
+
+def test_detection_rows_are_built_from_table_iv_configs():
+    file, data, overrides = memory_dense.detection_config(
+        "resnet50", "dgl+manpp[momentum.recompute=true]", True
+    )
+    assert file == "manpp_coco_retinanet_resnet50_k4_dgl_manpp.yaml"
+    assert data["method"]["name"] == "dgl+manpp" and data["method"]["dgl"]["dense_head"] == "manpp"
+    assert "method.momentum.recompute=true" in overrides
+    _, data, overrides = memory_dense.detection_config("resnet50", "dgl+manpp[dgl.dense_head=fpn]", True)
+    assert "method.dgl.dense_head=fpn" in overrides  # our local-FPN aux, as a variant of the cell
+    file, data, _ = memory_dense.detection_config("resnet50", "slm", True)
+    assert data["method"] == {"name": "slm"}  # the file's dgl options do not apply to slm
+    assert (
+        memory_dense.detection_config("resnet50", "bp", True)[0] == "manpp_coco_retinanet_resnet50_e2e.yaml"
+    )
+    assert memory_dense.detection_config("resnet50", "dgl", False)[0] == "-"  # by units: defaults
+
+
+class _FakeModel:
+    def __init__(self, k: int) -> None:
+        self.num_blocks, self.cuts = k, list(range(1, k))
+
+    def parameter_counts(self):
+        return {"backbone": 1e6, "aux": 2e6}
+
+
+def test_detection_rows_fit_and_print_every_block(tmp_path, monkeypatch):
+    # bytes per block = a * batch + c; the peak block at batch 16 is block 2, although block 0 is larger at batch 1
+    laws = {"bp": [(100, 50)], "dgl": [(10, 300), (20, 40), (30, 0)]}
+    monkeypatch.setattr(
+        memory_dense, "build", lambda b, m, *a, **k: (_FakeModel(len(laws[m])), None, "x.yaml")
+    )
+    calls = iter(["bp"] * 3 + ["dgl"] * 3)
+    monkeypatch.setattr(
+        memory_dense, "measure", lambda model, opts, batch: [a * len(batch) + c for a, c in laws[next(calls)]]
+    )
+    text = memory_dense.run("resnet50", ["dgl"], 64, out_dir=tmp_path, name="det")
+    rows = read_rows(tmp_path / "det.csv")
+    assert rows["dgl"]["peak_block"] == "2" and rows["dgl"]["K"] == "3"
+    mib = 2**20
+    assert float(rows["dgl"]["peak_MiB_at_target"]) == pytest.approx(480 / mib)
+    assert float(rows["dgl"]["ratio_to_bp"]) == pytest.approx(480 / 1650)
+    assert rows["dgl"]["blocks_MiB"] == " / ".join(f"{v / mib:.0f}" for v in (460, 360, 480))
+    assert float(rows["dgl"]["fit_error_pct"]) == 0.0 and rows["dgl"]["config"] == "x.yaml"
+    assert "blocks_MiB" in text and "| dgl | 3 |" in text
+
+
+@pytest.mark.slow
+def test_detection_rows_tiny_real(tmp_path):
+    # ResNet-18 at 64 px, K=4 by stages: the official MAN++ aux holds less than our local-FPN aux
+    methods = ["dgl+manpp", "dgl+manpp[dgl.dense_head=fpn]"]
+    memory_dense.run("resnet18", methods, 64, out_dir=tmp_path, name="det")
+    rows = read_rows(tmp_path / "det.csv")
+    assert rows["dgl+manpp"]["cuts"] == "3 5 7" and len(rows["dgl+manpp"]["blocks_MiB"].split(" / ")) == 4
+    official, ours = (float(rows[m]["peak_MiB_at_target"]) for m in methods)
+    assert official < ours
