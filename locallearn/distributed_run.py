@@ -60,6 +60,10 @@ class DistributedRun(Run):
         distributed.shutdown()
         return summary
 
+    def resume_command(self) -> str:
+        """Only torchrun restarts a pipeline or ddp run, with the same number of ranks."""
+        return f"torchrun --nproc-per-node {self.ctx.world} -m locallearn train --resume {self.run_dir}"
+
     def summary(self) -> dict[str, Any]:
         out = super().summary()
         out["engine"] = {"mode": self.cfg.engine.mode, "world_size": self.ctx.world}

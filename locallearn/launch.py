@@ -14,6 +14,7 @@ from locallearn.data.datasets import load_data
 from locallearn.data.imagefolder import make_loader
 from locallearn.engine import checkpoint
 from locallearn.engine.sequential import evaluate
+from locallearn.lifecycle import check_resumable, eval_checkpoint_path
 from locallearn.parallel import parallel_run, resume_parallel
 from locallearn.resume import config_from_checkpoint, resume_config
 from locallearn.run import Run, check_group_steps
@@ -33,6 +34,7 @@ def resume_run(
 ) -> Run:
     """Continue a run of any mode from its directory (or a checkpoint file); ``config_file`` and
     ``overrides`` may change only ``SAFE_ON_RESUME`` keys (more epochs, cadence, device, threads)."""
+    check_resumable(path)  # a run killed before its first checkpoint: say so and clean up
     return resume_parallel(path, quiet, config_file, overrides) or Run.resume(
         path, quiet, config_file, overrides
     )
@@ -63,7 +65,7 @@ def comparison_config(cfg: Config, method: str) -> Config:
 
 
 def evaluate_checkpoint(path: str | Path, device: str = "auto") -> dict[str, Any]:
-    ckpt = Path(path) / "checkpoint.pt" if Path(path).is_dir() else Path(path)
+    ckpt = eval_checkpoint_path(path)  # a pipeline run's rank files are not what eval reads: say so
     state = checkpoint.load(ckpt)
     cfg = config_from_checkpoint(state)
     cfg.engine.device = device

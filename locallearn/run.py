@@ -16,12 +16,13 @@ import numpy as np
 import torch
 
 from locallearn.build import build_model, check_config, resolved_method_options
-from locallearn.config import Config, ConfigError, dump_yaml, to_dict
+from locallearn.config import Config, ConfigError, config_warnings, dump_yaml, to_dict
 from locallearn.data.datasets import load_data
 from locallearn.data.imagefolder import make_loader
 from locallearn.engine import checkpoint
 from locallearn.engine.compile import compile_blocks
 from locallearn.engine.errors import NonFiniteLossError, check_metrics
+from locallearn.lifecycle import RunLifecycle
 from locallearn.metrics.memory import ActivationMeter
 from locallearn.report import epoch_row, log_epoch, run_summary
 from locallearn.resume import config_from_checkpoint, refuse_merged, resume_config
@@ -38,7 +39,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Run:
+class Run(RunLifecycle):
     """Everything one training run holds; ``fit`` trains to the end, checkpointing every epoch.
     The arithmetic (optimizers, schedule, AMP, the step) is ``self.trainer``'s."""
 
@@ -59,6 +60,7 @@ class Run:
         self.device = select_device(cfg.engine.device)
         autocast_factory(cfg.engine.amp, self.device)  # refused before any data is read
         train_set, test_set = load_data(cfg.data)  # folder data: data.image_size, mean, std
+        self.warnings = config_warnings(cfg, len(train_set), train_set.num_classes)
         train_set, test_set = train_set.subset(cfg.data.train_subset), test_set.subset(cfg.data.test_subset)
         if cfg.data.image_size and hasattr(train_set, "min_size"):  # detection: the resize target
             train_set.min_size = test_set.min_size = cfg.data.image_size
@@ -145,6 +147,7 @@ class Run:
 
     def open_run_dir(self, run_dir: Path | None) -> Path:
         """A fresh run directory, or ``run_dir``; locked, with temp files of a killed save removed."""
+        self.created_dir = run_dir is None
         run_dir = run_dir or fresh_run_dir(self.cfg)
         self.lock = RunLock(run_dir).acquire()
         for p in checkpoint.remove_stale_temp(run_dir):
@@ -244,6 +247,9 @@ class Run:
         """Train to ``optim.epochs`` (or only up to epoch ``stop_after``), checkpointing as configured."""
         try:
             return self._fit(stop_after)
+        except BaseException:
+            self.discard_unstarted()
+            raise
         finally:
             if self.tensorboard is not None:
                 self.tensorboard.close()
@@ -268,6 +274,7 @@ class Run:
                 self.train_loader.dropped,
                 self.train_loader.min_batch,
             )
+        self.warn_at_start()
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
             if self.cfg.log.tensorboard:
@@ -288,6 +295,7 @@ class Run:
             if self.is_main:
                 self.write_metrics()
             log_epoch(self.epoch, self.cfg.optim.epochs, self.task.main_metric, metrics, stats["epoch_time"])
+            self.check_divergence()
             if self.epoch % self.cfg.checkpoint_every == 0 or self.epoch == self.cfg.optim.epochs:
                 self.save_checkpoint()
         summary = self.summary()
@@ -302,17 +310,8 @@ class Run:
         checkpoint.save(self.run_dir / "checkpoint.pt", self.state_dict())
         self.saved_epoch = self.epoch
 
-    def interrupted_message(self) -> str:
-        """What Ctrl-C leaves behind, said truthfully."""
-        if self.saved_epoch is None:
-            return f"interrupted before the first checkpoint: nothing to resume in {self.run_dir}"
-        return (
-            f"interrupted; epoch {self.saved_epoch} is saved in {self.run_dir} "
-            f"(continue with: locallearn train --resume {self.run_dir})"
-        )
-
     def write_metrics(self) -> None:
         write_metrics(self.run_dir / "metrics.csv", self.history)
 
     def summary(self) -> dict[str, Any]:
-        return run_summary(self)
+        return self.with_divergence(run_summary(self))

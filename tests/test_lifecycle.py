@@ -1,6 +1,7 @@
 """Issue 15 (and issue 11's CLI items): what `--resume` does with overrides and finished runs, one
 process per run directory, leftover temp files, Ctrl-C, refused jobs leave nothing, rank-count errors."""
 
+import json
 import os
 import socket
 import subprocess
@@ -112,6 +113,7 @@ def test_ctrl_c_says_truthfully_whether_a_checkpoint_exists(tmp_path, capsys, mo
     code, _, err = run_cli(["train", *TINY, f"out_dir={tmp_path}", "name=b"], capsys)
     line = error_line(err)
     assert code == 130 and "before the first checkpoint" in line and "checkpoint.pt" not in line
+    assert not (tmp_path / "b").exists() and "removed" in line  # nothing to resume: no directory (issue 22)
 
 
 @pytest.fixture
@@ -187,3 +189,131 @@ def test_ddp_survivors_name_the_dead_rank(tmp_path):
     for r in (0, 1):
         message = (tmp_path / f"error.rank{r}.txt").read_text()
         assert "lost rank 2 " in message, message
+
+
+# -- issue 22: no directory for a run that never trained an epoch; what a kill leaves; absurd losses ---
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tmp_path, capsys, monkeypatch):
+    from locallearn.data import DataError
+
+    def bad_image(self):
+        raise DataError(f"cannot read image {str(tmp_path / 'x.jpg')!r}")
+
+    monkeypatch.setattr(runner.Run, "train_one_epoch", bad_image)
+    code, _, err = run_cli(["train", *TINY, f"out_dir={tmp_path / 'out'}", "name=r"], capsys)
+    assert code == 2 and "x.jpg" in error_line(err)
+    assert list((tmp_path / "out").iterdir()) == []  # not even config.yaml and train.log
+    assert any("removed the run directory" in line for line in err)
+    # an epoch saved, then a failure: the run is resumable, its directory stays
+    monkeypatch.undo()
+    calls = []
+    original = runner.Run.train_one_epoch
+
+    def fail_second(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise DataError("image 2 cannot be read")
+        return original(self)
+
+    monkeypatch.setattr(runner.Run, "train_one_epoch", fail_second)
+    args = ["train", *TINY, "optim.epochs=2", f"out_dir={tmp_path / 'out'}", "name=s"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and checkpoint.load(tmp_path / "out" / "s" / "checkpoint.pt")["epoch"] == 1
+
+
+def killed_in_first_save(run_dir, lock_pid=999_999_999):
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+    (run_dir / "train.log").write_text("")
+    (run_dir / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"")
+    (run_dir / ".lock").write_text(f"{lock_pid} {socket.gethostname()}\n")
+
+
+def test_resume_of_a_run_killed_in_its_first_save_says_so_and_cleans_up(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    killed_in_first_save(run_dir)
+    code, _, err = run_cli(["train", "--resume", str(run_dir)], capsys)
+    line = error_line(err)
+    assert code == 2 and "nothing to resume" in line and "never finished an epoch" in line
+    assert not run_dir.exists()
+    # a file the run did not write stays, and so does the directory; the leftovers go
+    killed_in_first_save(run_dir)
+    (run_dir / "notes.txt").write_text("mine")
+    code, _, err = run_cli(["train", "--resume", str(run_dir / "checkpoint.pt")], capsys)
+    assert code == 2 and "never finished an epoch" in error_line(err)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
+    # a live process in its first epoch holds the lock: refused as in use, nothing touched
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / "live"
+        killed_in_first_save(live, other.pid)
+        code, _, err = run_cli(["train", "--resume", str(live)], capsys)
+        assert code == 2 and f"in use by process {other.pid}" in error_line(err)
+        assert len(list(live.iterdir())) == 4
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_eval_of_an_unfinished_pipeline_run_says_what_its_files_are(tmp_path, capsys):
+    for r in range(2):
+        (tmp_path / f"checkpoint.rank{r}.pt").write_bytes(b"x")
+    code, _, err = run_cli(["eval", str(tmp_path)], capsys)
+    line = error_line(err)
+    assert code == 2 and "merged checkpoint.pt" in line and "written when the run ends" in line
+    assert f"torchrun --nproc-per-node 2 -m locallearn train --resume {tmp_path}" in line
+    code, _, err = run_cli(["eval", str(tmp_path / "checkpoint.rank1.pt")], capsys)
+    assert code == 2 and "rank 1's resume point of a pipeline run" in error_line(err)
+
+
+def test_ctrl_c_under_torchrun_gives_the_torchrun_command():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from locallearn.distributed_run import DistributedRun
+
+    run = SimpleNamespace(
+        ctx=SimpleNamespace(world=3), run_dir=Path("runs/r"), saved_epoch=2, removed_dir=False
+    )
+    run.resume_command = lambda: DistributedRun.resume_command(run)
+    message = runner.Run.interrupted_message(run)
+    assert "epoch 2 is saved" in message
+    assert "(continue with: torchrun --nproc-per-node 3 -m locallearn train --resume runs/r)" in message
+
+
+def test_a_finite_but_absurd_loss_is_warned_once_and_marked(tmp_path, capsys):
+    from locallearn.lifecycle import looks_diverged
+
+    rows = [
+        {"epoch": 1, "train_loss": 2.3, "test_loss": 2.2},
+        {"epoch": 2, "train_loss": 2.0, "test_loss": 1e26},
+    ]
+    assert "test loss 1e+26 at epoch 2 is more than 1000x" in looks_diverged(rows)
+    assert looks_diverged(rows[:1]) is None and looks_diverged([]) is None
+    args = [
+        "train",
+        *TINY,
+        "optim.lr=10",
+        "optim.warmup_epochs=0",  # one epoch: finite (1e29 test loss); a second would reach inf
+        f"out_dir={tmp_path}",
+        "name=r",
+    ]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    warned = [line for line in err if "looks diverged" in line]
+    assert len(warned) == 1 and "1000x the first epoch's training loss" in warned[0], err
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["looks_diverged"] is True and "1000x" in summary["looks_diverged_why"]
+    assert "looks diverged" in (tmp_path / "r" / "train.log").read_text()
+
+
+def test_values_that_change_the_run_are_warned_on_screen_and_in_the_log(finished, capsys):
+    # TINY trains 1 epoch with the default 10 warm-up epochs
+    assert "optim.warmup_epochs=10 is more than optim.epochs=1" in (finished / "train.log").read_text()
+    summary = json.loads((finished / "summary.json").read_text())
+    assert summary["looks_diverged"] is False and summary["looks_diverged_why"] is None
+    code, _, err = run_cli(
+        ["train", *TINY, "data.train_subset=5", f"out_dir={finished.parent}", "name=w"], capsys
+    )
+    assert code == 0, err
+    assert any("data.train_subset=5 is fewer than the 10 classes" in line for line in err)
+    assert any("data.batch_size=32 is more than the 5 training images" in line for line in err)
