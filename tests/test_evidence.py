@@ -18,11 +18,20 @@ import torch
 from locallearn.bench.common import read_csv
 from locallearn.bench.evidence import FILES
 from locallearn.bench.evidence_accuracy import AccuracyPart, gap_closed, plan_epochs, verdict
-from locallearn.bench.evidence_worker import DeviceData, make_trainer, save_data, train
+from locallearn.bench.evidence_worker import DeviceData, calibrate, make_trainer, save_data, train
 from locallearn.cli import main
 
 pytest.importorskip("matplotlib")
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Toy models on a shared CPU: extra intra-op threads only add contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -228,6 +237,8 @@ def test_worker_trains_on_device_data_and_stops_at_the_deadline(tmp_path):
         "warmup_epochs": 0.0,
     }
     spec.update(overrides=[], seed=0)
+    step_s, test_s = calibrate(make_trainer(spec, data, 1), data, 0.0, 0.0, 0)  # one step per phase at least
+    assert step_s > 0 and test_s > 0
     reports: list[dict] = []
     result = train(make_trainer(spec, data, 2), data, 2, time.time(), 0, reports.append)
     assert result == {"status": "stopped at budget", "steps": 0, "epochs_done": 0.0}

@@ -42,11 +42,11 @@ PARTS = ("accuracy", "memory", "speed")
 FULL: dict[str, Any] = {
     # seconds: accuracy ends accuracy_s after the start, then memory gets up to memory_s, then speed up to
     # speed_s, all within budget_s less reserve_s (writing the files)
-    "budget_s": 540, "accuracy_s": 300, "memory_s": 100, "speed_s": 240, "reserve_s": 10,
+    "budget_s": 510, "accuracy_s": 290, "memory_s": 90, "speed_s": 240, "reserve_s": 10,
     "methods": evidence_accuracy.METHODS, "seeds": [0, 1], "backbone": "resnet32", "k": 16, "batch_size": 128,
     "lr": 0.1, "warmup_epochs": 1.0, "overrides": ["engine.group_steps=true"], "threads": 1,
     "dataset": "fashion_mnist", "train_subset": None, "test_subset": None, "max_epochs": None,
-    "calib_warmup": 20, "calib_steps": 40, "safety": 1.1, "ready_s": 180, "calibrate_s": 90, "stop_margin_s": 3,
+    "calib_warmup_s": 5.0, "calib_s": 10.0, "safety": 1.15, "ready_s": 180, "calibrate_s": 90, "stop_margin_s": 3,
     "grace_s": 20,
     "memory_cell": "resnet110:55", "memory_batch": 1024, "memory_fit": [2, 4],
     "memory_methods": evidence_memory.CLASSIFICATION_METHODS, "detection_backbone": "resnet50",
@@ -59,7 +59,7 @@ FULL: dict[str, Any] = {
 TINY: dict[str, Any] = {
     **FULL,
     "budget_s": 170, "accuracy_s": 90, "memory_s": 35, "speed_s": 60, "batch_size": 8, "train_subset": 96,
-    "test_subset": 64, "max_epochs": 2, "warmup_epochs": 0.2, "calib_warmup": 1, "calib_steps": 2, "ready_s": 100,
+    "test_subset": 64, "max_epochs": 2, "warmup_epochs": 0.2, "calib_warmup_s": 0.5, "calib_s": 1.0, "ready_s": 100,
     "calibrate_s": 60, "grace_s": 30, "memory_cell": "resnet20:4", "memory_batch": 8, "detection_size": 128,
     "detection_batch": 2, "speed_cell": "resnet18:4", "speed_size": 32, "speed_batch": 4, "speed_split": "even",
     "speed_steps": 2, "speed_warmup": 1, "compile_backend": "eager",

@@ -118,7 +118,7 @@ class AccuracyPart:
                 name = f"{method}-seed{seed}"
                 spec = {
                     **{k: s[k] for k in ("backbone", "k", "batch_size", "lr", "warmup_epochs", "overrides", "threads",
-                                         "device", "calib_warmup", "calib_steps")},  # fmt: skip
+                                         "device", "calib_warmup_s", "calib_s")},  # fmt: skip
                     "data_file": data_file,
                     "run": name, "method": method, "seed": seed, "log_file": log_file,
                     "wait_s": max(60.0, deadline - time.time()),

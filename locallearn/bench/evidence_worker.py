@@ -126,18 +126,27 @@ def make_trainer(spec: dict[str, Any], data: DeviceData, epochs: int) -> Trainer
     return Trainer(model, opts, grouped, StepSchedule(opts, cfg.optim, steps), spec["batch_size"], steps)
 
 
-def calibrate(trainer: Trainer, data: DeviceData, warmup: int, steps: int, seed: int) -> tuple[float, float]:
-    """Seconds per training step (the mean of ``steps`` after ``warmup``) and per test pass."""
+def calibrate(
+    trainer: Trainer, data: DeviceData, warmup_s: float, measure_s: float, seed: int
+) -> tuple[float, float]:
+    """Seconds per training step and per test pass. Steps run for a fixed time (not a fixed count), so that
+    every run is timed while all the others are stepping too: the slowest run's time is then the one it will
+    see in training. At least one step in each phase."""
     gen = torch.Generator(device=data.device).manual_seed(10_000 + seed)
-    draw = lambda: torch.randint(0, len(data), (trainer.batch_size,), generator=gen, device=data.device)  # noqa: E731
-    for _ in range(warmup):
-        trainer.step(data.batch(draw(), gen))
-    sync_device(data.device)
+
+    def steps_for(seconds: float) -> int:
+        t0, n = time.perf_counter(), 0
+        while n == 0 or time.perf_counter() - t0 < seconds:
+            idx = torch.randint(0, len(data), (trainer.batch_size,), generator=gen, device=data.device)
+            trainer.step(data.batch(idx, gen))
+            n += 1
+        sync_device(data.device)
+        return n
+
+    steps_for(warmup_s)
     t0 = time.perf_counter()
-    for _ in range(max(steps, 1)):
-        trainer.step(data.batch(draw(), gen))
-    sync_device(data.device)
-    step_s = (time.perf_counter() - t0) / max(steps, 1)
+    n = steps_for(measure_s)
+    step_s = (time.perf_counter() - t0) / n
     t0 = time.perf_counter()
     data.test_error(trainer.model)
     return step_s, time.perf_counter() - t0
@@ -204,7 +213,7 @@ def worker(spec: dict[str, Any], inbox, outbox) -> None:
         say("ready", steps_per_epoch=trainer.steps_per_epoch)
         if inbox.get(timeout=spec["wait_s"]) != "calibrate":
             return
-        step_s, test_s = calibrate(trainer, data, spec["calib_warmup"], spec["calib_steps"], spec["seed"])
+        step_s, test_s = calibrate(trainer, data, spec["calib_warmup_s"], spec["calib_s"], spec["seed"])
         say("calibrated", step_s=step_s, test_s=test_s)
         plan = inbox.get(timeout=spec["wait_s"])
         if not isinstance(plan, dict):
