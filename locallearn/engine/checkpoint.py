@@ -121,7 +121,7 @@ def _write_error(e: Exception, path: Path) -> Exception:
     else:
         return e  # not a write failure (a bug, an object torch cannot save): keep its traceback
     if code == errno.ENOSPC:
-        reason += "; free some space (the previous checkpoint is left as it was)"
+        reason += "; free some space (an earlier checkpoint, if any, is left as it was)"
     return CheckpointWriteError(code, reason, str(path))
 
 
