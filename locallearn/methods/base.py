@@ -10,6 +10,13 @@ after the optimizer steps, with the live first layer of block k+1).
 detached input, feeds that through block k, and calls ``aux(h, batch, cascade=z)``; the loss of block
 k then reaches blocks k-1 and k, and block k-1's optimizer steps after block k's backward. The last
 block's aux is what ``make_head`` returns (default: the task head and loss unchanged).
+
+Initialisation of aux nets: ``AuxContext.init_weights`` is the backbone family's init for the layers a
+method builds or copies from the backbone (replicas, momentum copies, decoders, DGL's convs), and it
+leaves every module a task built (``tasks/base.py: keep_init``: RetinaNet heads and their prior, FPNs,
+YOLO, segmentation and SR heads) as the task built it, wherever it sits in the aux. It runs the family's
+init over the whole module and then restores the marked parts, so the random draws of everything else
+are those of a plain init over the module.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
-from locallearn.tasks.base import HeadRef, Task
+from locallearn.tasks.base import HeadRef, Task, keeps_init
 from locallearn.types import FeatureInfo, InputInfo
 
 
@@ -38,6 +46,25 @@ def level_name(feature: FeatureInfo) -> str:
     return f"C{feature.reduction.bit_length() - 1}"
 
 
+def sparing_task_parts(init: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """``init`` over a module, then every task-built part inside it (``keeps_init``) back to the
+    weights and buffers it had: the backbone init never overwrites a task's own (a focal-loss prior)."""
+    if getattr(init, "spares_task_parts", False):
+        return init
+
+    def apply(module: nn.Module) -> None:
+        kept = [m for m in module.modules() if keeps_init(m)]
+        saved = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in kept]
+        init(module)
+        with torch.no_grad():
+            for m, state in zip(kept, saved):
+                m.load_state_dict(state)
+
+    apply.spares_task_parts = True  # type: ignore[attr-defined]
+    apply.__wrapped__ = init  # type: ignore[attr-defined]
+    return apply
+
+
 @dataclass
 class AuxContext:
     """Everything an aux net may know about where it sits."""
@@ -49,13 +76,17 @@ class AuxContext:
     task: Task
     next_layers: list[nn.Module]  # live layers after the cut (read-only: copy, never register them)
     next_features: list[FeatureInfo]  # their FeatureInfo
-    init_weights: Callable[[nn.Module], None]  # the backbone family's initialisation
+    # the backbone family's initialisation; task-built parts keep theirs (``sparing_task_parts``)
+    init_weights: Callable[[nn.Module], None]
     # layers of the whole backbone (the cut sits before layer num_layers - len(next_layers))
     num_layers: int = 0
     # Feature-bank entries written before this cut, by name ("input", "C3", ...): what the aux may
     # read as inputs (``batch.bank.read(name)``). An aux that reads entries lists them in ``reads``.
     bank: dict[str, FeatureInfo] = dataclasses.field(default_factory=dict)
     head_ref: HeadRef | None = None  # the main task head, for aux nets that share it (dense tasks)
+
+    def __post_init__(self) -> None:
+        self.init_weights = sparing_task_parts(self.init_weights)
 
     def with_feature(self, feature: FeatureInfo) -> AuxContext:
         """The context of an aux that is fed another feature (e.g. the next layer's output)."""
@@ -95,7 +126,8 @@ class Method:
 
     def make_aux(self, k: int, ctx: AuxContext) -> nn.Module:
         """``build_aux`` followed by the backbone family's initialisation (InfoPro's init loop runs over
-        the aux nets too, PRIOR_ART §1). Wrappers that copy live layers override this."""
+        the aux nets too, PRIOR_ART §1), which spares the parts the task built (module docstring).
+        Wrappers that copy live layers override this."""
         aux = self.build_aux(k, ctx)
         ctx.init_weights(aux)
         return aux

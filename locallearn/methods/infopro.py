@@ -114,10 +114,12 @@ class Decoder(nn.Module):
             nn.Conv2d(12 * widen, image_chs, 3, padding=1),
         )
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        size = (self.image_size, self.image_size)
+    def forward(self, h: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """``size``: the (H, W) of the image to reconstruct, the batch's own (any size, not only the
+        build-time ``image_size``, which stays the default)."""
+        size = tuple(size) if size is not None else (self.image_size, self.image_size)
         # at full resolution the resize is the identity: skip its copy
-        if self.upsample and h.shape[-2:] != size:
+        if self.upsample and tuple(h.shape[-2:]) != size:
             h = F.interpolate(h, size=size, mode="bilinear", align_corners=True)
         return self.net(h)
 
@@ -208,7 +210,7 @@ class InfoProAux(nn.Module):
         out: dict[str, torch.Tensor] = {}
         loss = h.new_zeros((), dtype=torch.float32)
         if self.decoder is not None:
-            decoded = self.decoder(h)
+            decoded = self.decoder(h, tuple(batch.x.shape[-2:]))  # the input as it is, at any size
             if self.targets is None:
                 target = batch.image.clamp(0, 1)
             else:

@@ -8,7 +8,7 @@ C->m, 3x3 s2 m->2m, 3x3 s2 2m->4m, 1x1 4m->2048 (each + BN + ReLU), GAP, then th
 (or a ``feature_dim`` projection for SupCon). m = 128 for C = 512 as in the official code.
 
 Deviations: upsampling is bilinear with ``align_corners=True`` (as the CIFAR decoder) to S/4, S/2, S
-for any input size S instead of the fixed 56 / 112 / 224; for C other than 512 the classifier widths
+for the batch's own input size S = (H, W) instead of the fixed 56 / 112 / 224; for C other than 512 the classifier widths
 scale with C (m = C / 4, at least 32), our guess for MAN++'s 1024-channel head. ``NLC`` tokens are
 laid out on their patch grid first (class token dropped).
 """
@@ -28,33 +28,42 @@ def cbr(cin: int, cout: int, k: int, stride: int = 1, bias: bool = False) -> lis
 
 
 class Resize(nn.Module):
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
+    """Bilinear resize to ``1 / divisor`` of the image size given at call time (the build-time
+    ``image_size`` when none is given)."""
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(h, size=(self.size, self.size), mode="bilinear", align_corners=True)
+    def __init__(self, image_size: int, divisor: int) -> None:
+        super().__init__()
+        self.image_size, self.divisor = image_size, divisor
+
+    def forward(self, h: torch.Tensor, image: tuple[int, int] | None = None) -> torch.Tensor:
+        height, width = image if image is not None else (self.image_size, self.image_size)
+        size = (max(1, height // self.divisor), max(1, width // self.divisor))
+        return F.interpolate(h, size=size, mode="bilinear", align_corners=True)
 
 
 class ImageNetDecoder(nn.Sequential):
-    """``upsample=False`` (InfoPro ``recon_at: feature``): the same layers at the map's own size."""
+    """``upsample=False`` (InfoPro ``recon_at: feature``): the same layers at the map's own size.
+    ``forward(h, size)`` reconstructs an image of ``size`` (H, W), the batch's own."""
 
     def __init__(self, in_chs: int, image_chs: int, image_size: int, upsample: bool = True) -> None:
-        s = image_size
-
-        def resize(size: int) -> nn.Module:
-            return Resize(max(1, size)) if upsample else nn.Identity()
+        def resize(divisor: int) -> nn.Module:
+            return Resize(image_size, divisor) if upsample else nn.Identity()
 
         super().__init__(
             TokensToMap(),
             *cbr(in_chs, 128, 1, bias=True),  # the official decoder's convs keep nn.Conv2d's bias
-            resize(s // 4),
+            resize(4),
             *cbr(128, 32, 3, bias=True),
-            resize(s // 2),
+            resize(2),
             *cbr(32, 12, 3, bias=True),
-            resize(s),
+            resize(1),
             nn.Conv2d(12, image_chs, 3, padding=1),
         )
+
+    def forward(self, h: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        for layer in self:
+            h = layer(h, size) if isinstance(layer, Resize) else layer(h)
+        return h
 
 
 def imagenet_classifier(ctx: AuxContext, loss: str, feature_dim: int) -> nn.Module:

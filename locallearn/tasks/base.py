@@ -4,11 +4,21 @@ A task never knows which method trains it. Dense tasks (``dense = True``) also s
 levels their head consumes (``levels``, e.g. ``("C3", "C4", "C5")``) and which of them it reads from
 the feature bank (``reads``); aux nets of such tasks end in ``build_local_head``, which takes a dict of
 named maps and returns the same output structure as the main head, so one ``loss`` serves both.
+
+Heads keep the task's own initialisation. A module returned by ``build_head``, ``build_local_head`` or
+``local_head`` is marked (``keep_init``) when the task's ``keeps_head_init`` is set (the default), and
+the backbone family's init that aux nets get (``AuxContext.init_weights``, methods/base.py) restores
+every marked module to the weights it was built with, wherever it sits in the aux: RetinaNet's
+focal-loss prior bias and std-0.01 convs, torchvision's FPN init, EDSR's and DeepLab's defaults.
+Classification opts out: its light Linear heads take the aux's init, as the official classification
+codes run their init loop over the whole aux (PRIOR_ART §1). A module a task builds by other means
+(a method-specific head) is marked with ``keep_init`` by whoever builds it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -58,6 +68,33 @@ class Evaluator:
                 self.totals[key] = self.totals.get(key, 0.0) + value
 
 
+KEEP_INIT = "_locallearn_keep_init"  # the attribute that marks a module holding the task's own init
+HEAD_BUILDERS = ("build_head", "build_local_head", "local_head")
+
+
+def keep_init(module: nn.Module) -> nn.Module:
+    """Mark ``module`` (and so its whole subtree) as holding its own initialisation: the backbone init
+    an aux net gets leaves it as built. Returns ``module``."""
+    setattr(module, KEEP_INIT, True)
+    return module
+
+
+def keeps_init(module: nn.Module) -> bool:
+    return bool(getattr(module, KEEP_INIT, False))
+
+
+def _marking(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Wrap a head builder so that what it returns is marked when the task keeps its heads' init."""
+
+    @functools.wraps(build)
+    def wrapper(self: Task, *args: Any, **kwargs: Any) -> nn.Module:
+        module = build(self, *args, **kwargs)
+        return keep_init(module) if self.keeps_head_init and isinstance(module, nn.Module) else module
+
+    wrapper.marks_heads = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 class Task:
     """What the network is trained to do. Methods call ``local_head`` / ``build_local_head`` and
     ``loss``; they never hard-code a task."""
@@ -70,6 +107,16 @@ class Task:
     reads: tuple[str, ...] = ()  # of those, the ones the head takes from the feature bank
     local_reads: tuple[str, ...] = ()  # bank entries an aux's local head may be given besides its maps
     Config: type = type(None)  # the options dataclass (``task.<name>.<field>``)
+    # the heads this task builds keep their own init inside aux nets (see the module docstring)
+    keeps_head_init: bool = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every head builder a task defines marks what it returns (one place, not per task)."""
+        super().__init_subclass__(**kwargs)
+        for name in HEAD_BUILDERS:
+            build = cls.__dict__.get(name)
+            if build is not None and not getattr(build, "marks_heads", False):
+                setattr(cls, name, _marking(build))
 
     def best(self, values: Sequence[float]) -> float | None:
         """The best of ``values`` of the main metric (max or min by ``higher_is_better``); None if empty."""
@@ -142,4 +189,4 @@ class HeadLoss(nn.Module):
         return {"loss": self.task.loss(output, batch), "output": output}
 
 
-__all__ = ["Evaluator", "FeatureBank", "HeadLoss", "HeadRef", "Task"]
+__all__ = ["Evaluator", "FeatureBank", "HeadLoss", "HeadRef", "Task", "keep_init", "keeps_init"]

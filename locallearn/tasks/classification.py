@@ -35,6 +35,8 @@ class Classification(Task):
     main_metric = "top1"
     higher_is_better = True
     Config = ClassificationConfig
+    # an aux's Linear head takes the aux's (backbone family's) init, as the official codes' init loops do
+    keeps_head_init = False
 
     def __init__(self, num_classes: int, cfg: ClassificationConfig | None = None) -> None:
         self.num_classes = num_classes

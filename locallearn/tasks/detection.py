@@ -41,7 +41,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 
 from locallearn.metrics.voc_map import METHODS as VOC_AP_METHODS
 from locallearn.tasks.base import Evaluator, HeadRef, Task
-from locallearn.tasks.yolo import YoloV1Head, yolo_v1_decode, yolo_v1_loss
+from locallearn.tasks.yolo import YoloLocalHead, YoloV1Head, yolo_v1_decode, yolo_v1_loss
 from locallearn.types import Batch, FeatureBank, FeatureInfo
 
 HEADS = ("retinanet", "yolov1")
@@ -178,26 +178,6 @@ class RetinaNetLocalHead(Pyramid):
         return self.run(inputs)
 
 
-class YoloLocalHead(nn.Module):
-    """An aux's YOLOv1 head on its deepest map; shared: a 1x1 projection into the main head."""
-
-    def __init__(
-        self, features: dict[str, FeatureInfo], main_chs: int, num_classes: int, cfg, shared
-    ) -> None:
-        super().__init__()
-        self.source = max(features, key=lambda n: features[n].reduction)
-        chs = features[self.source].num_chs
-        self._shared = shared
-        if shared is None:
-            self.head = YoloV1Head(chs, num_classes, cfg.yolo_grid, cfg.yolo_boxes)
-        else:
-            self.head = nn.Conv2d(chs, main_chs, 1)
-
-    def forward(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.head(maps[self.source])
-        return out if self._shared is None else self._shared()(out)
-
-
 class DetectionEvaluator(Evaluator):
     """Mean loss over images, and COCO AP of the post-processed detections (when a split is bound)."""
 
@@ -266,8 +246,8 @@ class Detection(Task):
             )
             self.anchors_per_location = self._retina.anchor_generator.num_anchors_per_location()[0]
             self._level_anchors: dict[tuple[int, ...], AnchorGenerator] = {}
-        else:
-            self.levels, self.reads = ("C5",), ()
+        else:  # the aux nets also read the banked stage maps, as RetinaNet's do (tasks/yolo.py)
+            self.levels, self.reads, self.local_reads = ("C5",), (), ("C3", "C4")
         self.main_chs = 0
 
     def setup(self, final: FeatureInfo, bank: dict[str, FeatureInfo]) -> None:
@@ -291,7 +271,9 @@ class Detection(Task):
 
     def build_local_head(self, features: dict[str, FeatureInfo], shared: HeadRef | None = None) -> nn.Module:
         if self.cfg.head == "yolov1":
-            return YoloLocalHead(features, self.main_chs, self.num_classes, self.cfg, shared)
+            grid, boxes = self.cfg.yolo_grid, self.cfg.yolo_boxes
+            fuse = self.local_reads  # C3 / C4, from the bank or the aux's own replica
+            return YoloLocalHead(features, self.main_chs, self.num_classes, grid, boxes, fuse, shared)
         return RetinaNetLocalHead(features, self.levels, self.num_classes, self.cfg, shared)
 
     # -- loss and detections ---------------------------------------------------------------------

@@ -59,10 +59,62 @@ class YoloV1Head(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(grid)
         self.out = nn.Conv2d(hidden, boxes * 5 + num_classes, 1)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, update_stats: bool = True) -> torch.Tensor:
+        """``update_stats=False``: in training, BatchNorm normalises with the batch's statistics as usual
+        but leaves the running statistics alone (``F.batch_norm`` without the buffers). Aux nets that
+        share this head call it so: the running statistics the head evaluates with are the main path's,
+        not an average over every aux's features (K updates per step, K-1 of them on aux features)."""
         if h.dim() != 4:
             raise ValueError(f"YoloV1Head takes an NCHW feature map, got shape {tuple(h.shape)}")
-        return self.out(self.pool(self.body(h))).permute(0, 2, 3, 1)
+        if update_stats or not self.training:
+            h = self.body(h)
+        else:
+            for layer in self.body:
+                if isinstance(layer, nn.BatchNorm2d):
+                    h = F.batch_norm(h, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+                else:
+                    h = layer(h)
+        return self.out(self.pool(h)).permute(0, 2, 3, 1)
+
+
+class YoloLocalHead(nn.Module):
+    """An aux's YOLOv1 head: its deepest map, plus the other stage maps it is given (``fuse``: the
+    banked C3 / C4 of earlier blocks, or its own replica's) average-pooled to that map's size, each
+    through a 1x1 conv and added (the memory-augmented MAN paper's Eq. 5: the bank is an input of the
+    aux). The 1x1 convs start at zero, so a fresh aux predicts as the plain one and learns how much of
+    the bank to use (as SLM's classification aux does). Then its own YOLOv1 head, or with ``shared`` a
+    1x1 projection into the main head, run without moving the main head's BN statistics."""
+
+    def __init__(
+        self,
+        features: dict,
+        main_chs: int,
+        num_classes: int,
+        grid: int,
+        boxes: int,
+        fuse: tuple[str, ...] = (),
+        shared=None,
+    ) -> None:
+        super().__init__()
+        self.source = max(features, key=lambda n: features[n].reduction)
+        chs = features[self.source].num_chs
+        self.fused = tuple(n for n in fuse if n in features and n != self.source)
+        self.fuse = nn.ModuleList(nn.Conv2d(features[n].num_chs, chs, 1) for n in self.fused)
+        for conv in self.fuse:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        self._shared = shared  # a HeadRef: not registered, the last block owns the main head
+        if shared is None:
+            self.head = YoloV1Head(chs, num_classes, grid, boxes)
+        else:
+            self.head = nn.Conv2d(chs, main_chs, 1)
+
+    def forward(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = maps[self.source]
+        for name, conv in zip(self.fused, self.fuse):
+            h = h + conv(F.adaptive_avg_pool2d(maps[name], h.shape[-2:]))
+        out = self.head(h)
+        return out if self._shared is None else self._shared()(out, update_stats=False)
 
 
 def _split(

@@ -188,3 +188,77 @@ def test_overfit_one_box():
     (d,) = yolo_v1_decode(head(x), (64, 64), [(64, 64)])
     assert d["labels"][0] == 1
     assert box_iou(d["boxes"][:1], targets[0]["boxes"]).item() > 0.5
+
+
+# -- YOLOv1 inside local learning: the shared head's BN statistics, the bank (issue 19, defects 3 and 4) --
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small convs: threads only contend
+    yield
+    torch.set_num_threads(threads)
+
+
+def _yolo_model(method: str = "slm", **overrides):
+    from test_detection import det_model
+
+    return det_model(method, head="yolov1", **overrides)
+
+
+def _bn_state(head) -> list[torch.Tensor]:
+    return [b.clone() for m in head.modules() if isinstance(m, torch.nn.BatchNorm2d) for b in m.buffers()]
+
+
+def test_aux_passes_through_a_shared_head_leave_its_bn_statistics(one_thread):
+    from test_detection import det_batch
+
+    model, _, _ = _yolo_model()
+    batch = det_batch()
+    model.train()
+    before = _bn_state(model.head)
+    h = batch.x
+    for k in range(model.num_blocks - 1):  # K-1 aux passes, each through the main head's layers
+        h = model.body(k)(h.detach(), batch.bank)
+        model.auxes[k](h, batch)["loss"].backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, _bn_state(model.head)))
+    h = model.body(model.num_blocks - 1)(h, batch.bank)
+    model.auxes[-1](h, batch)  # the main path moves them, once
+    after = _bn_state(model.head)
+    assert not torch.equal(before[0], after[0]) and int(after[2]) == int(before[2]) + 1
+
+
+def test_a_shared_head_normalises_aux_features_with_their_batch_statistics():
+    head = YoloV1Head(in_chs=8, num_classes=C, hidden=16).train()
+    x = torch.randn(4, 8, 6, 6)
+    frozen = _bn_state(head)
+    quiet = head(x, update_stats=False)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, _bn_state(head)))
+    assert torch.allclose(quiet, head(x), atol=1e-6)  # same batch-statistics output as a normal pass
+    head.eval()
+    assert torch.equal(head(x, update_stats=False), head(x))  # in eval both use the running statistics
+
+
+def test_yolo_slm_aux_reads_the_banked_stage_maps(one_thread):
+    from test_detection import det_batch
+
+    model, optimizers, _ = _yolo_model()
+    assert model.taps == {4: ("C3",)}  # layer2's output (C3) is banked for the aux of block 2
+    assert model.auxes[2].reads == ("C3",)
+    fuse = model.auxes[2].head
+    assert fuse.fused == ("C3", "C4")  # C3 from the bank, C4 = the aux's own map (layer3)
+    assert all(torch.count_nonzero(c.weight) == 0 for c in fuse.fuse)  # a fresh aux = the plain one
+    batch = det_batch()
+    from locallearn.engine.sequential import train_step
+
+    train_step(model, batch, optimizers)
+    assert all(torch.count_nonzero(c.weight) > 0 for c in fuse.fuse)  # the bank's weight is learnt
+    # the aux's loss now depends on the banked C3 (and only a detached copy of it: no path back)
+    model.train()
+    h = batch.x
+    for k in range(3):
+        h = model.body(k)(h, batch.bank)
+    loss = model.auxes[2](h, batch)["loss"]
+    batch.bank.write("C3", batch.bank.read("C3") * 2)
+    assert not torch.allclose(loss, model.auxes[2](h, batch)["loss"])
