@@ -10,13 +10,13 @@ from pathlib import Path
 
 from locallearn.analysis import ANALYSES
 from locallearn.analysis import add_common_arguments as add_analysis_arguments
-from locallearn.bench import accuracy, memory, pipeline, speed
+from locallearn.bench import accuracy, evidence, memory, pipeline, speed
 from locallearn.config import ConfigError
 
 log = logging.getLogger("locallearn")
 
 # `locallearn bench NAME`: a bench is a module with add_arguments(parser) and main(args) -> Markdown report.
-BENCHES = {"memory": memory, "speed": speed, "accuracy": accuracy, "pipeline": pipeline}
+BENCHES = {"memory": memory, "speed": speed, "accuracy": accuracy, "pipeline": pipeline, "evidence": evidence}
 
 # `locallearn train` with no arguments: InfoPro+MAN++ against bp on the embedded digits, ~2 min on 2 cores.
 QUICKSTART = {
