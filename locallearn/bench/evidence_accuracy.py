@@ -99,7 +99,11 @@ def verdict(errors: dict[str, list[float]], complete: bool, epochs: int) -> tupl
 
 
 def run(s: dict[str, Any], deadline: float, log_file: str | None) -> dict[str, Any]:
-    return AccuracyPart(s, deadline, log_file).finish()
+    part = AccuracyPart(s, deadline, log_file)
+    try:
+        return part.finish()
+    finally:
+        part.close()  # whatever happened, no run outlives the part (the next parts need the device)
 
 
 class AccuracyPart:
@@ -108,11 +112,23 @@ class AccuracyPart:
     def __init__(self, s: dict[str, Any], deadline: float, log_file: str | None) -> None:
         self.s, self.deadline, self.t0 = s, deadline, time.time()
         self.folder = tempfile.mkdtemp(prefix="locallearn-evidence-data-")
-        data_file = str(Path(self.folder) / "data.pt")
-        self.images = save_data(s["dataset"], s["data_root"], s["train_subset"], s["test_subset"], data_file)
-        ctx = multiprocessing.get_context("spawn")
-        self.outbox = ctx.Queue()
         self.runs: dict[str, dict[str, Any]] = {}
+        try:
+            data_file = str(
+                Path(self.folder) / "data.pt"
+            )  # a missing data set fails here, before any process
+            self.images = save_data(
+                s["dataset"], s["data_root"], s["train_subset"], s["test_subset"], data_file
+            )
+            self.outbox = multiprocessing.get_context("spawn").Queue()
+            self._start(s, deadline, data_file, log_file)
+        except BaseException:
+            self.close()
+            raise
+        log.info("accuracy: %d runs started on %s", len(self.runs), s["device"])
+
+    def _start(self, s: dict[str, Any], deadline: float, data_file: str, log_file: str | None) -> None:
+        ctx = multiprocessing.get_context("spawn")
         for method in s["methods"]:
             for seed in s["seeds"]:
                 name = f"{method}-seed{seed}"
@@ -128,7 +144,13 @@ class AccuracyPart:
                 process.start()
                 self.runs[name] = {"method": method, "seed": seed, "inbox": inbox, "process": process,
                                    "state": "starting", "history": [], "status": "not started"}  # fmt: skip
-        log.info("accuracy: %d runs started on %s", len(self.runs), s["device"])
+
+    def close(self) -> None:
+        for run in self.runs.values():
+            if run["process"].is_alive():
+                run["process"].kill()
+                run["process"].join(timeout=5.0)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def _handle(self, msg: dict[str, Any]) -> None:
         run = self.runs[msg.pop("run")]
@@ -188,10 +210,7 @@ class AccuracyPart:
             run = self.runs[n]
             if n in go and run["state"] not in ("done", "error"):
                 run["status"] = "killed at budget"
-            run["process"].join(timeout=1.0)
-            if run["process"].is_alive():
-                run["process"].kill()
-        shutil.rmtree(self.folder, ignore_errors=True)
+            run["process"].join(timeout=1.0)  # close() kills what did not exit by itself
         return self.results(epochs)
 
     def results(self, epochs: int) -> dict[str, Any]:
