@@ -247,3 +247,45 @@ def test_worker_trains_on_device_data_and_stops_at_the_deadline(tmp_path):
     result = train(make_trainer(spec, data, 1), data, 1, time.time() + 600, 0, reports.append)
     assert result["status"] == "finished" and result["steps"] == 2 and [r["epoch"] for r in reports] == [1.0]
     assert math.isfinite(reports[0]["train_loss"])
+
+
+def test_memory_rows_compare_cuda_with_the_meter_and_the_paper():
+    from locallearn.bench.evidence_memory import finish_rows
+
+    gib = 2**30
+    rows = finish_rows(
+        [
+            {"task": "classification", "backbone": "resnet110", "method": "bp", "alloc": 10 * gib,
+             "reserved": 12 * gib, "static": 1 * gib, "meter": 8 * gib},
+            {"task": "classification", "backbone": "resnet110", "method": "infopro+manpp", "alloc": 4 * gib,
+             "reserved": 5 * gib, "static": 1 * gib, "meter": 1.5 * gib},
+            {"task": "detection", "backbone": "resnet50", "method": "bp", "status": "not started (budget)"},
+        ]
+    )  # fmt: skip
+    bp, manpp, det = rows
+    assert bp["cuda_rest_GiB"] == 9 and math.isclose(bp["meter_over_cuda_rest"], 8 / 9)
+    assert manpp["cuda_ratio_to_bp"] == 0.4 and manpp["meter_ratio_to_bp"] == 1.5 / 8
+    assert manpp["paper_GB"] == 3.22 and math.isclose(manpp["paper_ratio_to_bp"], 3.22 / 9.26)
+    assert "meter_GiB" not in det  # a cell never measured stays blank
+
+
+def test_parts_record_how_far_they_got_at_the_budget(tmp_path):
+    from locallearn.bench import evidence_memory, evidence_speed
+    from locallearn.bench.evidence import TINY
+
+    s = {**TINY, "memory_methods": ["bp"], "detection_methods": ["bp"]}
+    result = evidence_memory.run(s, time.time(), torch.device("cpu"))  # the deadline has passed
+    assert [r["status"] for r in result["rows"]] == ["not started (budget)"] * 2
+    # the speed child writes NAME.start / NAME.done / NAME.failed; the parent reads how far it got
+    s = {**TINY, "speed_modes": ["eager", "compile"], "speed_amps": ["none", "bf16"]}
+    (tmp_path / "eager_none.start").write_text("0")
+    (tmp_path / "eager_none.failed").write_text("RuntimeError: boom")
+    (tmp_path / "eager_bf16.start").write_text(str(time.time()))
+    rows, done = evidence_speed.collect(s, tmp_path, killed=True, exitcode=-9)
+    assert done == 0
+    assert [r["status"].split(" after")[0] for r in rows] == [
+        "failed: RuntimeError: boom",
+        "stopped at budget",
+        "not started (budget)",
+        "not started (budget)",
+    ]
