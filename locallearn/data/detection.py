@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from locallearn.data.errors import DataError
+from locallearn.data.errors import DataError, from_workers
 from locallearn.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
 from locallearn.data.loader import EpochLoader, first_images
 from locallearn.metrics.coco_eval import quiet
@@ -452,13 +452,15 @@ class DetectionLoader(EpochLoader):
         chunks = [keys[s : s + self.batch_size] for s in range(0, n, self.batch_size)]
         fn = partial(collate, size_divisible=self.size_divisible)
         if self.num_workers > 0:
-            batches: Iterator = iter(
-                torch.utils.data.DataLoader(
-                    self.items,
-                    batch_sampler=chunks,
-                    collate_fn=fn,
-                    num_workers=self.num_workers,
-                    pin_memory=torch.cuda.is_available(),
+            batches: Iterator = from_workers(
+                iter(
+                    torch.utils.data.DataLoader(
+                        self.items,
+                        batch_sampler=chunks,
+                        collate_fn=fn,
+                        num_workers=self.num_workers,
+                        pin_memory=torch.cuda.is_available(),
+                    )
                 )
             )
         else:

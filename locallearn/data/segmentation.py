@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from locallearn.data.errors import DataError
+from locallearn.data.errors import DataError, from_workers
 from locallearn.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
 from locallearn.data.loader import EpochLoader, first_images
 from locallearn.types import Batch, InputInfo
@@ -357,13 +357,14 @@ class SegmentationLoader(EpochLoader):
         chunks = [keys[s : s + self.batch_size] for s in self.spans()]
         fn = partial(collate, mean=self.mean, std=self.std)
         if self.num_workers > 0:
-            yield from torch.utils.data.DataLoader(
+            loader = torch.utils.data.DataLoader(
                 self.items,
                 batch_sampler=chunks,
                 collate_fn=fn,
                 num_workers=self.num_workers,
                 pin_memory=torch.cuda.is_available(),
             )
+            yield from from_workers(iter(loader))
         else:
             for chunk in chunks:
                 yield fn([self.items[k] for k in chunk])

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from locallearn.data.detection import write_fixture
+from locallearn.data.errors import DataError, from_workers
 from locallearn.data.segmentation import write_voc_seg
 from tests import helpers
 
@@ -238,3 +240,37 @@ def test_bad_data_stops_in_one_line_before_the_run_directory(tmp_path, capsys, d
     missing = [w for w in words if w not in err[0]]
     assert not missing, (missing, err[0])
     assert not out.exists()  # no run directory for a run that never started
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])  # a worker: ~7 s
+def test_a_file_broken_past_its_header_stops_training_in_one_line(tmp_path, capsys, workers) -> None:
+    """A truncated JPEG passes the header check and fails only when training decodes it; with worker
+    processes too, the line is the worker's own message, not torch's re-raised traceback."""
+    root = detection(tmp_path / "data", "voc")
+    jpg = root / "VOCdevkit" / "VOC2007" / "JPEGImages" / "000002.jpg"
+    jpg.write_bytes(jpg.read_bytes()[: len(jpg.read_bytes()) // 2])
+    args = ["train", "task.name=detection", "data.name=voc", f"data.root={root}", "model.backbone=resnet18",
+            "model.num_blocks=1", "method.name=bp", "engine.device=cpu", "data.image_size=32",
+            "task.detection.fpn_channels=8", f"data.num_workers={workers}", "engine.measure_memory=false",
+            f"out_dir={tmp_path / 'runs'}", "name=r"]  # fmt: skip
+    code, _, err = helpers.run_cli(args, capsys, lines=True)
+    errors = [line for line in err if line.startswith("locallearn: error:")]
+    assert code == 2 and len(errors) == 1 and not any("Traceback" in line for line in err), err
+    assert "JPEGImages/000002.jpg" in errors[0] and "truncated" in errors[0]
+
+
+class Broken(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> int:
+        if i == 1:
+            raise DataError("cannot read image 'b.jpg': image file is truncated")
+        return i
+
+
+def test_a_worker_data_error_keeps_its_one_line_message() -> None:
+    loader = torch.utils.data.DataLoader(Broken(), batch_size=1, num_workers=1)
+    with pytest.raises(DataError) as caught:
+        list(from_workers(iter(loader)))
+    assert str(caught.value) == "cannot read image 'b.jpg': image file is truncated"
