@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import platform
 import shlex
 import sys
 import time
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 
 from locallearn.bench import evidence_accuracy, evidence_memory, evidence_speed
-from locallearn.bench.common import header, markdown_table, write_csv
+from locallearn.bench.common import header, machine, markdown_table, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +114,14 @@ def settings(args) -> dict[str, Any]:
 def device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({platform.processor() or platform.machine()})"
+    return f"cpu: {machine().split(',')[0]}"
 
 
 def provenance(device: str) -> dict[str, str]:
-    prog = "locallearn" if Path(sys.argv[0]).name == "locallearn" else f"python {sys.argv[0]}"
+    name = Path(sys.argv[0]).name
+    prog = {"locallearn": "locallearn", "__main__.py": "python -m locallearn"}.get(
+        name, f"python {sys.argv[0]}"
+    )
     return {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -200,13 +202,16 @@ def write(s, out: Path, parts, acc, mem, spd, wall: float) -> str:
     if spd:
         write_csv(out / "speed.csv", [{**r, **prov} for r in spd["rows"]], evidence_speed.COLUMNS + stamp)
     notes = [
-        f"device: {prov['device']} ({s['device']}); cuDNN TF32 convolutions {torch.backends.cudnn.allow_tf32}, "
+        f"device: {prov['device']} (`{s['device']}`); cuDNN TF32 convolutions {torch.backends.cudnn.allow_tf32}, "
         f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}",
         f"budget {s['budget_s']:.0f} s: accuracy until {s['accuracy_s']:.0f} s, then memory for up to "
         f"{s['memory_s']:.0f} s, then speed for up to {s['speed_s']:.0f} s; wall time {wall:.0f} s",
     ]
     lines = header(
         "Evidence: MAN++ accuracy, peak memory and step time on one device", "per part", notes=notes
+    )
+    lines[2] = (
+        f"- command: `{prov['command']}`"  # as typed (`python -m locallearn`, not its __main__.py path)
     )
     lines += ["## Parts", ""]
     lines += markdown_table(list(parts.values()), ["part", "budget_s", "used_s", "status"])
