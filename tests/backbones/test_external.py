@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from locallearn.backbones import external
+from locallearn.backbones import external, graph_split
 from locallearn.backbones.external import SplitError, from_module
 
 timm = pytest.importorskip("timm")
@@ -129,8 +129,8 @@ def test_cut_at_module_names_and_the_dropout_head_in_both_modes() -> None:
 def test_the_check_catches_a_split_traced_in_one_mode(monkeypatch) -> None:
     """A plain fx trace (every module traced through, train mode only) bakes BatchNormAct2d's
     training branch in: eval then normalises with batch statistics. The build check refuses it."""
-    monkeypatch.setattr(external._Tracer, "is_leaf_module", nn.Module and torch.fx.Tracer.is_leaf_module)
-    monkeypatch.setattr(external, "_pair", lambda a, b: a)
+    monkeypatch.setattr(graph_split.Tracer, "is_leaf_module", torch.fx.Tracer.is_leaf_module)
+    monkeypatch.setattr(graph_split, "pair", lambda a, b: a)
     model = timm.create_model("efficientnet_b0", num_classes=3)
     with pytest.raises(SplitError, match="eval-mode output differs"):
         from_module(model, ["blocks.3"], example_input=torch.randn(2, 3, 32, 32), name="timm:efficientnet_b0")

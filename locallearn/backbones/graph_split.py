@@ -1,0 +1,289 @@
+"""Splitting a traced model into pieces, correctly in train and in eval mode (used by ``external``).
+
+``torch.fx`` traces only the model's own ``forward``, plain ``nn.Sequential`` containers and the
+modules a cut goes inside (``opened_modules``); every other module is a leaf, called as it is
+(torchvision's ``create_feature_extractor`` does the same with its leaf modules), so a module whose
+forward branches on ``self.training`` (BatchNorm, timm's ``BatchNormAct2d``, dropout, stochastic
+depth) keeps that branch live. The model is traced once per mode; ``pair`` keeps both traces of a
+piece whose code differs between them (``ModePair``). Positions in the graph: a cut at module ``M``
+starts at the first node ``M`` owns (``call_module`` target, or the innermost ``nn_module_stack``
+entry); exactly one tensor may cross a cut (``crossing``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from locallearn.types import FeatureInfo
+
+PROBE = 128  # side of the input the stages and reductions are read from (a 16 px input has no stride 32)
+
+
+class SplitError(ValueError):
+    """A model that cannot be split as asked; the message names the model and why."""
+
+
+def _is_container(m: nn.Module) -> bool:
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+class Tracer(fx.Tracer):
+    """Traces through the root, plain containers and the modules in ``opened``; the rest are leaves."""
+
+    def __init__(self, opened: set[str]) -> None:
+        super().__init__()
+        self.opened = opened
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname not in self.opened and not _is_container(m)
+
+
+def trace(model: nn.Module, opened: set[str], train: bool, name: str) -> fx.GraphModule:
+    was = model.training
+    model.train(train)
+    try:
+        graph = Tracer(opened).trace(model)
+    except Exception as e:  # fx raises many types for data-dependent control flow
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SplitError(
+            f"{name}: torch.fx cannot trace its forward ({reason}); cut only at modules whose "
+            "parents have a traceable forward, or wrap the model in an nn.Sequential of its parts"
+        ) from None
+    finally:
+        model.train(was)
+    return fx.GraphModule(model, graph)
+
+
+def _owner(node: fx.Node) -> str:
+    if node.op in ("call_module", "get_attr"):
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path = list(stack.values())[-1]
+        return path[0] if isinstance(path, tuple) else str(path)
+    return ""
+
+
+def _owned_by(owner: str, name: str) -> bool:
+    return owner == name or owner.startswith(name + ".")
+
+
+def _compute(nodes: list[fx.Node]) -> list[int]:
+    return [i for i, n in enumerate(nodes) if n.op not in ("placeholder", "get_attr", "output")]
+
+
+def _crossing(nodes: list[fx.Node], at: int, end: int) -> list[fx.Node]:
+    """Values defined before ``nodes[at]`` (the input included) used at or after it, up to ``end``."""
+    defined = {n for n in nodes[:at] if n.op != "get_attr"}
+    seen: dict[fx.Node, None] = {}
+    for node in nodes[at : end + 1]:
+        for arg in node.all_input_nodes:
+            if arg in defined:
+                seen[arg] = None
+    return list(seen)
+
+
+def _first_node(nodes: list[fx.Node], name: str, after: int) -> int:
+    for i in range(after, len(nodes)):
+        if nodes[i].op not in ("placeholder", "get_attr", "output") and _owned_by(_owner(nodes[i]), name):
+            return i
+    raise SplitError(
+        f"cut_at/stop_at module {name!r} owns no operation after the previous cut (or does not exist)"
+    )
+
+
+def _segment(gm: fx.GraphModule, nodes: list[fx.Node], source: fx.Node, out: fx.Node) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {source: graph.placeholder("x")}
+    for node in nodes:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[out])
+    return fx.GraphModule(gm, graph)
+
+
+class ModePair(nn.Module):
+    """A traced piece whose code depends on the mode: runs ``train_graph`` or ``eval_graph``."""
+
+    def __init__(self, train_graph: fx.GraphModule, eval_graph: fx.GraphModule) -> None:
+        super().__init__()
+        self.train_graph = train_graph
+        self.eval_graph = eval_graph
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.train_graph(x) if self.training else self.eval_graph(x)
+
+
+def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _info(shape: tuple[int, ...], side: int, where: str) -> FeatureInfo:
+    if len(shape) == 4:
+        return FeatureInfo(shape[1], max(1, round(side / shape[2])), "NCHW")
+    if len(shape) == 3:
+        tokens = shape[1] - 1 if math.isqrt(shape[1] - 1) ** 2 == shape[1] - 1 else shape[1]
+        return FeatureInfo(shape[2], max(1, round(side / max(math.isqrt(tokens), 1))), "NLC")
+    raise SplitError(
+        f"the layer ending at {where} outputs shape {shape}: backbone layers must output NCHW maps or "
+        "NLC tokens; leave the model's head out (stop_at / head_at = the pooling or classifier module)"
+    )
+
+
+def _is_pooling(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        kind = type(gm.get_submodule(str(node.target))).__name__.lower()
+    else:
+        kind = getattr(node.target, "__name__", str(node.target)).lower()
+    return any(word in kind for word in ("pool", "flatten", "mean"))
+
+
+def _head_start(gm: fx.GraphModule, nodes: list[fx.Node], end: int) -> int | None:
+    """Where the classifier starts: the first operation with a (batch, features) output, moved back
+    over the pooling / flatten operations just before it; None when the output keeps its map."""
+    compute = _compute(nodes[: end + 1])
+    first = next((i for i in compute if (s := shape_of(nodes[i])) is not None and len(s) == 2), None)
+    if first is None:
+        return None
+    at = compute.index(first)
+    while (
+        at > 0
+        and _is_pooling(nodes[compute[at - 1]], gm)
+        and len(_crossing(nodes, compute[at - 1], end)) == 1
+    ):
+        at -= 1
+    return compute[at]
+
+
+def opened_modules(model: nn.Module, names: list[str], what: str) -> set[str]:
+    known = dict(model.named_modules())
+    opened = set()
+    for n in names:
+        if n not in known:
+            top = ", ".join(k for k, _ in model.named_children())
+            raise SplitError(f"{what}: no module {n!r} in the model (its top-level modules: {top})")
+        parts = n.split(".")
+        opened.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return opened
+
+
+def boundaries(
+    gm: fx.GraphModule, cut_at: list[str] | None, head_at: str | None, auto_head: bool, name: str
+) -> tuple[list[str], str | None]:
+    """Cut and head positions as node names (the same in both modes' graphs)."""
+    nodes = list(gm.graph.nodes)
+    output = next(n for n in nodes if n.op == "output")
+    end = nodes.index(output)
+    if head_at is not None:
+        head = _first_node(nodes, head_at, 0)
+    elif auto_head:
+        head = _head_start(gm, nodes, end)
+    else:
+        head = None
+    stop = head if head is not None else end
+    if cut_at is not None:
+        starts, prev = [], 0
+        for cut in cut_at:
+            prev = _first_node(nodes, cut, prev + 1 if starts else 0)
+            if prev >= stop:
+                raise SplitError(
+                    f"{name}: cut at {cut!r} lies in or after the head (from {nodes[stop].name!r})"
+                )
+            starts.append(prev)
+        return [nodes[i].name for i in starts], (nodes[head].name if head is not None else None)
+    # the model's stages: a new layer at each leaf module whose output is coarser than the one before
+    starts, prev_side = [], None
+    candidates = [i for i in _compute(nodes[:stop]) if nodes[i].op == "call_module"]
+    for a, b in zip(candidates, [*candidates[1:], stop]):
+        if len(_crossing(nodes, a, end)) != 1 or len(_crossing(nodes, b, end)) != 1:
+            continue
+        (out,) = _crossing(nodes, b, end)
+        shape = shape_of(out)
+        side = shape[2] if shape is not None and len(shape) == 4 else None
+        if side is not None and prev_side is not None and side < prev_side and a > 0:
+            starts.append(a)
+        prev_side = side if side is not None else prev_side
+    return [nodes[i].name for i in starts], (nodes[head].name if head is not None else None)
+
+
+def pieces(
+    gm: fx.GraphModule, cuts: list[str], head: str | None, name: str, cut_names: list[str]
+) -> tuple[list[fx.GraphModule], fx.GraphModule | None]:
+    nodes = list(gm.graph.nodes)
+    index = {n.name: i for i, n in enumerate(nodes)}
+    missing = [c for c in [*cuts, *([head] if head else [])] if c not in index]
+    if missing:
+        raise SplitError(f"{name}: its train- and eval-mode graphs differ at the cut {missing[0]!r}")
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise SplitError(f"{name}: a backbone takes one input tensor, its forward takes {len(inputs)}")
+    output = next(n for n in nodes if n.op == "output")
+    if not isinstance(output.args[0], fx.Node):
+        raise SplitError(
+            f"{name}: its forward must return one tensor (it returns {type(output.args[0]).__name__})"
+        )
+    end = nodes.index(output)
+    stop = index[head] if head else end
+    bounds = [0, *(index[c] for c in cuts), stop]
+    layers, source = [], inputs[0]
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        seg = [n for n in nodes[a:b] if n.op not in ("placeholder", "output")]
+        crossing = _crossing(nodes, b, end) if b < end else [output.args[0]]
+        if len(crossing) != 1:
+            where = cut_names[i] if i < len(cut_names) else "the head"
+            names = ", ".join(f"{n.name!r} (from {_owner(n) or 'the input'!r})" for n in crossing)
+            raise SplitError(
+                f"{name}: cannot cut at {where!r}: {len(crossing)} tensors cross it ({names}); a skip "
+                "connection spans the cut. Cut at a module boundary where a single tensor flows."
+            )
+        seg = [*[n for n in nodes[:a] if n.op == "get_attr"], *seg]
+        layers.append(_segment(gm, seg, source, crossing[0]))
+        source = crossing[0]
+    if head is None:
+        return layers, None
+    seg = [n for n in nodes[:end] if n.op == "get_attr"] + [
+        n for n in nodes[stop:end] if n.op not in ("placeholder", "get_attr")
+    ]
+    return layers, _segment(gm, seg, source, output.args[0])
+
+
+def pair(a: fx.GraphModule, b: fx.GraphModule) -> nn.Module:
+    return a if a.code == b.code else ModePair(a, b)
+
+
+def probe(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, name: str) -> int:
+    """Record every node's output shape (eval mode, one image) at ``PROBE`` px if the model takes
+    it, else at the example's size; returns the side used."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for side in dict.fromkeys((max(PROBE, x.shape[-1]), x.shape[-1])):
+                try:
+                    ShapeProp(gm).propagate(torch.zeros(1, x.shape[1], side, side, dtype=x.dtype))
+                    return side
+                except Exception as e:  # a model of fixed input size, or a wrong channel count
+                    error = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    finally:
+        model.train(was)
+    raise SplitError(f"{name}: fails on a {tuple(x.shape[1:])} input ({error})")
+
+
+def layer_info(
+    gm: fx.GraphModule, cuts: list[str], head: str | None, side: int, cut_names: list[str]
+) -> list[FeatureInfo]:
+    nodes = list(gm.graph.nodes)
+    index = {n.name: i for i, n in enumerate(nodes)}
+    output = next(n for n in nodes if n.op == "output")
+    end = nodes.index(output)
+    ends = [*(index[c] for c in cuts), index[head] if head else end]
+    info = []
+    for i, b in enumerate(ends):
+        (out,) = _crossing(nodes, b, end) if b < end else [output.args[0]]
+        where = cut_names[i] if i < len(cut_names) else "the end"
+        info.append(_info(shape_of(out) or (), side, where))
+    return info
