@@ -117,7 +117,7 @@ def test_a_run_whose_test_set_has_an_empty_size_bucket_completes(tmp_path, capsy
     images = [np.full((64, 64, 3), 60 * i, np.uint8) for i in range(1, 3)]
     write_fixture(tmp_path / "data", fmt, images, [[{"box": (10, 10, 50, 50), "label": 0}]] * 2)
     args = [
-        "train", f"data.name={fmt}", f"data.root={tmp_path / 'data'}", "data.image_size=64",
+        "train", f"data.name={fmt}", f"data.root={tmp_path / 'data'}", "data.image_size=32",
         "data.batch_size=2", "model.backbone=resnet18", "model.num_blocks=1", "method.name=bp",
         "task.name=detection", "task.detection.score_thresh=0.0", "task.detection.fpn_channels=16",
         "optim.epochs=1", "engine.device=cpu", "engine.threads=1", "engine.measure_memory=false",
