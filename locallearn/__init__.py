@@ -1,12 +1,15 @@
 """locallearn: supervised local learning (DGL, InfoPro, MAN, MAN++, ...) for vision backbones.
 
-Public API::
+Public API (docs/api.md)::
 
-    from locallearn import load_config, build_model, Run
-    cfg = load_config("configs/manpp_cifar10/resnet32_k16_infopro_manpp.yaml", ["optim.epochs=10"])
-    summary = Run(cfg).fit()
+    ll = locallearn.wrap(model, method="dgl+manpp", num_blocks=4, num_classes=10)  # your own loop
+    losses = ll.step(x, y)
+
+    cfg = locallearn.load_config("configs/manpp_cifar10/resnet32_k16_infopro_manpp.yaml", ["optim.epochs=10"])
+    summary = locallearn.Run(cfg).fit()  # a whole run: run directory, checkpoints, metrics
 """
 
+from locallearn.api import LocalTrainer, wrap  # noqa: E402
 from locallearn.build import BACKBONES, METHODS, build_backbone, build_method, build_model  # noqa: E402
 from locallearn.config import Config, ConfigError, load_config  # noqa: E402
 from locallearn.launch import evaluate_checkpoint, make_run, resume_run  # noqa: E402
@@ -25,6 +28,7 @@ __all__ = [
     "FeatureInfo",
     "InputInfo",
     "LocalModel",
+    "LocalTrainer",
     "Run",
     "Trainer",
     "build_backbone",
@@ -34,4 +38,5 @@ __all__ = [
     "make_run",
     "resume_run",
     "load_config",
+    "wrap",
 ]

@@ -248,14 +248,21 @@ def check_task_fits_data(task: str, data: str) -> None:
 
 
 def build_model(
-    cfg: Config, inputs: InputInfo, num_classes: int, load_weights: bool = True
+    cfg: Config,
+    inputs: InputInfo,
+    num_classes: int,
+    load_weights: bool = True,
+    backbone: Backbone | None = None,
 ) -> tuple[LocalModel, Method, Task]:
     """Build the LocalModel for ``cfg`` on data shaped like ``inputs``.
 
     ``load_weights``: read the initial weights the config names (``model.pretrained``, the task's
     ``init_model``). False when a checkpoint is loaded over the model next (resume, eval): the files
-    are then neither needed nor read."""
-    if external.is_spec(cfg.model.backbone):
+    are then neither needed nor read. ``backbone``: an already built one (``locallearn.wrap`` of a
+    model object, split by ``external.from_module``) instead of ``model.backbone``'s."""
+    if backbone is not None:
+        pass
+    elif external.is_spec(cfg.model.backbone):
         backbone = external_backbone(cfg, inputs, num_classes)
     else:
         backbone = build_backbone(

@@ -1,0 +1,165 @@
+"""The Python API (issue 20.1): ``locallearn.wrap`` -> ``LocalTrainer``; one step per method family,
+gradient isolation, the momentum aux's EMA moving inside ``step``, save / load, export of a wrapped
+``nn.Module`` back into itself, and the example script CI runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import locallearn
+from locallearn.methods.man import MomentumAux
+
+ROOT = Path(__file__).parents[1]
+X = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+Y = torch.arange(8) % 10
+
+
+def tiny(method: str = "dgl", k: int = 4, **kw) -> locallearn.LocalTrainer:
+    kw = {"num_classes": 10, "input_size": 8, "lr": 0.05, "device": "cpu", **kw}
+    return locallearn.wrap("resnet20", method=method, num_blocks=k, **kw)
+
+
+def params(module: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+FAMILIES = [("bp", 1), ("dgl", 4), ("infopro", 2), ("predsim", 2), ("auglocal", 2), ("mlaan", 3),
+            ("slm", 2), ("dgl+man", 2), ("infopro+manpp", 2)]  # fmt: skip
+
+
+@pytest.mark.parametrize("method,k", FAMILIES)
+def test_one_step_of_every_method_family_trains_every_block(method, k):
+    ll = tiny(method, k)
+    before = [params(ll.model.body(b)) for b in range(k)]
+    losses = ll.step(X, Y)
+    assert list(losses) == [f"block{b}" for b in range(k)]
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    for b in range(k):
+        moved = any(not torch.equal(p0, p1) for p0, p1 in zip(before[b], ll.model.body(b).parameters()))
+        assert moved, f"{method}: block {b} did not train"
+
+
+@pytest.mark.parametrize("method", ["dgl", "infopro+manpp"])
+def test_no_gradient_crosses_a_block(method):
+    """When block k's optimizer steps, only block k's parameters (body + aux) hold gradients: its
+    loss reached no earlier block, and earlier blocks' gradients were freed before it ran."""
+    ll = tiny(method, 3)
+    owner = {p: k for k in range(ll.num_blocks) for p in ll.model.block_parameters(k)}
+    seen = []
+    for k, opt in enumerate(ll.trainer.optimizers):
+
+        def record(*args, _k=k, _step=opt.step, **kwargs):
+            seen.append((_k, {owner[p] for p in owner if p.grad is not None}))
+            return _step(*args, **kwargs)
+
+        opt.step = record
+    ll.step(X, Y)
+    assert seen == [(k, {k}) for k in range(3)]
+
+
+def test_step_updates_the_momentum_aux_ema():
+    """MAN++'s EMA follows the next block's first layer after every step (forgetting the sync, the
+    old own-loop bug, froze it): EMA_new = m * EMA_old + (1 - m) * layer_after_step."""
+    ll = tiny("dgl+manpp", 2, options={"method.momentum.momentum": 0.9})
+    (aux,) = [m for m in ll.model.auxes[0].modules() if isinstance(m, MomentumAux)]
+    layer = ll.model.backbone.layers[ll.model.cuts[0]]
+    ema_old = params(aux.ema)
+    ll.step(X, Y)
+    for old, new, live in zip(ema_old, aux.ema.parameters(), layer.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * live.detach())
+    assert any(not torch.equal(a, b) for a, b in zip(ema_old, aux.ema.parameters()))
+
+
+def test_save_and_load_continue_exactly(tmp_path):
+    a = tiny("dgl+manpp", 2, optimizer="sgd")
+    a.step(X, Y)
+    a.save(tmp_path / "ll.pt")
+    b = tiny("dgl+manpp", 2, seed=1)  # different initial weights: everything must come from the file
+    b.load(tmp_path / "ll.pt")
+    assert b.steps == 1
+    x2 = torch.flip(X, [0])
+    assert a.step(x2, Y) == b.step(x2, Y)  # momentum buffers, EMA and schedule restored too
+    for p, q in zip(a.model.state_dict().values(), b.model.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+def test_cosine_schedule_when_the_length_is_given():
+    ll = tiny("dgl", 2, lr=0.1, epochs=2, steps_per_epoch=2)
+    lrs = []
+    for _ in range(4):
+        lrs.append(ll.lr)
+        ll.step(X, Y)
+    assert lrs[0] == pytest.approx(0.1) and lrs[1] > lrs[2] > lrs[3] > 0 and ll.lr == pytest.approx(0)
+    assert tiny("dgl", 2, lr=0.1).lr == 0.1  # no length given: constant
+
+
+class Net(nn.Module):
+    """A user's own model: stem, two stages, pooled classifier."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.stage1 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.stage2(self.stage1(self.stem(x)))), 1))
+
+
+def test_a_users_module_trains_evaluates_and_exports_into_itself():
+    net = Net()
+    ll = locallearn.wrap(
+        net, method="dgl", num_blocks=3, cut_at=["stage1", "stage2"], input_size=16, device="cpu"
+    )
+    assert ll.model.head is ll.model.backbone.source_head()  # its own classifier is the head
+    x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+    before = params(ll.model.head)
+    ll.step(x, y)
+    assert any(not torch.equal(p0, p1) for p0, p1 in zip(before, ll.model.head.parameters()))
+    metrics = ll.evaluate([(x, y)])
+    assert set(metrics) >= {"top1", "loss"}
+    fresh = Net()
+    fresh.load_state_dict(ll.export(), strict=True)
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), ll.eval()(x))
+
+
+@pytest.mark.slow  # ~15 s on one core: MobileNetV3's split is checked in train and eval mode
+def test_a_torchvision_model_through_the_api():
+    torchvision = pytest.importorskip("torchvision")
+    m = torchvision.models.mobilenet_v3_small(num_classes=3)
+    ll = locallearn.wrap(m, method="dgl+manpp", num_blocks=2, input_size=32, device="cpu")
+    assert ll.step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])).keys() == {"block0", "block1"}
+    fresh = torchvision.models.mobilenet_v3_small(num_classes=3)
+    fresh.load_state_dict(ll.export(), strict=True)
+
+
+def test_wrap_refuses_clearly():
+    with pytest.raises(locallearn.ConfigError, match="num_classes"):
+        locallearn.wrap("resnet20", input_size=8)
+    with pytest.raises(locallearn.ConfigError, match="unknown method"):
+        tiny("nope")
+    with pytest.raises(locallearn.ConfigError, match="optim.nesterov"):
+        tiny("dgl", options={"optim.nesterov": "maybe"})
+
+
+def test_the_example_script_runs():
+    """examples/quickstart_api.py, as docs/api.md shows it (CI runs it through this test)."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart_api.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "test top1" in out.stdout and "exported" in out.stdout
