@@ -56,7 +56,7 @@ def log_epoch(epoch: int, epochs: int, main: str, metrics: dict[str, float], sec
 def run_summary(run: Any) -> dict[str, Any]:
     """``summary.json``: the final and best test metric, memory, speed, sizes, environment."""
     main = f"test_{run.task.main_metric}"
-    values = [row[main] for row in run.history]
+    values = [row.get(main) for row in run.history]  # absent: an epoch from before VOC mAP existed
     step = statistics.median(run.step_times) if run.step_times else float("nan")
     return {
         "run_dir": str(run.run_dir),
