@@ -53,7 +53,11 @@ def sparing_task_parts(init: Callable[[nn.Module], None]) -> Callable[[nn.Module
         return init
 
     def apply(module: nn.Module) -> None:
-        kept = [m for m in module.modules() if keeps_init(m)]
+        kept, names = [], []  # the outermost marked modules (a marked module's subtree is restored with it)
+        for name, m in module.named_modules():
+            if keeps_init(m) and not any(name.startswith(f"{n}.") or n == "" for n in names):
+                kept.append(m)
+                names.append(name)
         saved = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in kept]
         init(module)
         with torch.no_grad():

@@ -18,8 +18,11 @@ what earlier blocks wrote and no gradient crosses blocks through it.
   task's local head builds a *local FPN* over it and, with ``share_head`` (default, the paper's "Head"
   column of Table 4), predicts with the main head's prediction layers. The shared layers belong to the
   last block: every aux's backward adds its gradient to them, and the last block's optimizer steps the
-  sum once per batch (they are not registered in the aux, so no other optimizer touches them). Tasks
-  may also hand the aux other entries (super-resolution: the LR input image, fused before upsampling).
+  sum once per batch (they are not registered in the aux, so no other optimizer touches them). YOLOv1
+  has no FPN: its local head adds the C3 / C4 maps (banked or the replica's) into its deepest map
+  through zero-initialised 1x1 convs, and passes through a shared head leave that head's BN running
+  statistics alone (tasks/yolo.py). Tasks may also hand the aux other entries (super-resolution: the LR
+  input image, fused before upsampling).
 - Classification: the banked maps of earlier stages are projected by a 1x1 conv (zero-initialised, so
   a fresh aux starts as the plain replica) to the replica's final width, average-pooled to its
   resolution and added to its output before the head: the aux sees the multi-scale features the

@@ -16,7 +16,7 @@ from locallearn.config import load_config
 from locallearn.engine.optim import build_optimizer
 from locallearn.engine.sequential import train_step
 from locallearn.methods.base import AuxContext, sparing_task_parts
-from locallearn.tasks.base import keeps_init
+from locallearn.tasks.base import keep_init, keeps_init
 from locallearn.tasks.classification import Classification
 from locallearn.tasks.detection import Detection, DetectionConfig
 from locallearn.tasks.segmentation import Segmentation
@@ -82,6 +82,10 @@ def test_sparing_task_parts_restores_marked_modules_only():
     after = aux.state_dict()
     assert torch.count_nonzero(after["0.weight"]) == 0  # the method's layer: the backbone init
     assert all(torch.equal(after[k], v) for k, v in built.items() if k.startswith("1."))
+    keep_init(aux[0])  # a marked module anywhere, the aux itself included, is left as built
+    keep_init(aux)
+    sparing_task_parts(lambda m: [nn.init.ones_(p) for p in m.parameters()])(aux)
+    assert all(torch.equal(aux.state_dict()[k], v) for k, v in after.items())
     ctx_init = AuxContext(0, 2, FeatureInfo(3, 1), None, task, [], [], zero).init_weights
     assert getattr(ctx_init, "spares_task_parts", False)  # every aux's context applies it
 
