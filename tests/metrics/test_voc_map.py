@@ -82,3 +82,15 @@ def test_voc_ap_option_is_checked() -> None:
     assert DetectionConfig(voc_ap="area").voc_ap == "area"
     with pytest.raises(ValueError, match="voc_ap"):
         DetectionConfig(voc_ap="101")
+
+
+def test_undefined_is_not_diverged_but_nan_in_the_loss_or_main_metric_is() -> None:
+    from locallearn.engine.errors import DivergedError, check_metrics
+    from locallearn.report import log_epoch
+
+    undefined = {"voc_mAP": None, "AP": 0.0, "APs": None, "APl": float("nan"), "loss": 1.5}
+    check_metrics(undefined, "voc_mAP", 1)  # only the loss and the main metric are read
+    log_epoch(1, 1, "voc_mAP", undefined, 1.0)  # an undefined main metric is logged as "-"
+    for key, value in (("voc_mAP", float("nan")), ("loss", float("inf"))):
+        with pytest.raises(DivergedError, match=f"test {key} is {value} after epoch 3"):
+            check_metrics({**undefined, key: value}, "voc_mAP", 3)
