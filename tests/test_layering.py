@@ -107,7 +107,8 @@ def test_no_import_circles():
 
 
 RUN_LAYER = ("trainer.py", "run.py", "rundir.py", "resume.py", "launch.py", "parallel.py", "runner.py",
-             "distributed_run.py", "pipeline_run.py", "ddp_run.py", "engine/sequential.py")  # fmt: skip
+             "distributed_run.py", "pipeline_run.py", "ddp_run.py", "engine/sequential.py",
+             "api.py", "watch.py", "report.py")  # fmt: skip
 
 
 @pytest.mark.parametrize("name", RUN_LAYER)
