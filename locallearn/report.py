@@ -7,6 +7,7 @@ import statistics
 from typing import Any
 
 import numpy as np
+import torch
 
 from locallearn.engine.optim import StepSchedule, lr_at
 from locallearn.rundir import environment
@@ -51,6 +52,25 @@ def log_epoch(epoch: int, epochs: int, main: str, metrics: dict[str, float], sec
         metrics["loss"],
         seconds,
     )
+
+
+def record_measurements(run: Any, stats: dict[str, Any], block_bytes: list[int] | None) -> None:
+    """Keep in ``run`` what the first epoch measured (activation bytes per block, CUDA peaks) and
+    the epoch's step times."""
+    if block_bytes:
+        batch = min(run.cfg.data.batch_size, len(run.train_loader.data))
+        run.memory = {
+            "peak_activation_bytes": max(block_bytes),
+            "batch_size": batch,
+            "activation_bytes_per_image": max(block_bytes) / batch,
+            "block_activation_bytes": list(block_bytes),
+        }
+    if run.device.type == "cuda":
+        run.memory["cuda_max_allocated"] = torch.cuda.max_memory_allocated(run.device)
+        run.memory["cuda_max_reserved"] = torch.cuda.max_memory_reserved(run.device)
+    # the first steps include one-off costs (allocator, memory meter): keep the rest for the median
+    times = stats["step_times"]
+    run.step_times += times[1:] if len(times) > 1 else times
 
 
 def run_summary(run: Any) -> dict[str, Any]:

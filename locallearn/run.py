@@ -24,7 +24,7 @@ from locallearn.engine.compile import compile_blocks
 from locallearn.engine.errors import NonFiniteLossError, check_metrics
 from locallearn.lifecycle import RunLifecycle
 from locallearn.metrics.memory import ActivationMeter
-from locallearn.report import epoch_row, log_epoch, run_summary
+from locallearn.report import epoch_row, log_epoch, record_measurements, run_summary
 from locallearn.resume import config_from_checkpoint, refuse_merged, resume_config
 from locallearn.rundir import RunLock, environment, fresh_run_dir, write_metrics
 from locallearn.trainer import Trainer, autocast_factory, check_group_steps, select_device
@@ -214,22 +214,8 @@ class Run(RunLifecycle):
         )
 
     def record_epoch(self, stats: dict[str, Any], block_bytes: list[int] | None) -> None:
-        """Keep what the first epoch measured (activation bytes per block, CUDA peaks) and the step
-        times; shared by every engine mode."""
-        if block_bytes:
-            batch = min(self.cfg.data.batch_size, len(self.train_loader.data))
-            self.memory = {
-                "peak_activation_bytes": max(block_bytes),
-                "batch_size": batch,
-                "activation_bytes_per_image": max(block_bytes) / batch,
-                "block_activation_bytes": list(block_bytes),
-            }
-        if self.device.type == "cuda":
-            self.memory["cuda_max_allocated"] = torch.cuda.max_memory_allocated(self.device)
-            self.memory["cuda_max_reserved"] = torch.cuda.max_memory_reserved(self.device)
-        # the first steps include one-off costs (allocator, memory meter): keep the rest for the median
-        times = stats["step_times"]
-        self.step_times += times[1:] if len(times) > 1 else times
+        """Keep what the epoch measured (``report.record_measurements``); shared by every engine mode."""
+        record_measurements(self, stats, block_bytes)
 
     def train_one_epoch(self) -> dict[str, Any]:
         self.train_loader.set_epoch(self.epoch)
