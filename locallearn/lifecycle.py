@@ -111,6 +111,15 @@ def eval_checkpoint_path(path: str | Path) -> Path:
             f"{what}. The merged checkpoint.pt that eval reads is written when the run ends: finish it with "
             f"`torchrun --nproc-per-node {max(len(ranks), 1)} -m locallearn train --resume {ckpt.parent}`"
         )
+    if (
+        ckpt.name == "checkpoint.pt"
+        and not ckpt.exists()
+        and any(ckpt.parent.joinpath(n).exists() for n in RUN_FILES)
+    ):
+        raise checkpoint.CheckpointError(
+            f"{str(ckpt.parent)!r} has no checkpoint.pt: the run never finished an epoch (or was killed in its "
+            "first save); there is nothing to evaluate"
+        )
     return ckpt
 
 

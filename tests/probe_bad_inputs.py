@@ -5,6 +5,7 @@ As a script (each case a fresh ``python -m locallearn`` process; ~5 s a case on 
 
     python tests/probe_bad_inputs.py            # the whole table
     python tests/probe_bad_inputs.py seed name  # only the cases whose id contains one of the words
+    PROBE_TIMEOUT=900 python tests/probe_bad_inputs.py  # a slow machine: seconds per case (default 300)
 
 Under pytest, ``tests/test_reliability.py`` runs the whole table in-process (fast), a few cases as real
 processes, and the whole table as processes in a slow test.
@@ -188,7 +189,8 @@ def fill(args: list[str], d: Path) -> list[str]:
     return [a.replace("{dir}", str(d)) for a in args]
 
 
-def run_process(case: Case, d: Path, timeout: float = 300) -> Result:
+def run_process(case: Case, d: Path, timeout: float | None = None) -> Result:
+    timeout = timeout or float(os.environ.get("PROBE_TIMEOUT", 300))  # seconds a case may take
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "locallearn", *fill(case.args, d)],

@@ -263,6 +263,9 @@ def test_eval_of_an_unfinished_pipeline_run_says_what_its_files_are(tmp_path, ca
     assert f"torchrun --nproc-per-node 2 -m locallearn train --resume {tmp_path}" in line
     code, _, err = run_cli(["eval", str(tmp_path / "checkpoint.rank1.pt")], capsys)
     assert code == 2 and "rank 1's resume point of a pipeline run" in error_line(err)
+    killed_in_first_save(tmp_path / "k")
+    code, _, err = run_cli(["eval", str(tmp_path / "k")], capsys)
+    assert code == 2 and "the run never finished an epoch" in error_line(err)
 
 
 def test_ctrl_c_under_torchrun_gives_the_torchrun_command():

@@ -67,11 +67,14 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
 
 def plain(obj: Any) -> Any:
     """``obj`` with numpy scalars as Python numbers and numpy arrays as tensors, so that the file
-    loads with ``weights_only=True`` (a metric or a memory count may come back from numpy)."""
+    loads with ``weights_only=True`` (a metric or a memory count may come back from numpy). Containers
+    without numpy inside are returned as they are (a state dict keeps its type and ``_metadata``)."""
     if isinstance(obj, dict):
-        return {k: plain(v) for k, v in obj.items()}
+        values = {k: plain(v) for k, v in obj.items()}
+        return obj if all(values[k] is v for k, v in obj.items()) else values
     if type(obj) in (list, tuple):
-        return type(obj)(plain(v) for v in obj)
+        values = [plain(v) for v in obj]
+        return obj if all(a is b for a, b in zip(values, obj)) else type(obj)(values)
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
