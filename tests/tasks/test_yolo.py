@@ -26,7 +26,7 @@ def perfect_prediction(targets, image_size, num_classes=C, grid=S) -> torch.Tens
     box = enc["box"].double()
     for b in range(B):
         pred[..., 5 * b : 5 * b + 2] = logit(box[..., :2])
-        pred[..., 5 * b + 2 : 5 * b + 4] = box[..., 2:]
+        pred[..., 5 * b + 2 : 5 * b + 4] = logit(box[..., 2:])
         pred[..., 5 * b + 4] = -30.0
     pred[..., 4] = torch.where(enc["obj"], 30.0, -30.0)
     labels = enc["labels"].clamp(min=0)
@@ -91,9 +91,9 @@ def test_tiny_case_by_hand():
     ]
     pred = torch.zeros(1, 2, 2, B * 5 + C, dtype=torch.float64)
     # Box 0: centre (25, 25), sqrt w = sqrt h = 0.2 -> 10x10 px box (20, 20, 30, 30) inside the GT: IoU 100/800.
-    pred[0, 0, 0, 2:4] = 0.2
+    pred[0, 0, 0, 2:4] = logit(torch.tensor(0.2, dtype=torch.float64))
     # Box 1: centre (25, 25), 36x25 px -> (7, 12.5, 43, 37.5); intersection 33 x 17.5; union 900 + 800 - 577.5.
-    pred[0, 0, 0, 7:9] = torch.tensor([0.6, 0.5], dtype=torch.float64)
+    pred[0, 0, 0, 7:9] = logit(torch.tensor([0.6, 0.5], dtype=torch.float64))
     pred[0, 0, 0, 9] = 1.0  # box 1 confidence sigmoid(1); every other confidence sigmoid(0) = 0.5
     out = yolo_v1_loss(pred, targets, (100, 100), C, grid=2)
     iou1 = 33 * 17.5 / (900 + 800 - 33 * 17.5)
@@ -119,7 +119,8 @@ def test_zero_iou_picks_the_closer_box():
     targets = [
         {"boxes": torch.tensor([[10.0, 20.0, 50.0, 40.0]]), "labels": torch.tensor([0]), "size": (100, 100)}
     ]
-    pred = torch.zeros(1, 2, 2, B * 5 + C, dtype=torch.float64)  # zero-area boxes: both IoUs are 0
+    pred = torch.zeros(1, 2, 2, B * 5 + C, dtype=torch.float64)
+    pred[..., [2, 3, 7, 8]] = -1000.0  # sqrt w = sqrt h = sigmoid(-1000) = 0: zero-area boxes, both IoUs 0
     pred[0, 0, 0, 5:7] = logit(torch.tensor([0.6, 0.6]))  # box 1 sits on the GT centre
     out = yolo_v1_loss(pred, targets, (100, 100), C, grid=2)
     coord = 5.0 * (0.4 + 0.2)  # box 1 responsible: only the sqrt w, sqrt h errors remain
@@ -262,3 +263,15 @@ def test_yolo_slm_aux_reads_the_banked_stage_maps(one_thread):
     loss = model.auxes[2](h, batch)["loss"]
     batch.bank.write("C3", batch.bank.read("C3") * 2)
     assert not torch.allclose(loss, model.auxes[2](h, batch)["loss"])
+
+
+def test_yolo_trains_from_scratch_with_sgd_without_diverging(one_thread):
+    # bounded sqrt w / sqrt h (sigmoid): with linear ones this went 36 -> 1e4 in 3 steps, 5e6 in 6
+    from test_detection import det_batch
+
+    from locallearn.engine.sequential import train_step
+
+    model, optimizers, _ = _yolo_model("bp", k=1)  # SGD 0.01, momentum 0.9
+    batch = det_batch()
+    losses = [train_step(model, batch, optimizers)[0]["loss"].item() for _ in range(6)]
+    assert all(math.isfinite(v) for v in losses) and max(losses[1:]) < losses[0], losses
