@@ -16,7 +16,6 @@ import math
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from locallearn.types import FeatureInfo
 
@@ -118,8 +117,17 @@ class ModePair(nn.Module):
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    return node.meta.get("locallearn_shape")
+
+
+class _Shapes(fx.Interpreter):
+    """Runs the graph, recording each tensor-valued node's output shape (torch's ``ShapeProp`` would
+    print a traceback for a model that refuses the input size; this raises the model's own error)."""
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        n.meta["locallearn_shape"] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        return out
 
 
 def _info(shape: tuple[int, ...], side: int, where: str) -> FeatureInfo:
@@ -264,7 +272,7 @@ def probe(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, name: str) -> i
         with torch.no_grad():
             for side in dict.fromkeys((max(PROBE, x.shape[-1]), x.shape[-1])):
                 try:
-                    ShapeProp(gm).propagate(torch.zeros(1, x.shape[1], side, side, dtype=x.dtype))
+                    _Shapes(gm).run(torch.zeros(1, x.shape[1], side, side, dtype=x.dtype))
                     return side
                 except Exception as e:  # a model of fixed input size, or a wrong channel count
                     error = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

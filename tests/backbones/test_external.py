@@ -67,12 +67,15 @@ def assert_same_as_source(model: nn.Module, backbone, x: torch.Tensor) -> None:
             torch.testing.assert_close(a, b)
 
 
+# timm's own test_* models: its EfficientNet (BatchNormAct2d) and ResNet classes at ~100-400k parameters
 MODELS = {
-    "tv_mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=3),
-    "timm_efficientnet_b0": lambda: timm.create_model("efficientnet_b0", num_classes=3),
+    "timm_test_efficientnet": lambda: timm.create_model("test_efficientnet", num_classes=3),
+    "timm_test_resnet": lambda: timm.create_model("test_resnet", num_classes=3),
     "tiny_net": lambda: TinyNet(3),
 }
-SLOW_MODELS = {
+SLOW_MODELS = {  # MobileNetV3-Small also runs (checked at build) in the default suite's CLI and export tests
+    "tv_mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=3),
+    "timm_efficientnet_b0": lambda: timm.create_model("efficientnet_b0", num_classes=3),
     "tv_resnet18": lambda: torchvision.models.resnet18(num_classes=3),
     "tv_efficientnet_b0": lambda: torchvision.models.efficientnet_b0(num_classes=3),
     "timm_resnet18": lambda: timm.create_model("resnet18", num_classes=3),
@@ -101,7 +104,7 @@ def test_split_equals_the_model_in_train_and_eval_mode(name: str) -> None:
 
 def test_default_layers_are_the_stages() -> None:
     """timm's own feature_info names where each stage ends; the default layers end there too."""
-    model = timm.create_model("resnet18", num_classes=3)
+    model = timm.create_model("test_resnet", num_classes=3)
     backbone = from_module(model, example_input=torch.randn(2, 3, 32, 32), check=False)
     assert [(f.num_chs, f.reduction, f.stage) for f in backbone.feature_info] == [
         (i["num_chs"], i["reduction"], s) for s, i in enumerate(model.feature_info)
@@ -113,9 +116,9 @@ def test_default_layers_are_the_stages() -> None:
 
 
 def test_cut_at_module_names_and_the_dropout_head_in_both_modes() -> None:
-    model = timm.create_model("efficientnet_b0", num_classes=3, drop_rate=0.5)
+    model = timm.create_model("test_efficientnet", num_classes=3, drop_rate=0.5)
     backbone = from_module(model, ["blocks.3"], example_input=torch.randn(2, 3, 32, 32))
-    assert [f.num_chs for f in backbone.feature_info] == [40, 1280]
+    assert [f.num_chs for f in backbone.feature_info] == [32, 256]
     # timm's forward_head calls F.dropout(training=self.training): the head holds both traces
     assert isinstance(backbone.source_head(), external.ModePair)
     x = torch.randn(2, 3, 32, 32)
@@ -127,13 +130,23 @@ def test_cut_at_module_names_and_the_dropout_head_in_both_modes() -> None:
 
 
 def test_the_check_catches_a_split_traced_in_one_mode(monkeypatch) -> None:
-    """A plain fx trace (every module traced through, train mode only) bakes BatchNormAct2d's
+    """A plain fx trace (every module traced through, train mode only) bakes timm's BatchNormAct2d
     training branch in: eval then normalises with batch statistics. The build check refuses it."""
     monkeypatch.setattr(graph_split.Tracer, "is_leaf_module", torch.fx.Tracer.is_leaf_module)
     monkeypatch.setattr(graph_split, "pair", lambda a, b: a)
-    model = timm.create_model("efficientnet_b0", num_classes=3)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1),
+        timm.layers.BatchNormAct2d(8),
+        nn.Conv2d(8, 8, 3, 2, 1),
+        timm.layers.BatchNormAct2d(8),
+    )
+    with torch.no_grad():
+        model[1].running_var.fill_(4.0)  # running statistics that differ from a batch's
+        model[3].running_var.fill_(4.0)
     with pytest.raises(SplitError, match="eval-mode output differs"):
-        from_module(model, ["blocks.3"], example_input=torch.randn(2, 3, 32, 32), name="timm:efficientnet_b0")
+        from_module(model, ["2"], example_input=torch.randn(2, 3, 16, 16), name="bnact")
+    monkeypatch.undo()
+    from_module(model, ["2"], example_input=torch.randn(2, 3, 16, 16), name="bnact")  # leaves: correct
 
 
 def test_refusals_are_one_line_naming_the_model() -> None:
@@ -156,6 +169,13 @@ def test_refusals_are_one_line_naming_the_model() -> None:
 
     with pytest.raises(SplitError, match="Branchy: torch.fx cannot trace") as err:
         from_module(Branchy())
+    assert "\n" not in str(err.value)
+
+
+def test_a_model_of_another_input_size_is_one_line() -> None:
+    vit = timm.create_model("test_vit3", num_classes=3)  # 160 px only
+    with pytest.raises(SplitError, match=r"test_vit3: fails on a \(3, 64, 64\) input \(Input height") as err:
+        from_module(vit, example_input=torch.randn(2, 3, 64, 64), name="test_vit3")
     assert "\n" not in str(err.value)
 
 
