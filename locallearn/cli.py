@@ -134,6 +134,15 @@ def print_table(summaries: list[dict]) -> None:
             print(f"  {s['method']}: {s['run_dir']}")
 
 
+def data_label(run) -> str:
+    """The dataset as the train log names it; folder data: the folder's name, its classes and size."""
+    data = run.train_loader.data
+    if run.cfg.data.name != "folder":
+        return run.cfg.data.name
+    classes = ", ".join(data.classes[:10]) + (", ..." if len(data.classes) > 10 else "")
+    return f"{data.name} ({len(data.classes)} classes: {classes}; {data.size} px)"
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from locallearn.config import dump_yaml, load_config
     from locallearn.launch import comparison_config, make_run, resume_run, resumed_config
@@ -163,7 +172,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         log.info(
             "training %s on %s (K=%d, cuts %s) -> %s",
             c.method.name,
-            run.train_loader.data.name if c.data.name == "folder" else c.data.name,  # folder data: its name
+            data_label(run),
             run.model.num_blocks,
             run.model.cuts,
             run.run_dir,
