@@ -72,7 +72,7 @@ def test_evidence_tiny_runs_every_part(tmp_path, monkeypatch, capsys):
     # every part at toy size; budgets wide enough for a slow shared CI machine (the test checks completion)
     main(
         ["bench", "evidence", "--tiny", "--out", str(out), "--data-root", str(fashion_root(tmp_path))]
-        + ["--budget", "900", "--accuracy-s", "600", "--memory-s", "300", "--speed-s", "300"]
+        + ["--budget", "1500", "--accuracy-s", "900", "--memory-s", "300", "--speed-s", "300"]
         + [
             "--methods",
             "bp",

@@ -45,7 +45,7 @@ FULL: dict[str, Any] = {
     "methods": evidence_accuracy.METHODS, "seeds": [0, 1], "backbone": "resnet32", "k": 16, "batch_size": 128,
     "lr": 0.1, "warmup_epochs": 1.0, "overrides": ["engine.group_steps=true"], "threads": 1,
     "dataset": "fashion_mnist", "train_subset": None, "test_subset": None, "max_epochs": None,
-    "calib_warmup_s": 5.0, "calib_s": 10.0, "safety": 1.15, "ready_s": 180, "calibrate_s": 90, "stop_margin_s": 3,
+    "calib_warmup_s": 5.0, "calib_s": 10.0, "safety": 1.15, "stop_margin_s": 3,
     "grace_s": 20,
     "memory_cell": "resnet110:55", "memory_batch": 1024, "memory_fit": [2, 4],
     "memory_methods": evidence_memory.CLASSIFICATION_METHODS, "detection_backbone": "resnet50",
@@ -58,8 +58,8 @@ FULL: dict[str, Any] = {
 TINY: dict[str, Any] = {
     **FULL,
     "budget_s": 170, "accuracy_s": 90, "memory_s": 35, "speed_s": 60, "batch_size": 8, "train_subset": 96,
-    "test_subset": 64, "max_epochs": 2, "warmup_epochs": 0.2, "calib_warmup_s": 0.5, "calib_s": 1.0, "ready_s": 100,
-    "calibrate_s": 60, "grace_s": 30, "memory_cell": "resnet20:4", "memory_batch": 8, "detection_size": 128,
+    "test_subset": 64, "max_epochs": 2, "warmup_epochs": 0.2, "calib_warmup_s": 0.5, "calib_s": 1.0,
+    "grace_s": 30, "memory_cell": "resnet20:4", "memory_batch": 8, "detection_size": 128,
     "detection_batch": 2, "speed_cell": "resnet18:4", "speed_size": 32, "speed_batch": 4, "speed_split": "even",
     "speed_steps": 2, "speed_warmup": 1, "compile_backend": "eager",
 }  # fmt: skip

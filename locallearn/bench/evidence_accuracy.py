@@ -30,6 +30,10 @@ BASES = {"dgl+manpp": "dgl", "infopro+manpp": "infopro"}
 PAPER_TABLE_I = {"bp": 6.37, "dgl": 14.08, "dgl+manpp": 8.75, "infopro": 12.93, "infopro+manpp": 8.25}
 # the pre-registered rule (docs/gpu.md), fixed before the kit first ran
 MIN_EPOCHS, MIN_GAP, REPRODUCES, REFUTES = 5, 1.0, 0.35, 0.10
+READY_SHARE = (
+    0.6  # of the part's budget, at most, for the runs to start and build (all must be ready together)
+)
+CALIBRATE_SHARE = 0.5  # of what is left then, at most, for the timed steps
 EPOCH_COLUMNS = ["method", "seed", "epoch", "test_error", "train_loss", "lr", "elapsed_s"]
 METHOD_COLUMNS = ["method", "runs", "epochs_planned", "epochs_done", "test_error_mean", "test_error_std", "errors",
                   "status", "gap_closed", "paper_cifar10_error", "paper_gap_closed", "batch", "train_images",
@@ -142,7 +146,7 @@ class AccuracyPart:
                 inbox = ctx.Queue()
                 process = ctx.Process(target=worker, args=(spec, inbox, self.outbox), daemon=True, name=name)
                 process.start()
-                self.runs[name] = {"method": method, "seed": seed, "inbox": inbox, "process": process,
+                self.runs[name] = {"name": name, "method": method, "seed": seed, "inbox": inbox, "process": process,
                                    "state": "starting", "history": [], "status": "not started"}  # fmt: skip
 
     def close(self) -> None:
@@ -160,6 +164,8 @@ class AccuracyPart:
             return
         run.update(msg)
         run["state"] = kind
+        detail = {k: v for k, v in msg.items() if k in ("step_s", "test_s", "status", "error")}
+        log.info("accuracy: %s %s after %.0f s %s", run["name"], kind, time.time() - self.t0, detail or "")
         if kind == "error":
             run["status"] = f"failed: {msg['error']}"
 
@@ -182,11 +188,13 @@ class AccuracyPart:
     def finish(self) -> dict[str, Any]:
         s = self.s
         names = list(self.runs)
-        self._wait(names, {"ready"}, min(self.t0 + s["ready_s"], self.deadline))
+        # start-up and calibration get shares of the budget, not fixed times: a slow (shared) machine is slow
+        # at everything, and a run that never gets ready must not take the others' time
+        self._wait(names, {"ready"}, self.t0 + READY_SHARE * (self.deadline - self.t0))
         ready = [n for n in names if self.runs[n]["state"] == "ready"]
         for n in names:
             self.runs[n]["inbox"].put("calibrate" if n in ready else "stop")
-        self._wait(ready, {"calibrated"}, min(time.time() + s["calibrate_s"], self.deadline))
+        self._wait(ready, {"calibrated"}, time.time() + CALIBRATE_SHARE * (self.deadline - time.time()))
         go = [n for n in ready if self.runs[n]["state"] == "calibrated"]
         epochs = 0
         if go:

@@ -45,6 +45,9 @@ def child(s: dict[str, Any], folder: str, device: str, log_file: str | None) -> 
     import torch
 
     from locallearn.bench import speed
+    from locallearn.bench.evidence_worker import exit_with_parent
+
+    exit_with_parent()
 
     if log_file:
         handler = logging.FileHandler(log_file)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -190,6 +192,19 @@ def train(
     return {"status": status, "steps": steps_done, "epochs_done": steps_done / trainer.steps_per_epoch}
 
 
+def exit_with_parent() -> None:
+    """End this process when the process that started it is gone (killed before it could end its children),
+    so that no orphan keeps the device or the CPU busy."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def worker(spec: dict[str, Any], inbox, outbox) -> None:
     """Process entry point (``multiprocessing`` spawn): messages to the parent are dicts with ``run`` and
     ``kind`` (ready | calibrated | epoch | done | error)."""
@@ -198,6 +213,7 @@ def worker(spec: dict[str, Any], inbox, outbox) -> None:
     def say(kind: str, **fields) -> None:
         outbox.put({"run": run, "kind": kind, **fields})
 
+    exit_with_parent()
     try:
         if spec.get("log_file"):
             handler = logging.FileHandler(spec["log_file"])
