@@ -11,8 +11,8 @@ local-FPN aux (``dense_head: fpn``): the FPN and the four P3-P7 levels each bloc
 
 Parts are torchvision's: ``RetinaNetHead`` (its subnets cut to ``head_convs`` layers) and ``LastLevelP6P7``.
 Initialisation is RetinaNet's (every conv N(0, 0.01) with zero bias, the class logits' bias at the prior
--log((1-0.01)/0.01)), and it is the aux's own: ``init_task_weights`` re-applies it after any backbone
-init that ran over the aux (``DGL.make_aux``), so the focal-loss prior survives.
+-log((1-0.01)/0.01)), and it is the aux's own: the module is marked with ``tasks.base.keep_init``, so the backbone init an
+aux gets (``AuxContext.init_weights``) leaves it as built and the focal-loss prior survives.
 
 Any block stride works: a map finer than P3 (plain ``dgl`` at block 0, stride 4) is average-pooled to
 P3; one coarser than P5 counts as P5.
@@ -29,6 +29,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from locallearn.methods.base import AuxContext
+from locallearn.tasks.base import keep_init
 from locallearn.types import Batch
 
 PRIOR = 0.01  # RetinaNet's focal-loss prior probability of the class logits at init
@@ -66,6 +67,7 @@ class OwnStrideDetectionAux(nn.Module):
         for subnet in (self.predict.classification_head, self.predict.regression_head):
             subnet.conv = subnet.conv[:convs]
         self.init_task_weights()
+        keep_init(self)  # the one mechanism by which task-derived parts keep their init (methods/base.py)
 
     @torch.no_grad()
     def init_task_weights(self) -> None:

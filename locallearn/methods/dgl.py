@@ -152,11 +152,3 @@ class DGL(Method):
         if self.cfg.dense_head == "manpp":
             return OwnStrideDetectionAux(ctx, self.cfg.head_convs)
         return DenseDGLAux(ctx, self.cfg)
-
-    def make_aux(self, k: int, ctx: AuxContext) -> nn.Module:
-        aux = super().make_aux(k, ctx)
-        # parts that carry their task's own init (the focal-loss prior) re-apply it after the backbone's
-        for m in aux.modules():
-            if hasattr(m, "init_task_weights"):
-                m.init_task_weights()
-        return aux
