@@ -19,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-from locallearn.analysis.runs import LoadedRun, images, load_runs, out_dir, pooled_features, write_csv
+from locallearn.analysis.runs import (
+    LoadedRun,
+    dataset_name,
+    images,
+    load_runs,
+    out_dir,
+    pooled_features,
+    write_csv,
+)
 from locallearn.config import ConfigError
 
 
@@ -142,7 +150,7 @@ def main(args: argparse.Namespace) -> str:
         for i, (layer, v) in enumerate(zip(r.model.backbone.layers, values[r.label]))
     ]
     write_csv(out / "cka.csv", rows)
-    plot(values, out / "cka.png", f"{kind} vs {reference.label}, {reference.cfg.data.name} test images")
+    plot(values, out / "cka.png", f"{kind} vs {reference.label}, {dataset_name(reference.cfg)} test images")
     lines = [f"{kind} per layer against {reference.label} ({reference.run_dir}):"]
     lines += [f"  {label:<24} mean {statistics.mean(v):.3f}  last {v[-1]:.3f}" for label, v in values.items()]
     return "\n".join([*lines, f"wrote {out / 'cka.csv'} and {out / 'cka.png'}"])

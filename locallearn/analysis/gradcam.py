@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locallearn.analysis.runs import LoadedRun, images, load_runs, out_dir, run_datasets, write_csv
+from locallearn.analysis.runs import (
+    LoadedRun,
+    dataset_name,
+    images,
+    load_runs,
+    out_dir,
+    run_datasets,
+    write_csv,
+)
 from locallearn.config import ConfigError
 
 
@@ -108,7 +116,7 @@ def main(args: argparse.Namespace) -> str:
     test_set = run_datasets(runs[0].cfg)[1]
     # folder data: class names (sub-folder names) and the folder's own name instead of numbers / "folder"
     names = class_names(test_set)
-    dataset = getattr(test_set, "name", "") or runs[0].cfg.data.name
+    dataset = dataset_name(runs[0].cfg)
     picture = batch.image.clamp(0, 1)
     rows, table = [], []
     for r in runs:

@@ -18,6 +18,7 @@ import torch
 from locallearn.analysis.runs import (
     LoadedRun,
     data_shape,
+    dataset_name,
     images,
     load_runs,
     out_dir,
@@ -121,7 +122,7 @@ def main(args: argparse.Namespace) -> str:
         for i, (layer, v) in enumerate(zip(r.model.backbone.layers, values[r.label]))
     ]
     write_csv(out / "probe.csv", rows)
-    plot(values, out / "probe.png", f"linear probe per layer, {runs[0].cfg.data.name} test accuracy")
+    plot(values, out / "probe.png", f"linear probe per layer, {dataset_name(runs[0].cfg)} test accuracy")
     lines = ["linear probe test accuracy per layer (%):"]
     lines += [f"  {label:<24} " + " ".join(f"{v:.1f}" for v in acc) for label, acc in values.items()]
     return "\n".join([*lines, f"wrote {out / 'probe.csv'} and {out / 'probe.png'}"])

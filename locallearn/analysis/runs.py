@@ -98,6 +98,11 @@ def run_datasets(cfg: Config):
     return datasets(d.name, d.root, d.image_size, d.mean and tuple(d.mean), d.std and tuple(d.std))
 
 
+def dataset_name(cfg: Config) -> str:
+    """The run's data as titles name it: folder data by its folder's name, others by ``data.name``."""
+    return run_datasets(cfg)[1].name if cfg.data.name == "folder" else cfg.data.name
+
+
 def data_shape(cfg: Config):
     """(InputInfo, num_classes) of the run's dataset."""
     train, _ = run_datasets(cfg)
