@@ -100,13 +100,12 @@ def test_a_factory_with_other_classes_than_the_data_is_refused() -> None:
 
 
 def test_pretrained_weights_of_the_source_model(tmp_path) -> None:
-    """model.pretrained=FILE: the source model's own file; its classifier (1000 classes) is left out."""
-    net = torchvision.models.mobilenet_v3_small()
+    """model.pretrained=FILE: the source model's own file; a classifier of another class count is left out."""
+    net = Net(10)
     torch.save(net.state_dict(), tmp_path / "w.pt")
-    _, model = build("torchvision:mobilenet_v3_small", **{"model.pretrained": str(tmp_path / "w.pt")})
-    conv = model.backbone.layers[0].get_submodule("features.0.0")
-    assert torch.equal(conv.weight, net.features[0][0].weight)
-    assert model.head.get_submodule("classifier.3").out_features == 3  # the data's classes, fresh
+    _, model = build("test_export:make_net", **{"model.pretrained": str(tmp_path / "w.pt")})
+    assert torch.equal(model.backbone.layers[0].get_submodule("stem.0").weight, net.stem[0].weight)
+    assert model.head.get_submodule("fc").out_features == 3  # the data's classes, freshly initialised
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "bad.pt")
-    with pytest.raises(ConfigError, match="does not fit torchvision:mobilenet_v3_small"):
-        build("torchvision:mobilenet_v3_small", **{"model.pretrained": str(tmp_path / "bad.pt")})
+    with pytest.raises(ConfigError, match="does not fit test_export:make_net"):
+        build("test_export:make_net", **{"model.pretrained": str(tmp_path / "bad.pt")})
