@@ -68,6 +68,12 @@ class YoloV1Head(nn.Module):
         not an average over every aux's features (K updates per step, K-1 of them on aux features)."""
         if h.dim() != 4:
             raise ValueError(f"YoloV1Head takes an NCHW feature map, got shape {tuple(h.shape)}")
+        if min(h.shape[-2:]) < self.grid:
+            # A map smaller than the grid (C5 of an input under 32 * grid px, e.g. 4x6 at 128 px): the
+            # adaptive pool would copy one feature into several cells, which then cannot predict different
+            # boxes or "object here / not here". Upsampled first, the 3x3 convs see each cell's own mix.
+            size = (max(h.shape[-2], self.grid), max(h.shape[-1], self.grid))
+            h = F.interpolate(h, size=size, mode="bilinear", align_corners=False)
         if update_stats or not self.training:
             h = self.body(h)
         else:

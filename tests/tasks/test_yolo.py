@@ -58,6 +58,18 @@ def test_head_shape_any_spatial_size():
         head(torch.randn(2, 16, 7))
 
 
+def test_a_map_smaller_than_the_grid_gives_every_cell_its_own_prediction():
+    # C5 of a 128-px photo is 4x6: average-pooled up to 7x7, the cells were fixed averages of their
+    # neighbours (the 1x1 output conv commutes with the pool), e.g. row 1 = (row 0 + row 2) / 2 exactly,
+    # so cells between two others could not say "object here, not there" (YOLOv1 stayed at 0 mAP).
+    torch.manual_seed(0)
+    head = YoloV1Head(8, 3, grid=7, boxes=2, hidden=16).eval()
+    with torch.no_grad():
+        out = head(torch.randn(1, 8, 4, 6))
+    assert out.shape == (1, 7, 7, 13)
+    assert not torch.allclose(out[:, 1], (out[:, 0] + out[:, 2]) / 2, atol=1e-4)
+
+
 def test_round_trip_decodes_to_the_targets():
     targets, image_size = sample_targets(), (96, 128)
     pred = perfect_prediction(targets, image_size)
