@@ -263,6 +263,11 @@ def config_warnings(
             f"optim.warmup_epochs={o.warmup_epochs:g} is more than optim.epochs={o.epochs}: the whole run is "
             f"inside the warm-up, so the learning rate never follows the cosine from optim.lr={o.lr:g}"
         )
+    if o.schedule == "constant" and o.warmup_epochs > 0:
+        out.append(
+            f"optim.warmup_epochs={o.warmup_epochs:g} is ignored: the constant schedule has no warm-up "
+            f"(every step trains at optim.lr={o.lr:g}; set optim.warmup_epochs=0 to silence this)"
+        )
     if d.train_subset is not None and train_images is not None and d.train_subset > train_images:
         out.append(
             f"data.train_subset={d.train_subset} is more than the {train_images} training images of "

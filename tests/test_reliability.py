@@ -312,6 +312,9 @@ def test_values_that_change_the_run_are_named(tmp_path):
     assert "data.train_subset=5000 is more than the 1797 training images" in warning
     ok = load_config(None, ["data.train_subset=64", "data.batch_size=32", "optim.warmup_epochs=1"])
     assert config_warnings(ok, train_images=1797, num_classes=10) == []
+    constant = load_config(None, ["optim.schedule=constant", "optim.warmup_epochs=2", "optim.epochs=4"])
+    (warning,) = config_warnings(constant, train_images=1797, num_classes=10)
+    assert "optim.warmup_epochs=2 is ignored: the constant schedule has no warm-up" in warning
 
 
 def disk_full_in_torch(obj, f, *args, **kwargs):
