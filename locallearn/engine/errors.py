@@ -19,7 +19,7 @@ class NonFiniteLossError(DivergedError):
         where = f"epoch {epoch}, " if epoch is not None else ""
         super().__init__(
             f"training diverged: block {block}'s loss is {value} at {where}step {step} (of the epoch, "
-            "from 1); lower optim.lr or check the data. The last good checkpoint is left as it was"
+            "from 1); lower optim.lr or check the data. A checkpoint from an earlier epoch is left as it was; a run that stops before its first one leaves no run directory"
         )
 
 
@@ -41,5 +41,5 @@ def check_metrics(metrics: dict[str, float | None], main: str, epoch: int) -> No
     if bad:
         raise DivergedError(
             f"training diverged: the test {' and '.join(f'{k} is {v}' for k, v in bad.items())} after "
-            f"epoch {epoch}; lower optim.lr. The last good checkpoint is left as it was"
+            f"epoch {epoch}; lower optim.lr. A checkpoint from an earlier epoch is left as it was; a run that stops before its first one leaves no run directory"
         )
