@@ -48,8 +48,19 @@ CASES = {
 }
 
 
+# Known failure, measured: NaN in every block at step 64. The shared head is stepped with the sum of every
+# sharing aux's gradients (tasks/base.py HeadRef), ~K times a bp head's step; docs/detection.md "Learning
+# proof". Strict: passing means the mechanism was fixed, and the mark goes.
+SHARED_RETINANET_HEAD = pytest.mark.xfail(
+    strict=True, reason="shared RetinaNet head: summed aux gradients, NaN at step 64 (issue 19)"
+)
+PARAMS = [
+    pytest.param(name, marks=SHARED_RETINANET_HEAD) if name == "retinanet-slm" else name for name in CASES
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", PARAMS)
 def test_every_shipped_detection_method_learns_the_photo(tmp_path, name):
     overrides = {
         "model.backbone": "resnet18", "task.name": "detection",
