@@ -282,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--quickstart", action="store_true", help="start from the quick-start settings")
     train.add_argument(
-        "--print-config", action="store_true", help="print the resolved config as YAML and exit (trains nothing)"
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as YAML and exit (trains nothing)",
     )
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.num_blocks=8")
     train.set_defaults(func=cmd_train)

@@ -70,7 +70,9 @@ def test_list_builds_no_weights(capsys, monkeypatch):
 
     real = torch.nn.init.kaiming_normal_
     calls = []
-    monkeypatch.setattr(torch.nn.init, "kaiming_normal_", lambda t, *a, **k: calls.append(t.device) or real(t, *a, **k))
+    monkeypatch.setattr(
+        torch.nn.init, "kaiming_normal_", lambda t, *a, **k: calls.append(t.device) or real(t, *a, **k)
+    )
     code, _, _ = run_cli(["list"], capsys)
     assert code == 0 and calls and all(d.type == "meta" for d in calls)
 
