@@ -27,20 +27,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-# a CLI run in seconds (tests/helpers.TINY_CLI), so that a case the CLI wrongly accepts ends soon
-TINY = [
-    "data.name=digits",
-    "data.train_subset=64",
-    "data.test_subset=40",
-    "data.batch_size=32",
-    "model.backbone=resnet20",
-    "model.num_blocks=2",
-    "optim.epochs=1",
-    "optim.lr=0.05",
-    "engine.device=cpu",
-    "engine.measure_memory=false",
-    "engine.threads=1",
-]
+sys.path.insert(0, str(ROOT))  # run as a script, ``tests`` is not on the path
+from tests.helpers import TINY_CLI  # noqa: E402
+
+# a CLI run in seconds, so that a case the CLI wrongly accepts ends soon
+TINY = [*TINY_CLI, "engine.measure_memory=false", "engine.threads=1"]
 
 
 @dataclass
