@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -150,6 +151,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume and args.print_config:
         print(dump_yaml(resumed_config(args.resume, args.config, args.overrides)), end="")
         return
+    # the console from the start: what loading the data logs (folder classes, sizes) is shown too;
+    # under torchrun only rank 0 speaks. The run's own log file joins once the run directory exists.
+    setup_logging(verbose=os.environ.get("RANK", "0") == "0")
     if args.resume:
         run = resume_run(args.resume, config_file=args.config, overrides=args.overrides)
         setup_logging(run.run_dir if run.is_main else None, verbose=run.is_main)  # torchrun: rank 0 speaks

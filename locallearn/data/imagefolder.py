@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from locallearn.data.errors import DataError
+from locallearn.data.errors import DataError, from_workers
 from locallearn.data.loader import EpochLoader, Loader
 from locallearn.types import Batch, InputInfo
 
@@ -94,6 +94,18 @@ class ImageFolderData:
         return self.folder if self.indices is None else Subset(self.folder, self.indices)
 
 
+def read_rgb(path: str):
+    """ImageFolder's image reader, with a file that does not decode (not an image, truncated) as a
+    ``DataError`` naming it: it is found only when a batch reads it, often in a worker process."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f, Image.open(f) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError is an OSError
+        raise DataError(f"cannot read image {path!r}: {e}") from None
+
+
 def transform(train: bool, size: int):
     from torchvision import transforms as T
 
@@ -131,7 +143,7 @@ def folder(
                 "val/<class>/* image files (torchvision ImageFolder layout)"
             )
         try:
-            data = ImageFolder(str(path), transform(train, size))
+            data = ImageFolder(str(path), transform(train, size), loader=read_rgb)
         except (FileNotFoundError, OSError) as e:
             raise DataError(f"{name}: cannot read {str(path)!r}: {e}") from None
         parts.append(ImageFolderData(data, train, size, mean, std, name))
@@ -183,7 +195,7 @@ class StreamingLoader(EpochLoader):
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
         )
-        for x, y in loader:
+        for x, y in from_workers(iter(loader)):
             if len(y) < self.min_batch and self.train:  # the last one only (EpochLoader.dropped)
                 break
             yield Batch((x - self.mean) / self.std, y, self.mean, self.std)

@@ -242,6 +242,30 @@ def test_bad_data_stops_in_one_line_before_the_run_directory(tmp_path, capsys, d
     assert not out.exists()  # no run directory for a run that never started
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("damage", ["text", "truncated"])
+def test_a_broken_image_in_a_folder_tree_stops_training_in_one_line(
+    tmp_path, capsys, damage, workers
+) -> None:
+    """ImageFolder lists files by name; one that does not decode is found when a batch reads it."""
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for c, name in enumerate(("cat", "dog")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(photo(20, 24, 10 * c + i)).save(root / split / name / f"{i}.jpg")
+    bad = root / "train" / "dog" / "1.jpg"
+    bad.write_bytes(b"not a picture" if damage == "text" else bad.read_bytes()[: len(bad.read_bytes()) // 2])
+    args = ["train", "data.name=folder", f"data.root={root}", "data.image_size=16", "model.backbone=resnet18",
+            "model.num_blocks=1", "method.name=bp", "engine.device=cpu", "data.batch_size=4",
+            f"data.num_workers={workers}", "engine.measure_memory=false", f"out_dir={tmp_path / 'runs'}",
+            "name=r"]  # fmt: skip
+    code, _, err = helpers.run_cli(args, capsys, lines=True)
+    errors = [line for line in err if line.startswith("locallearn: error:")]
+    assert code == 2 and len(errors) == 1 and not any("Traceback" in line for line in err), err
+    assert "dog/1.jpg" in errors[0] and "cannot read image" in errors[0], errors
+
+
 @pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])  # a worker: ~7 s
 def test_a_file_broken_past_its_header_stops_training_in_one_line(tmp_path, capsys, workers) -> None:
     """A truncated JPEG passes the header check and fails only when training decodes it; with worker
