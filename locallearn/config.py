@@ -345,7 +345,12 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
             kwargs[key] = from_dict(tp, value, path)
         else:
             kwargs[key] = _check_type(value, tp, path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a section's own check (__post_init__): a config error, one line
+        raise ConfigError(str(e)) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -17,8 +17,11 @@ what earlier blocks wrote and no gradient crosses blocks through it.
   already passed form a multi-scale set (e.g. C3 from the bank, C4 and C5 from the replica); the
   task's local head builds a *local FPN* over it and, with ``share_head`` (default, the paper's "Head"
   column of Table 4), predicts with the main head's prediction layers. The shared layers belong to the
-  last block: every aux's backward adds its gradient to them, and the last block's optimizer steps the
-  sum once per batch (they are not registered in the aux, so no other optimizer touches them). YOLOv1
+  last block: every aux's backward adds its gradient to them, and the last block's optimizer steps them
+  once per batch (they are not registered in the aux, so no other optimizer touches them). Ours: the
+  shared layers take the main loss's gradient plus the *mean* of the K-1 auxes' (``shared_head_grad=
+  mean``, the default); the paper does not say, and the plain sum (``sum``) adds K-1 aux gradients to
+  the main one, which took RetinaNet at K=4 to NaN at the lr end-to-end training uses. YOLOv1
   has no FPN: its local head adds the C3 / C4 maps (banked or the replica's) into its deepest map
   through zero-initialised 1x1 convs, and passes through a shared head leave that head's BN running
   statistics alone (tasks/yolo.py). Tasks may also hand the aux other entries (super-resolution: the LR
@@ -56,8 +59,15 @@ from locallearn.types import Batch
 class SLMConfig:
     bank: bool = True  # read the feature bank (False = SLM alone, the paper's ablation)
     share_head: bool = True  # dense tasks: predict with the main head's layers (MAN Table 4, "Head")
+    # the shared layers' gradient: the main loss's + the "mean" of the K-1 auxes' (ours), or + their "sum"
+    # (RetinaNet at K=4 went NaN at the lr bp trains at; tasks/base.py HeadRef, docs/detection.md)
+    shared_head_grad: str = "mean"
     prototype_weight: float = 0.0  # ours, optional: cosine pull to banked per-class representations
     bank_momentum: float = 0.9  # ours: running mean of those per-class representations
+
+    def __post_init__(self) -> None:
+        if self.shared_head_grad not in ("mean", "sum"):
+            raise ValueError(f"slm.shared_head_grad must be 'mean' or 'sum', got {self.shared_head_grad!r}")
 
 
 def pooled(h: torch.Tensor) -> torch.Tensor:
@@ -167,7 +177,10 @@ class DenseSLMAux(nn.Module):
         wanted = [n for n in (*ctx.task.levels, *ctx.task.local_reads) if n in ctx.bank and n not in features]
         self.reads = tuple(wanted) if cfg.bank else ()
         features.update({n: ctx.bank[n] for n in self.reads})
-        self.head = ctx.task.build_local_head(features, ctx.head_ref if cfg.share_head else None)
+        shared = ctx.head_ref if cfg.share_head else None
+        if shared is not None:
+            shared.reduce = cfg.shared_head_grad
+        self.head = ctx.task.build_local_head(features, shared)
         # the shared layers live on the last block's rank: a pipeline cannot split them from this aux
         self.single_process = "slm share_head=true" if cfg.share_head else ""
 

@@ -123,7 +123,7 @@ class Pyramid(nn.Module):
 
     def run(self, maps: list[torch.Tensor]) -> dict[str, Any]:
         feats = list(self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps))).values())
-        predict = self.predict if self.predict is not None else self._shared().predict
+        predict = self.predict if self.predict is not None else self._shared()
         out = predict(feats)
         out["sizes"] = [tuple(f.shape[-2:]) for f in feats]
         return out
@@ -167,6 +167,8 @@ class RetinaNetLocalHead(Pyramid):
             predict = RetinaNetHead(
                 cfg.fpn_channels, default_anchors().num_anchors_per_location()[0], num_classes
             )
+        else:
+            shared.lend("predict")  # the main head's RetinaNet subnets; the local FPN is the aux's own
         super().__init__([features[s].num_chs for s in self.sources], cfg.fpn_channels, predict, shared)
 
     def forward(self, maps: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -115,6 +115,7 @@ class YoloLocalHead(nn.Module):
         if shared is None:
             self.head = YoloV1Head(chs, num_classes, grid, boxes)
         else:
+            shared.lend("")  # the whole main head
             self.head = nn.Conv2d(chs, main_chs, 1)
 
     def forward(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:

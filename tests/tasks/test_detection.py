@@ -125,6 +125,48 @@ def test_shared_head_is_stepped_by_the_last_block_only():
     assert all(p.grad is None for p in model.head.predict.parameters())  # the owner stepped and cleared them
 
 
+def head_grads(model, shared, batch, blocks):
+    """The shared layers' .grad after the losses of ``blocks`` (the engine's order, no step)."""
+    model.zero_grad(set_to_none=True)
+    h = batch.x
+    for k in range(model.num_blocks):
+        h = model.body(k)(h.detach(), batch.bank)
+        if k in blocks:
+            model.auxes[k](h, batch)["loss"].backward()
+    return [p.grad.clone() for p in shared.parameters()]
+
+
+@pytest.mark.parametrize("method", ["slm", "slm+manpp"])
+@pytest.mark.parametrize("head", ["retinanet", "yolov1"])
+def test_a_shared_head_takes_the_main_loss_and_the_mean_of_the_auxes_gradients(head, method):
+    batch, grads = det_batch(), {}
+    for reduce in ("mean", "sum"):  # the same weights (one seed); eval: BN as running statistics, so
+        # each loss's gradient is the same whether it is taken alone or with the others
+        model, _, _ = det_model(method, head=head, **{"method.slm.shared_head_grad": reduce})
+        model.eval()
+        ref = next(m._shared for m in model.modules() if getattr(m, "_shared", None) is not None)
+        k = model.num_blocks
+        assert ref.borrowers == k - 1  # every aux but the last block's own head
+        shared = model.head.predict if head == "retinanet" else model.head
+        assert ref.layers() is shared
+        grads[reduce] = [
+            head_grads(model, shared, batch, blocks) for blocks in ([0], [1], [2], [3], range(k))
+        ]
+    *auxes, main, total = grads["sum"]
+    assert all(a[0].abs().sum() > 0 for a in auxes)
+    for i, got in enumerate(total):  # sum: every loss in full
+        want = main[i] + sum(a[i] for a in auxes)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max())
+    for i, got in enumerate(grads["mean"][-1]):  # mean (default): the main loss + the auxes' mean
+        want = main[i] + sum(a[i] for a in auxes) / (k - 1)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max())
+
+
+def test_shared_head_grad_is_mean_or_sum():
+    with pytest.raises(ConfigError, match="shared_head_grad"):
+        det_model("slm", **{"method.slm.shared_head_grad": "max"})
+
+
 def test_eval_forward_and_detections():
     model, _, task = det_model("dgl")
     model.eval()

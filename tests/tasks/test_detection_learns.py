@@ -48,15 +48,9 @@ CASES = {
 }
 
 
-# Known failure, measured: NaN in every block at step 64. The shared head is stepped with the sum of every
-# sharing aux's gradients (tasks/base.py HeadRef), ~K times a bp head's step; docs/detection.md "Learning
-# proof". Strict: passing means the mechanism was fixed, and the mark goes.
-SHARED_RETINANET_HEAD = pytest.mark.xfail(
-    strict=True, reason="shared RetinaNet head: summed aux gradients, NaN at step 64 (issue 19)"
-)
-PARAMS = [
-    pytest.param(name, marks=SHARED_RETINANET_HEAD) if name == "retinanet-slm" else name for name in CASES
-]
+# slm's shared RetinaNet head went NaN in every block at step 64 while it stepped with the sum of the K
+# losses' gradients (~K times a bp head's step); it steps with their mean now (tasks/base.py HeadRef).
+PARAMS = list(CASES)
 
 
 @pytest.mark.slow
