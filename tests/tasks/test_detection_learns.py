@@ -3,7 +3,7 @@
 
 Scaling against the shipped configs (configs/detection/*.yaml), the same for every case:
 - optimizer kind as shipped: SGD, momentum 0.9, weight decay 1e-4 (nesterov as the config: on for the MAN
-  configs, off for MAN++'s); init as shipped (no pretrained weights, the backbone family's init, the task
+  configs, off for MAN++'s and for every ``+manpp`` method); init as shipped (no pretrained weights, the backbone family's init, the task
   head's own init, also inside aux nets);
 - ResNet-18 at 128 px (shorter side), one image per step, ``STEPS`` steps; lr scaled from the configs'
   1e-4 (batch 64, 160 epochs of COCO/VOC) / 0.01 (MAN++, batch 16, 12 epochs) to ``LR`` (RetinaNet;
@@ -41,7 +41,9 @@ CASES = {
     },  # fmt: skip
     "retinanet-slm": {"method.name": "slm", "method.slm.share_head": "true", **LOCAL},
     "retinanet-slm-ownhead": {"method.name": "slm", "method.slm.share_head": "false", **LOCAL},
-    "retinanet-slm+manpp": {"method.name": "slm+manpp", **LOCAL},
+    # +manpp trains with MAN++'s optimizer (nesterov off), as dgl+manpp: with MAN's nesterov it stays finite
+    # but reaches AP50 41.7 / 44.9 (seeds 0 / 1) in 300 steps (docs/detection.md "Learning proof")
+    "retinanet-slm+manpp": {"method.name": "slm+manpp", "optim.nesterov": "false", **LOCAL},
     # YOLOv1: man_coco_yolo_*_bp, man_coco_yolo_*_slm
     "yolov1-bp": {"method.name": "bp", "model.num_blocks": 1, **YOLO},
     "yolov1-slm": {"method.name": "slm", **YOLO, **LOCAL},
@@ -56,16 +58,41 @@ PARAMS = list(CASES)
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PARAMS)
 def test_every_shipped_detection_method_learns_the_photo(tmp_path, name):
-    overrides = {
-        "model.backbone": "resnet18", "task.name": "detection",
-        "task.detection.anchor_sizes": "[16,32,64,128,256]", "optim.name": "sgd", "optim.lr": LR,
-        "optim.momentum": 0.9, "optim.nesterov": "true", "optim.weight_decay": 1e-4,
-        "optim.schedule": "cosine", "optim.warmup_epochs": WARMUP, "optim.warmup_lr": WARMUP_LR,
-        **CASES[name],
-    }  # fmt: skip
-    metrics, losses = train_on_the_photo(tmp_path, overrides, steps=STEPS, size=128)
+    metrics, losses = train_on_the_photo(tmp_path, overrides_of(name), steps=STEPS, size=128)
     first, last = losses[0], losses[-1]
     print(f"learns {name}: first losses {first} last {last} metrics {metrics}")
     bad = [(step, ls) for step, ls in enumerate(losses) if not all(math.isfinite(v) for v in ls)]
     assert not bad, f"non-finite loss at step {bad[0][0]}: {bad[0][1]}"
     assert metrics["AP50"] >= 50, metrics
+
+
+def overrides_of(name: str, changes: dict | None = None) -> dict:
+    return {
+        "model.backbone": "resnet18", "task.name": "detection",
+        "task.detection.anchor_sizes": "[16,32,64,128,256]", "optim.name": "sgd", "optim.lr": LR,
+        "optim.momentum": 0.9, "optim.nesterov": "true", "optim.weight_decay": 1e-4,
+        "optim.schedule": "cosine", "optim.warmup_epochs": WARMUP, "optim.warmup_lr": WARMUP_LR,
+        **CASES[name], **(changes or {}),
+    }  # fmt: skip
+
+
+if __name__ == "__main__":
+    # A case with some overrides changed, e.g. (docs/detection.md quotes such variants):
+    #   python -m tests.tasks.test_detection_learns retinanet-slm+manpp optim.nesterov=true --seed 1
+    import argparse
+    import tempfile
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description="one detection learning-proof case, with overrides changed")
+    parser.add_argument("name", choices=list(CASES))
+    parser.add_argument("overrides", nargs="*", help="key=value")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    changes = dict(o.split("=", 1) for o in args.overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics, losses = train_on_the_photo(
+            Path(tmp), overrides_of(args.name, changes), steps=STEPS, size=128, seed=args.seed
+        )
+    bad = [step for step, ls in enumerate(losses) if not all(math.isfinite(v) for v in ls)]
+    print(f"{args.name} {changes} seed {args.seed}: AP50 {metrics['AP50']:.1f}, first non-finite step "
+          f"{bad[0] if bad else None}, losses {losses[0]} -> {losses[-1]}")  # fmt: skip
