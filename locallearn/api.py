@@ -58,6 +58,7 @@ def wrap(
     num_classes: int | None = None,
     *,
     cut_at: list[str] | None = None,
+    head_at: str | None = None,
     split: str = "even",
     input_size: int = 32,
     in_chans: int = 3,
@@ -76,7 +77,8 @@ def wrap(
     """Cut ``model`` into ``num_blocks`` gradient-isolated blocks trained by ``method``.
 
     ``model``: a listed backbone name, a ``torchvision:`` / ``timm:`` / ``module:factory`` spec, or an
-    ``nn.Module``; ``cut_at`` names the modules where layers start (default: the model's stages).
+    ``nn.Module``; ``cut_at`` names the modules where layers start (default: the model's stages),
+    ``head_at`` the module where its classifier starts (default: found at the global pool).
     ``input_size`` / ``in_chans``: the images ``step`` will see (used to build the aux nets and to
     check the split); ``mean`` / ``std``: the normalisation your loader applied (methods that
     reconstruct the image, InfoPro, need it). ``num_classes``: default = the model's classifier's.
@@ -91,7 +93,7 @@ def wrap(
         name = type(model).__name__
         x = torch.randn(2, in_chans, input_size, input_size, generator=torch.Generator().manual_seed(0))
         try:
-            backbone = external.from_module(model, cut_at, example_input=x, name=name)
+            backbone = external.from_module(model, cut_at, example_input=x, name=name, head_at=head_at)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if num_classes is None:
@@ -109,6 +111,7 @@ def wrap(
         "model.num_blocks": num_blocks,
         "model.split": split,
         "model.cut_at": list(cut_at) if cut_at is not None and backbone is None else None,
+        "model.head_at": head_at if backbone is None else None,
         "method.name": method,
         "task.name": task,
         "optim.name": optimizer,

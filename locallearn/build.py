@@ -145,7 +145,9 @@ def external_backbone(cfg: Config, inputs: InputInfo, num_classes: int) -> Backb
         )
     classes = num_classes if cfg.task.name == "classification" else None
     try:
-        return external.from_spec(cfg.model.backbone, classes, inputs.channels, inputs.size, cfg.model.cut_at)
+        return external.from_spec(
+            cfg.model.backbone, classes, inputs.channels, inputs.size, cfg.model.cut_at, cfg.model.head_at
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -217,9 +219,10 @@ def check_config(cfg: Config, load_weights: bool = True) -> None:
             f"unknown backbone {cfg.model.backbone!r}; choose from {sorted(BACKBONES)}, or any model as "
             "torchvision:NAME, timm:NAME or package.module:factory"
         )
-    elif cfg.model.cut_at is not None:
+    elif cfg.model.cut_at is not None or cfg.model.head_at is not None:
+        key = "model.cut_at" if cfg.model.cut_at is not None else "model.head_at"
         raise ConfigError(
-            "model.cut_at applies to torchvision:NAME, timm:NAME and package.module:factory backbones"
+            f"{key} applies to torchvision:NAME, timm:NAME and package.module:factory backbones"
         )
     if cfg.task.name not in TASKS:
         raise ConfigError(f"unknown task {cfg.task.name!r}; choose from {sorted(TASKS)}")

@@ -72,6 +72,9 @@ class ModelConfig:
     # backbone=torchvision:NAME | timm:NAME | package.module:factory: module names where a layer
     # starts (None = the model's stages); docs/backbones.md "Any model"
     cut_at: list[str] | None = None
+    # the module where the model's classifier (the last block's head) starts; None = found at the global
+    # pool (a conv classifier before the pool, SqueezeNet's, then stays in the last layer)
+    head_at: str | None = None
     droprate: float = 0.0  # InfoPro --droprate 0.0
     # a state dict file for the backbone (e.g. torchvision's ImageNet resnet50-0676ba61.pth), loaded
     # right after the backbone is built, before any aux net copies a layer; torchvision backbones only.

@@ -143,6 +143,20 @@ def test_a_torchvision_model_through_the_api():
     fresh.load_state_dict(ll.export(), strict=True)
 
 
+def test_head_at_makes_a_conv_classifier_the_head():
+    torchvision = pytest.importorskip("torchvision")
+    for head_at, params in ((None, 0), ("classifier", 512 * 3 + 3)):
+        m = torchvision.models.squeezenet1_1(num_classes=3)
+        ll = locallearn.wrap(m, method="dgl", num_blocks=2, input_size=64, head_at=head_at, device="cpu")
+        assert sum(p.numel() for p in ll.model.head.parameters()) == params
+        ll.step(torch.randn(2, 3, 64, 64), torch.tensor([0, 2]))
+        torchvision.models.squeezenet1_1(num_classes=3).load_state_dict(ll.export(), strict=True)
+    ll = locallearn.wrap(
+        "torchvision:squeezenet1_1", num_classes=3, num_blocks=2, input_size=64, head_at="classifier"
+    )
+    assert sum(p.numel() for p in ll.model.head.parameters()) == 512 * 3 + 3
+
+
 def test_wrap_refuses_clearly():
     with pytest.raises(locallearn.ConfigError, match="num_classes"):
         locallearn.wrap("resnet20", input_size=8)

@@ -261,12 +261,17 @@ def check_split(backbone: ExternalBackbone, x: torch.Tensor) -> None:
 
 
 def from_spec(
-    spec: str, num_classes: int | None, in_chans: int, size: int, cut_at: list[str] | None = None
+    spec: str,
+    num_classes: int | None,
+    in_chans: int,
+    size: int,
+    cut_at: list[str] | None = None,
+    head_at: str | None = None,
 ) -> ExternalBackbone:
     """``source_model(spec, num_classes)`` split by ``from_module`` on data of ``in_chans`` x ``size`` px."""
     model = source_model(spec, num_classes)
     x = torch.randn(2, in_chans, size, size, generator=torch.Generator().manual_seed(0))
-    backbone = from_module(model, cut_at, example_input=x, name=spec)
+    backbone = from_module(model, cut_at, example_input=x, name=spec, head_at=head_at)
     if num_classes is not None and backbone.num_outputs not in (None, num_classes):
         raise SplitError(
             f"model.backbone={spec} outputs {backbone.num_outputs} classes but the data has {num_classes}; "

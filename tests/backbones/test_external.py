@@ -189,3 +189,28 @@ def test_specs() -> None:
         external.check_spec("timm:no_such_net")
     with pytest.raises(SplitError, match="cannot import"):
         external.check_spec("no_such_package.models:net")
+
+
+def test_head_at_moves_a_classifier_that_starts_before_the_pool() -> None:
+    """SqueezeNet's classifier is dropout, a 1x1 conv, ReLU, then the pool: found at the pool by default
+    (the conv stays in the last layer); ``model.head_at=classifier`` makes all of it the head."""
+    from locallearn.build import build_model, check_config
+    from locallearn.config import ConfigError, load_config
+    from locallearn.types import InputInfo
+
+    inputs = InputInfo(3, 64, (0.5,) * 3, (0.25,) * 3)
+    heads = {}
+    for head_at in (None, "classifier"):
+        args = ["model.backbone=torchvision:squeezenet1_1", "model.num_blocks=2", "method.name=dgl"]
+        cfg = load_config(None, args + ([f"model.head_at={head_at}"] if head_at else []))
+        model, _, _ = build_model(cfg, inputs, 5)
+        heads[head_at] = sum(p.numel() for p in model.head.parameters())
+        x = torch.randn(2, 3, 64, 64)
+        model.eval()
+        assert model(x).shape == (2, 5)
+    assert heads == {None: 0, "classifier": 512 * 5 + 5}
+    with pytest.raises(ConfigError, match="model.head_at applies to torchvision:NAME"):
+        check_config(load_config(None, ["model.backbone=resnet18", "model.head_at=fc"]))
+    with pytest.raises(ConfigError, match="no module 'classifer'"):
+        args = ["model.backbone=torchvision:squeezenet1_1", "model.head_at=classifer", "model.num_blocks=2"]
+        build_model(load_config(None, args), inputs, 5)
