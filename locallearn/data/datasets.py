@@ -260,8 +260,9 @@ def _detection(name: str) -> Callable:
 # (build.check_config names what would fit). Datasets added below say theirs as they are registered.
 TARGETS: dict[str, str] = dict.fromkeys(DATASETS, "class labels")
 
-DATASETS.update({n: _detection(n) for n in ("coco", "voc", "voc0712")})  # DetectionDataset splits
-TARGETS.update(dict.fromkeys(("coco", "voc", "voc0712"), "boxes"))
+DETECTION = ("coco", "voc", "voc0712", "voc_sample")
+DATASETS.update({n: _detection(n) for n in DETECTION})  # DetectionDataset splits
+TARGETS.update(dict.fromkeys(DETECTION, "boxes"))
 
 
 def _segmentation(name: str) -> Callable:

