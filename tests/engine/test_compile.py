@@ -161,6 +161,23 @@ def test_block_regions_train_exactly_as_eager(method, k, backend):
     assert sum(counters["graph_break"].values()) == 0
 
 
+@pytest.mark.slow  # 20-40 s each
+@pytest.mark.parametrize("region", ["module", "block"])
+def test_a_shared_detection_head_compiles_exactly(region):
+    """slm's aux calls the main head's layers through functional_call with gradient-scaled parameters
+    (tasks/base.py HeadRef): compiled, two steps are bitwise equal to eager, parameters included."""
+    from tests.tasks.test_detection import det_batch, det_model
+
+    (ma, oa, _), (mb, ob, _) = det_model("slm"), det_model("slm")
+    compile_blocks(mb, backend="aot_eager", region=region)
+    for step in range(2):
+        la = torch.stack([o["loss"].detach() for o in train_step(ma, det_batch(seed=step), oa)])
+        lb = torch.stack([o["loss"].detach() for o in train_step(mb, det_batch(seed=step), ob)])
+        assert torch.equal(la, lb)
+    sa, sb = ma.state_dict(), mb.state_dict()
+    assert all(torch.equal(sa[key], sb[key]) for key in sa)
+
+
 def test_block_regions_share_graphs_between_blocks_of_one_structure():
     """resnet20 K=10 (dgl): one graph per distinct (body, aux) pair: stem, 16, 16->32, 32, 32->64 and
     64 channels with a DGL aux, 64 with the head: 7 graphs for 10 blocks (module regions: 10)."""
