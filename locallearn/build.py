@@ -322,7 +322,7 @@ def build_model(
         head = own  # the model's own classifier: the trained model is the user's model
     else:
         head = task.build_head(info[-1], {name: levels[name][1] for name in task.reads})
-    head_ref.bind(head)  # the shared head (slm): averages the gradients of the losses that use it
+    head_ref.module = head
     auxes.append(method.make_head(HeadLoss(task, head)))
     taps = bank_taps(auxes, [*cuts, len(layers)], levels)
     model = LocalModel(backbone, cuts, auxes, window=method.window, taps=taps)

@@ -178,11 +178,11 @@ class HeadRef:
     main loss's: RetinaNet at K=4 went NaN at step 64 at the lr end-to-end training uses; docs/detection.md).
     """
 
-    def __init__(self, reduce: str = "mean") -> None:
-        self.module: nn.Module | None = None
+    def __init__(self) -> None:
+        self.module: nn.Module | None = None  # set once the main head is built (build.build_model)
         self.part: str | None = None
         self.borrowers = 0
-        self.reduce = reduce
+        self.reduce = "mean"  # the borrowing method's option (slm.shared_head_grad, checked there)
 
     def lend(self, part: str = "") -> HeadRef:
         """Record one more aux predicting with the main head's submodule ``part``; returns self."""
@@ -192,12 +192,6 @@ class HeadRef:
             raise ValueError(f"the main head's {self.part!r} is lent already; one aux asks for {part!r}")
         self.part, self.borrowers = part, self.borrowers + 1
         return self
-
-    def bind(self, head: nn.Module) -> None:
-        """Called once the main head is built."""
-        if self.reduce not in ("mean", "sum"):
-            raise ValueError(f"the shared head's gradients reduce by 'mean' or 'sum', got {self.reduce!r}")
-        self.module = head
 
     @property
     def aux_scale(self) -> float:
