@@ -328,6 +328,10 @@ def build_model(
     model = LocalModel(backbone, cuts, auxes, window=method.window, taps=taps)
     if load_weights:
         task.init_model(model)  # super-resolution: task.super_resolution.pretrained (a x2 run)
+    try:
+        model.freeze(cfg.model.frozen_blocks)  # the range is the config's check; wrap() may build K otherwise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return model, method, task
 
 

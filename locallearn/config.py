@@ -80,6 +80,17 @@ class ModelConfig:
     # right after the backbone is built, before any aux net copies a layer; torchvision backbones only.
     # Not read again when a run resumes or a checkpoint is evaluated (the checkpoint holds the weights).
     pretrained: str = ""
+    # the first N blocks and their aux nets are not trained (torchvision's trainable_backbone_layers,
+    # counted from the input): no backward, no optimizer step, no EMA sync, and they stay in eval mode
+    # (batch-norm running statistics stay as loaded, dropout off); still scored per block. 0 <= N < K.
+    frozen_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.frozen_blocks < max(self.num_blocks, 1):
+            raise ConfigError(
+                f"model.frozen_blocks must lie in 0..{self.num_blocks - 1} (the last of the "
+                f"{self.num_blocks} blocks, with the task head, must train), got {self.frozen_blocks}"
+            )
 
 
 @dataclass
@@ -142,6 +153,11 @@ class OptimConfig:
     foreach: bool | None = None
     # fused single-kernel optimizer step (torch.optim's ``fused=``; CPU and CUDA); off by default
     fused: bool = False
+    # clip each block's gradients to this global L2 norm before its step (one norm over the block's
+    # layers and its aux, torch's clip_grad_norm_); None = off, as in the classification papers. The
+    # official MAN++ COCO recipe (mmdetection's optimizer_config grad_clip max_norm) clips at 1.0 per
+    # step over the whole model; here each block clips its own (docs/detection.md "Deviations").
+    clip_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("sgd", "adamw"))
@@ -155,6 +171,7 @@ class OptimConfig:
             )
         _at_least("optim.lr", self.lr, 0, strict=True)
         _at_least("optim.warmup_lr", self.warmup_lr, 0)
+        _at_least("optim.clip_grad_norm", self.clip_grad_norm, 0, strict=True)
         for key in ("momentum", "weight_decay", "warmup_epochs"):
             _at_least(f"optim.{key}", getattr(self, key), 0)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -208,6 +225,9 @@ class LogConfig:
     """Watching a run (docs/api.md "Watching a run"); changes nothing it computes."""
 
     progress_every_s: float = 30.0  # off a terminal: a progress line this often (epoch, step, losses)
+    # score every block's aux on the test set at each evaluation (test_block{k}_{metric} columns): one
+    # more aux forward per block, and per block one more task evaluator (a COCOeval for detection)
+    block_metrics: bool = True
     tensorboard: bool = False  # event files in RUN/tensorboard (needs the tensorboard package)
 
     def __post_init__(self) -> None:
@@ -238,6 +258,13 @@ class Config:
                 f"seed must lie in 0..{SEED_MAX} (2**32-1, what numpy can seed), got {self.seed}"
             )
         check_run_name(self.name)
+        # the pipeline and DDP drivers sync momentum copies and reduce gradients in their own ways
+        if self.model.frozen_blocks and self.engine.mode != "sequential":
+            raise ConfigError(f"model.frozen_blocks needs engine.mode=sequential (got {self.engine.mode})")
+        if self.optim.clip_grad_norm is not None and self.engine.mode == "ddp":
+            raise ConfigError(
+                "optim.clip_grad_norm is not supported with engine.mode=ddp (it would clip each rank's shard)"
+            )
 
 
 def check_run_name(name: str | None) -> None:

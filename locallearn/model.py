@@ -73,6 +73,7 @@ class LocalModel(nn.Module):
         # Views, not registered submodules: parameters stay owned by ``backbone`` (one state_dict key each).
         self._bodies = tuple(Body([backbone.layers[i] for i in r], r, self.taps) for r in ranges)
         self.ranges = ranges
+        self.frozen_blocks = 0  # ``freeze``
 
     @property
     def num_blocks(self) -> int:
@@ -86,11 +87,35 @@ class LocalModel(nn.Module):
         return self._bodies[k]
 
     def block_parameters(self, k: int) -> Iterator[nn.Parameter]:
-        """Trainable parameters of block k and its aux (what block k's optimizer steps)."""
+        """Trainable parameters of block k and its aux (what block k's optimizer steps). A frozen
+        block's are all of its parameters: its optimizer holds them, and none ever gets a gradient."""
         for module in (self._bodies[k], self.auxes[k]):
             for p in module.parameters():
-                if p.requires_grad:
+                if p.requires_grad or k < self.frozen_blocks:
                     yield p
+
+    def freeze(self, n: int) -> None:
+        """Keep blocks 0..n-1 and their aux nets as they are (``model.frozen_blocks``): no parameter
+        of theirs requires a gradient (so no backward runs through them and their optimizers never
+        step), the momentum aux of such a block is not synced, and they stay in eval mode (batch-norm
+        running statistics and dropout as at inference), as torchvision's frozen backbone layers do.
+        Call it once, before the optimizers are built; the last block (the task head) always trains."""
+        if not 0 <= n < self.num_blocks:
+            raise ValueError(f"model.frozen_blocks must lie in 0..{self.num_blocks - 1}, got {n}")
+        if self.frozen_blocks:
+            raise RuntimeError("LocalModel.freeze is called once")
+        for k in range(n):
+            for module in (self._bodies[k], self.auxes[k]):
+                module.requires_grad_(False)
+        self.frozen_blocks = n
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> LocalModel:
+        super().train(mode)
+        for k in range(self.frozen_blocks):  # frozen blocks run as at inference, in training too
+            self._bodies[k].train(False)
+            self.auxes[k].train(False)
+        return self
 
     @property
     def head_reads(self) -> tuple[str, ...]:
@@ -109,7 +134,7 @@ class LocalModel(nn.Module):
     @torch.no_grad()
     def sync_momentum(self) -> None:
         """Let every aux that tracks the next block's first layer (MAN, MAN++) read its live weights."""
-        for k in range(self.num_blocks - 1):
+        for k in range(self.frozen_blocks, self.num_blocks - 1):  # a frozen aux's EMA copy stays too
             sync = getattr(self.auxes[k], "sync", None)
             if sync is not None:
                 sync(self.backbone.layers[self.cuts[k]])

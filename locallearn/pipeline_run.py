@@ -166,6 +166,7 @@ class PipelineRun(DistributedRun):
                 meter,
                 self.memory_format,
                 bar,
+                clip=self.cfg.optim.clip_grad_norm,
             )
         mine = (stats["block_losses"], meter.block_bytes if meter is not None else [])
         gathered = distributed.all_gather_object(self.ctx, mine, "gathering the epoch's losses")

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from locallearn.engine.block_scores import block_metric, block_values
 from locallearn.engine.optim import StepSchedule, lr_at
 from locallearn.rundir import environment
 
@@ -54,6 +55,14 @@ def log_epoch(epoch: int, epochs: int, main: str, metrics: dict[str, float], sec
     )
 
 
+def log_blocks(values: list[float | None] | None, metric: str) -> None:
+    """One line: every block's own test metric (``-``: the block's aux predicts nothing)."""
+    if values is None:
+        return
+    shown = "  ".join(f"{k}:{'-' if v is None else f'{v:.2f}'}" for k, v in enumerate(values))
+    log.info("  per block test %s  %s", metric, shown)
+
+
 def record_measurements(run: Any, stats: dict[str, Any], block_bytes: list[int] | None) -> None:
     """Keep in ``run`` what the first epoch measured (activation bytes per block, CUDA peaks) and
     the epoch's step times."""
@@ -71,6 +80,14 @@ def record_measurements(run: Any, stats: dict[str, Any], block_bytes: list[int] 
     # the first steps include one-off costs (allocator, memory meter): keep the rest for the median
     times = stats["step_times"]
     run.step_times += times[1:] if len(times) > 1 else times
+
+
+def last_block_values(run: Any) -> list[float | None] | None:
+    """The per-block scores of the last ``metrics.csv`` row (None: no evaluation scored blocks)."""
+    if not run.history:
+        return None
+    row = {k.removeprefix("test_"): v for k, v in run.history[-1].items() if k.startswith("test_")}
+    return block_values(row, run.task, run.model.num_blocks)
 
 
 def run_summary(run: Any) -> dict[str, Any]:
@@ -93,6 +110,10 @@ def run_summary(run: Any) -> dict[str, Any]:
         # max, or min for a lower-is-better main metric; undefined (None) epochs left out
         "best": run.task.best([v for v in values if v is not None]),
         "final_test_error": 100 - values[-1] if values and run.task.main_metric == "top1" else None,
+        # each block's own test metric at the last evaluation (None: its aux predicts nothing)
+        "block_metric": block_metric(run.task),
+        "block_final": last_block_values(run),
+        "frozen_blocks": run.model.frozen_blocks,
         "memory": run.memory,
         "median_step_time_s": step,
         "images_per_s": run.cfg.data.batch_size / step if run.step_times else None,

@@ -20,11 +20,12 @@ from locallearn.config import Config, ConfigError, config_warnings, dump_yaml, t
 from locallearn.data.datasets import load_data
 from locallearn.data.imagefolder import make_loader
 from locallearn.engine import checkpoint
+from locallearn.engine.block_scores import block_metric, block_values
 from locallearn.engine.compile import compile_blocks
 from locallearn.engine.errors import NonFiniteLossError, check_metrics
 from locallearn.lifecycle import RunLifecycle
 from locallearn.metrics.memory import ActivationMeter
-from locallearn.report import epoch_row, log_epoch, record_measurements, run_summary
+from locallearn.report import epoch_row, log_blocks, log_epoch, record_measurements, run_summary
 from locallearn.resume import config_from_checkpoint, refuse_merged, resume_config
 from locallearn.rundir import RunLock, environment, fresh_run_dir, write_metrics
 from locallearn.trainer import Trainer, autocast_factory, check_group_steps, select_device
@@ -281,6 +282,7 @@ class Run(RunLifecycle):
             if self.is_main:
                 self.write_metrics()
             log_epoch(self.epoch, self.cfg.optim.epochs, self.task.main_metric, metrics, stats["epoch_time"])
+            log_blocks(block_values(metrics, self.task, self.model.num_blocks), block_metric(self.task))
             self.check_divergence()
             if self.epoch % self.cfg.checkpoint_every == 0 or self.epoch == self.cfg.optim.epochs:
                 self.save_checkpoint()
@@ -290,7 +292,7 @@ class Run(RunLifecycle):
         return summary
 
     def evaluate(self) -> dict[str, float]:
-        return self.trainer.evaluate(self.test_loader)
+        return self.trainer.evaluate(self.test_loader, blocks=self.cfg.log.block_metrics)
 
     def save_checkpoint(self) -> None:
         checkpoint.save(self.run_dir / "checkpoint.pt", self.state_dict())

@@ -106,7 +106,14 @@ class Trainer:
         Returns each block's aux outputs (``out['loss']`` per block). Puts the model in train mode."""
         self.model.train()
         outs = train_step(
-            self.model, self.prepare(batch), self.optimizers, self.scalers, self.autocast, meter, self.grouped
+            self.model,
+            self.prepare(batch),
+            self.optimizers,
+            self.scalers,
+            self.autocast,
+            meter,
+            self.grouped,
+            self.optim.clip_grad_norm,
         )
         self.schedule.step()
         return outs
@@ -127,14 +134,16 @@ class Trainer:
             self.memory_format,
             progress,
             self.grouped,
+            self.optim.clip_grad_norm,
         )
 
-    def evaluate(self, batches: Iterable[Batch], task: Any = None) -> dict[str, float]:
-        """Backbone + head over ``batches`` in eval mode; the task's metrics (and loss)."""
+    def evaluate(self, batches: Iterable[Batch], task: Any = None, blocks: bool = True) -> dict[str, float]:
+        """Backbone + head over ``batches`` in eval mode; the task's metrics (and loss), and with
+        ``blocks`` each block's aux scored by the task's metric, as ``block{k}_{metric}``."""
         task = task or self.task
         if task is None:
             raise ValueError("Trainer.evaluate needs the task (pass task= to the trainer or here)")
-        return evaluate(self.model, batches, task, self.device, self.autocast, self.memory_format)
+        return evaluate(self.model, batches, task, self.device, self.autocast, self.memory_format, blocks)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -333,6 +333,7 @@ def train_epoch(
     meter: ActivationMeter | None = None,
     memory_format: torch.memory_format = torch.contiguous_format,
     progress=None,
+    clip: float | None = None,
 ) -> dict:
     """This rank's share of one epoch. Returns its blocks' mean losses and step times."""
     model.train()
@@ -345,7 +346,7 @@ def train_epoch(
             track = meter.track(batch.bank) if meter is not None and i == 0 else nullcontext()
             scaler = scalers[k] if scalers else None
             h, out = local_step(
-                model.body(k), model.auxes[k], h, batch, optimizers[k], scaler, autocast(), track
+                model.body(k), model.auxes[k], h, batch, optimizers[k], scaler, autocast(), track, clip=clip
             )
             outs.append(out)
         if not stage.last:

@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from locallearn.engine.block_scores import BlockScores
 from locallearn.engine.errors import check_finite
 from locallearn.engine.optim import GroupedOptimizer
 from locallearn.engine.step import Cascade, local_step, step_grouped
@@ -28,6 +29,7 @@ def train_step(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     meter=None,
     grouped: GroupedOptimizer | None = None,
+    clip: float | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """One batch through every block; returns each block's aux outputs.
 
@@ -61,10 +63,11 @@ def train_step(
             track,
             cascade=cascade,
             defer_step=grouped is not None or (window == 2 and k < last),
+            clip=clip,
         )
         outs.append(out)
     if grouped is not None:
-        step_grouped(grouped)
+        step_grouped(grouped, clip)
     model.sync_momentum()
     return outs
 
@@ -81,6 +84,7 @@ def train_epoch(
     memory_format: torch.memory_format = torch.contiguous_format,
     progress=None,
     grouped: GroupedOptimizer | None = None,
+    clip: float | None = None,
 ) -> dict[str, float | list[float]]:
     """Train for one pass over ``batches``. ``meter`` (if given) is active on the first step only."""
     model.train()
@@ -93,7 +97,7 @@ def train_epoch(
         t0 = time.perf_counter()
         lr = schedule.lr  # the rate this step trains at
         outs = train_step(
-            model, batch, optimizers, scalers, autocast, meter if n_batches == 0 else None, grouped
+            model, batch, optimizers, scalers, autocast, meter if n_batches == 0 else None, grouped, clip
         )
         schedule.step()
         sync_device(device)
@@ -120,14 +124,19 @@ def evaluate(
     device: torch.device,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     memory_format: torch.memory_format = torch.contiguous_format,
+    blocks: bool = True,
 ) -> dict[str, float]:
-    """Backbone + head only; the task's evaluator turns the outputs into metrics (classification:
-    means over images, percent for accuracies, plus the loss)."""
+    """Backbone + head; the task's evaluator turns the outputs into metrics (classification: means
+    over images, percent for accuracies, plus the loss). ``blocks``: every block's aux is scored too,
+    as ``block{k}_{metric}`` (``engine/block_scores.py``)."""
     model.eval()
     evaluator = task.evaluator()
+    scores = BlockScores(model, task) if blocks else None
     for batch in batches:
         batch = batch.to(device, non_blocking=True)
         with autocast():
-            output = model(batch.x.contiguous(memory_format=memory_format), batch.bank)
+            x = batch.x.contiguous(memory_format=memory_format)
+            output = model(x, batch.bank) if scores is None else scores.forward(x, batch)
         evaluator.update(output, batch)
-    return evaluator.compute()
+    metrics = evaluator.compute()
+    return metrics if scores is None else {**metrics, **scores.compute(metrics)}

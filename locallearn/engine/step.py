@@ -34,6 +34,7 @@ def local_step(
     track: AbstractContextManager | None = None,
     cascade: Cascade | None = None,
     defer_step: bool = False,
+    clip: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Train one block on its detached input; return its detached output and the aux's outputs.
 
@@ -41,6 +42,8 @@ def local_step(
     output; the aux gets it as ``cascade=`` and its loss reaches blocks k-1 and k only, after which
     block k-1's optimizer steps (unless ``cascade.optimizer`` is None). ``defer_step`` keeps this
     block's gradients (for the next block's cascade, or for ``step_grouped``) instead of stepping now.
+    ``clip`` (``optim.clip_grad_norm``): each stepped optimizer's gradients are first clipped to this
+    global norm over its own parameters (the block and its aux), after fp16 unscaling.
     """
     if cascade is not None and scaler is not None:
         raise ValueError("window-2 methods do not support fp16 loss scaling (one scale per block); use bf16")
@@ -54,6 +57,8 @@ def local_step(
         else:
             h, out = forward(body, aux, h.detach(), batch, cascade.body, cascade.h.detach())
     loss = out["loss"]
+    # the prediction is for the test pass (block scores); dropped here, it is not held past this block
+    out.pop("output", None)
     if loss.requires_grad:  # a block whose loss weights are all 0 has nothing to learn this step
         (scaler.scale(loss) if scaler is not None else loss).backward()  # frees this block's graph
     optimizers = [] if cascade is None or cascade.optimizer is None else [cascade.optimizer]
@@ -61,12 +66,26 @@ def local_step(
     for opt in optimizers:
         if any(p.grad is not None for group in opt.param_groups for p in group["params"]):
             if scaler is not None:
+                if clip is not None:
+                    scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+                clip_block(opt, clip)
                 scaler.step(opt)
                 scaler.update()
             else:
+                clip_block(opt, clip)
                 opt.step()
         opt.zero_grad(set_to_none=True)
     return h.detach(), out
+
+
+def clip_block(optimizer: torch.optim.Optimizer, max_norm: float | None) -> None:
+    """Clip the gradients ``optimizer`` holds to a global L2 norm of ``max_norm`` (None: leave them):
+    one norm per block, the block's layers and its aux together (torch's ``clip_grad_norm_``)."""
+    if max_norm is None:
+        return
+    grads = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grads:
+        torch.nn.utils.clip_grad_norm_(grads, max_norm)
 
 
 def block_forward(
@@ -87,7 +106,7 @@ def block_forward(
     return h, aux(h, batch, cascade=body(cascade_body(h_prev)))
 
 
-def step_grouped(grouped: GroupedOptimizer) -> None:
+def step_grouped(grouped: GroupedOptimizer, clip: float | None = None) -> None:
     """``engine.group_steps``: every block's kept gradients in one multi-tensor update, then freed.
 
     Exact (bitwise equal to stepping each block after its own backward): block k+1's input is block
@@ -95,6 +114,8 @@ def step_grouped(grouped: GroupedOptimizer) -> None:
     block's parameters (aux nets read later layers' live weights only in ``sync_momentum``, which the
     engine calls after this). Costs one parameter-sized set of gradients held until the end of the batch.
     """
+    for opt in grouped.optimizers:  # one norm per block, as when each block steps on its own
+        clip_block(opt, clip)
     grouped.sync()  # the blocks' current lr (the schedule sets the block optimizers' groups)
     grouped.view.step()
     grouped.zero_grad()

@@ -161,7 +161,8 @@ class AugLocalAux(nn.Module):
         self.task = ctx.task
 
     def forward(self, h: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-        return {"loss": self.task.loss(self.head(self.pool(self.units(h))), batch)}
+        output = self.head(self.pool(self.units(h)))
+        return {"loss": self.task.loss(output, batch), "output": output}
 
 
 class AugLocal(Method):

@@ -1,7 +1,12 @@
 """The method contract: a factory of aux nets.
 
 ``Method.build_aux(k, ctx)`` returns the aux of block ``k`` (k < K-1; the last block is trained by the
-task head). The aux's ``forward(h, batch)`` returns ``{'loss': tensor, ...logs}``. A method declares
+task head). The aux's ``forward(h, batch)`` returns ``{'loss': tensor, ...logs}``, plus ``'output'``
+when the aux predicts the task: its prediction in the task's output format, what ``task.loss`` and
+``task.evaluator()`` take (logits, RetinaNet's dict, a label map's logits, an image). Every block is
+then scored on the test set with the task's own evaluator (``engine/block_scores.py``); an aux without
+``'output'`` (InfoPro's decoder alone, a SupCon projection) is not scored. Training steps drop the
+prediction after the backward (``engine/step.py``), so no block holds it past its own step. A method declares
 what the engine must honour: ``window`` (how many blocks one local loss may span) and ``needs_next``
 (the aux reads a later layer's live weights every step; the engine then calls ``aux.sync(layer)``
 after the optimizer steps, with the live first layer of block k+1).

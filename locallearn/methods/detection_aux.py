@@ -87,4 +87,4 @@ class OwnStrideDetectionAux(nn.Module):
         out = self.predict(maps)
         out["sizes"] = [tuple(m.shape[-2:]) for m in maps]
         out["levels"] = self.levels
-        return {"loss": self.task.loss(out, batch)}
+        return {"loss": self.task.loss(out, batch), "output": out}

@@ -118,7 +118,8 @@ class DGLAux(nn.Module):
         self.head = ctx.task.local_head(width)
 
     def forward(self, h: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-        return {"loss": self.task.loss(self.head(self.body(h)), batch)}
+        output = self.head(self.body(h))
+        return {"loss": self.task.loss(output, batch), "output": output}
 
 
 class DenseDGLAux(nn.Module):
@@ -138,7 +139,8 @@ class DenseDGLAux(nn.Module):
         self.head = ctx.task.build_local_head({self.level: feature})
 
     def forward(self, h: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-        return {"loss": self.task.loss(self.head({self.level: self.body(h)}), batch)}
+        output = self.head({self.level: self.body(h)})
+        return {"loss": self.task.loss(output, batch), "output": output}
 
 
 class DGL(Method):

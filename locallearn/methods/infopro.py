@@ -224,6 +224,7 @@ class InfoProAux(nn.Module):
                 out["aux"] = supcon_loss(z, batch.y, self.cfg.temperature, self.cfg.base_temperature)
             else:
                 out["aux"] = self.task.loss(z, batch)
+                out["output"] = z  # the classifier predicts the task (SupCon's projection does not)
             loss = loss + self.lambda2 * out["aux"]
         out["loss"] = loss
         return out

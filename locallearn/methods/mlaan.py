@@ -207,7 +207,8 @@ class MLAANAux(nn.Module):
     def forward(self, h: torch.Tensor, batch: Batch, cascade: torch.Tensor | None = None) -> dict:
         if self.x_head is None:
             return {"loss": h.new_zeros((), dtype=torch.float32)}
-        out = {"x": self.task.loss(self.x_head(h), batch)}
+        output = self.x_head(h)
+        out = {"x": self.task.loss(output, batch), "output": output}
         loss = self.cfg.wx * out["x"]
         if cascade is not None:
             out["y"] = self.task.loss(self.y_head(self.leap(cascade)), batch)

@@ -97,7 +97,10 @@ class PredSimAux(nn.Module):
         rh = similarity_matrix(self.sim_conv(h), self.cfg.std_reduce)
         ry = similarity_matrix(label_targets(batch.y, logits.shape[1]))
         sim = F.mse_loss(rh, ry)
-        return {"loss": (1 - self.cfg.beta) * pred + self.cfg.beta * sim, "pred": pred, "sim": sim}
+        out = {"loss": (1 - self.cfg.beta) * pred + self.cfg.beta * sim, "pred": pred, "sim": sim}
+        if self.cfg.beta < 1:  # beta = 1: the prediction layer gets no gradient, it predicts nothing
+            out["output"] = logits
+        return out
 
 
 class PredSim(Method):

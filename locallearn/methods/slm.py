@@ -148,7 +148,8 @@ class SLMAux(nn.Module):
         a = self.replica(h)
         for name, conv in zip(self.reads, self.project):
             a = a + F.adaptive_avg_pool2d(conv(batch.bank.read(name)), a.shape[-2:])
-        out = {"task": self.task.loss(self.head(a), batch)}
+        output = self.head(a)
+        out = {"task": self.task.loss(output, batch), "output": output}
         loss = out["task"]
         entry = self._prototypes[0].read("final") if self._prototypes else None
         if entry is not None:
@@ -190,7 +191,8 @@ class DenseSLMAux(nn.Module):
             h = layer(h)
             maps[name] = h  # a deeper map at the same stride replaces the shallower one
         maps.update({n: batch.bank.read(n) for n in self.reads})
-        return {"loss": self.task.loss(self.head(maps), batch)}
+        output = self.head(maps)
+        return {"loss": self.task.loss(output, batch), "output": output}
 
 
 class PrototypeWriter(nn.Module):

@@ -36,7 +36,8 @@ class TokenHead(nn.Module):
         self.head = ctx.task.local_head(ctx.feature.num_chs)
 
     def forward(self, h: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-        return {"loss": self.task.loss(self.head(self.norm(h)[:, 0]), batch)}
+        output = self.head(self.norm(h)[:, 0])
+        return {"loss": self.task.loss(output, batch), "output": output}
 
 
 class Tail(nn.Module):

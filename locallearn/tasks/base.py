@@ -102,6 +102,8 @@ class Task:
     name: str = "task"
     main_metric: str = "loss"
     higher_is_better: bool = False  # of ``main_metric`` (a loss is better lower); tasks say theirs
+    # the metric every block's aux is scored by (engine/block_scores.py); "" = ``main_metric``
+    block_metric: str = ""
     dense: bool = False  # aux nets end in ``build_local_head`` (maps in) instead of ``local_head``
     levels: tuple[str, ...] = ()  # bank-style names of the feature levels the head consumes
     reads: tuple[str, ...] = ()  # of those, the ones the head takes from the feature bank

@@ -226,6 +226,7 @@ class DetectionEvaluator(Evaluator):
 class Detection(Task):
     name = "detection"
     main_metric = "AP"
+    block_metric = "AP50"  # per block: the aux's detections at IoU 0.5 (the dense proofs' metric)
     higher_is_better = True
     dense = True
     Config = DetectionConfig
