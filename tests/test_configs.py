@@ -80,6 +80,7 @@ def test_smoke_config_trains_two_steps_without_diverging(path, switch, tmp_path)
     import torch
 
     from locallearn.data.imagefolder import make_loader
+    from locallearn.engine.block_scores import block_values
     from locallearn.trainer import Trainer
 
     cfg = load_config(path)
@@ -104,6 +105,9 @@ def test_smoke_config_trains_two_steps_without_diverging(path, switch, tmp_path)
     got = trainer.evaluate(make_loader(test, 1, False))
     assert math.isfinite(got["loss"]) and math.isfinite(got[task.main_metric]), got
     assert got["loss"] < 100 * max(losses[0]), (got, losses)
+    # every block is scored by its own aux (AP50 / mIoU / PSNR): every smoke method's aux predicts
+    values = block_values(got, task, model.num_blocks)
+    assert values is not None and all(v is not None and math.isfinite(v) for v in values), values
 
 
 OFFLINE_SMOKE = sorted(p for p in CONFIGS if p.name.startswith("smoke_"))  # data that writes itself

@@ -1,4 +1,6 @@
-"""Test error and test loss per epoch of several runs on one figure, from their ``metrics.csv``.
+"""Test error and test loss per epoch of several runs on one figure, from their ``metrics.csv``, and a
+third panel with each block's own test metric at the last epoch (``test_block{k}_{metric}``: the aux of
+block k scored as a predictor of the task) when the runs scored their blocks.
 
 Reads only the per-epoch table every run writes (runner.py), so it works on unfinished runs too and
 builds no model.
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 from pathlib import Path
 
 from locallearn.analysis.runs import out_dir, write_csv
@@ -25,6 +28,23 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, str]]:
     if not rows or "test_loss" not in rows[0]:
         raise ConfigError(f"{str(path / 'metrics.csv')!r} holds no per-epoch test_loss column")
     return rows
+
+
+BLOCK_COLUMN = re.compile(r"test_block(\d+)_(.+)")
+
+
+def block_scores(row: dict[str, str]) -> tuple[str, list[float]] | None:
+    """The metric name and each block's score in one ``metrics.csv`` row (nan: a block not scored),
+    or None when the row holds no per-block column."""
+    found = {}
+    for key, value in row.items():
+        m = BLOCK_COLUMN.fullmatch(key or "")
+        if m:
+            found[int(m.group(1))] = (m.group(2), float(value) if value not in (None, "") else float("nan"))
+    if not found:
+        return None
+    metric = found[min(found)][0]
+    return metric, [found[k][1] if k in found else float("nan") for k in range(max(found) + 1)]
 
 
 def run_label(run_dir: Path) -> str:
@@ -58,25 +78,52 @@ def main(args: argparse.Namespace) -> str:
                     "test_loss": float(r["test_loss"]),
                 }
             )
+    blocks = []  # each run's per-block scores at its last epoch
+    for label, (d, table) in zip(labels, tables.items()):
+        scored = block_scores(table[-1])
+        for k, value in enumerate(scored[1] if scored else []):
+            blocks.append({"run": label, "run_dir": str(d), "block": k, "metric": scored[0], "value": value})
     out = out_dir(args)
     write_csv(out / "curves.csv", rows)
-    plot(rows, labels, out / "curves.png")
+    written = [out / "curves.csv"]
+    if blocks:
+        write_csv(out / "blocks.csv", blocks)
+        written.append(out / "blocks.csv")
+    plot(rows, labels, out / "curves.png", blocks)
     lines = ["final test error / loss:"]
     for label in labels:
         last = [r for r in rows if r["run"] == label][-1]
         lines.append(
             f"  {label:<24} epoch {last['epoch']}: {last['test_error']:.2f}% / {last['test_loss']:.4f}"
         )
-    return "\n".join([*lines, f"wrote {out / 'curves.csv'} and {out / 'curves.png'}"])
+        mine = [b for b in blocks if b["run"] == label]
+        if mine:
+            shown = " ".join("-" if b["value"] != b["value"] else f"{b['value']:.2f}" for b in mine)
+            lines.append(f"  {'':<24} per block test {mine[0]['metric']}: {shown}")
+    files = " and ".join(str(p) for p in [*written, out / "curves.png"])
+    return "\n".join([*lines, f"wrote {files}"])
 
 
-def plot(rows: list[dict], labels: list[str], path: Path) -> None:
+def plot(rows: list[dict], labels: list[str], path: Path, blocks: list[dict] | None = None) -> None:
     from matplotlib.ticker import MaxNLocator
 
     from locallearn.bench.common import plt
 
     pyplot = plt()
-    fig, (err, loss) = pyplot.subplots(1, 2, figsize=(9, 3.4))
+    if blocks:
+        fig, (err, loss, per_block) = pyplot.subplots(1, 3, figsize=(13.5, 3.4))
+        for label in labels:
+            mine = [b for b in blocks if b["run"] == label]
+            if mine:
+                per_block.plot(
+                    [b["block"] for b in mine], [b["value"] for b in mine], marker="o", ms=3, label=label
+                )
+        per_block.set_xlabel("block")
+        per_block.set_ylabel(f"test {blocks[0]['metric']} of the block's aux (last epoch)")
+        per_block.xaxis.set_major_locator(MaxNLocator(integer=True))
+        per_block.grid(alpha=0.3)
+    else:
+        fig, (err, loss) = pyplot.subplots(1, 2, figsize=(9, 3.4))
     for label in labels:
         mine = [r for r in rows if r["run"] == label]
         epochs = [r["epoch"] for r in mine]

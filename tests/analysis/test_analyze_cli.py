@@ -91,6 +91,17 @@ def test_curves_writes_plot_and_csv(runs, tmp_path, capsys):
     assert (tmp_path / "curves.png").is_file()
     assert [(r["run"], r["epoch"]) for r in rows] == [("dgl K=2", "1"), ("bp K=1", "1")]
     assert "dgl K=2" in out
+    # the per-block panel's numbers: each block's own test top-1 at the last epoch, as metrics.csv has it
+    blocks = read(tmp_path / "blocks.csv")
+    assert [(r["run"], r["block"], r["metric"]) for r in blocks] == [
+        ("dgl K=2", "0", "top1"),
+        ("dgl K=2", "1", "top1"),
+        ("bp K=1", "0", "top1"),
+    ]
+    (last,) = read(runs[0] / "metrics.csv")
+    assert float(blocks[1]["value"]) == pytest.approx(float(last["test_top1"]), abs=1e-4)
+    assert float(blocks[0]["value"]) == pytest.approx(float(last["test_block0_top1"]), abs=1e-4)
+    assert "per block test top1" in out
 
 
 def test_default_output_is_beside_the_first_run(runs, capsys):
