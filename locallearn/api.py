@@ -191,10 +191,11 @@ class LocalTrainer:
         for item in loader:
             yield item if isinstance(item, Batch) else self.batch(*item)
 
-    def evaluate(self, loader: Iterable) -> dict[str, float]:
+    def evaluate(self, loader: Iterable, blocks: bool = True) -> dict[str, float]:
         """The task's metrics (classification: ``top1``, ``top5``, ``loss``) over ``loader``, which
-        yields ``(x, y)`` pairs or ``Batch`` objects; backbone + head only, in eval mode."""
-        return self.trainer.evaluate(self._batches(loader))
+        yields ``(x, y)`` pairs or ``Batch`` objects, in eval mode; with ``blocks`` also each block's
+        aux scored by the task's metric, ``block{k}_top1`` (None where an aux predicts nothing)."""
+        return self.trainer.evaluate(self._batches(loader), blocks=blocks)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Inference: the model's output for ``x`` (logits for classification)."""
