@@ -100,7 +100,7 @@ def test_print_config_prints_the_resolved_yaml_and_trains_nothing(tmp_path, caps
     assert code == 0
     printed = yaml.safe_load(out)
     assert printed["model"]["num_blocks"] == 3 and printed["data"]["name"] == "digits"
-    assert printed["log"] == {"progress_every_s": 30.0, "tensorboard": False}
+    assert printed["log"] == {"progress_every_s": 30.0, "tensorboard": False, "block_metrics": True}
     assert load_config(None, [], base=printed) == load_config(
         None, [*TINY, f"out_dir={tmp_path}", "model.num_blocks=3"]
     )
