@@ -39,7 +39,15 @@ class DDPRun(DistributedRun):
 
     def evaluate(self) -> dict[str, float]:
         shards = ddp.Shards(self.test_loader, self.ctx)
-        return ddp.evaluate(self.model, shards, self.task, self.ctx, self.autocast, self.memory_format)
+        return ddp.evaluate(
+            self.model,
+            shards,
+            self.task,
+            self.ctx,
+            self.autocast,
+            self.memory_format,
+            blocks=self.cfg.log.block_metrics,
+        )
 
     def save_checkpoint(self) -> None:
         if self.ctx.is_main:  # every rank holds the same state

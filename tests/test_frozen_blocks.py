@@ -79,3 +79,14 @@ def test_bad_frozen_blocks_are_refused(overrides, needle):
 def test_cli_refuses_frozen_blocks_out_of_range_in_one_line(capsys, tmp_path):
     code, _, err = run_cli(["train", *TINY_CLI, "model.frozen_blocks=2", f"out_dir={tmp_path}"], capsys, True)
     assert code != 0 and len(err) == 1 and "model.frozen_blocks must lie in 0..1" in err[0], err
+
+
+def test_frozen_blocks_with_grouped_steps():
+    """``engine.group_steps``: the frozen blocks' optimizers are part of the grouped view, never stepped."""
+    from locallearn.engine.optim import group_optimizers
+
+    model, opts, _ = tiny_model("dgl", k=K, **{"model.frozen_blocks": 1})
+    before = [snapshot(model.body(0)), snapshot(model.auxes[0]), snapshot(model.body(1))]
+    train_step(model.train(), tiny_batch(8), opts, grouped=group_optimizers(opts, True))
+    assert not changed(before[0], model.body(0)) and not changed(before[1], model.auxes[0])
+    assert changed(before[2], model.body(1))

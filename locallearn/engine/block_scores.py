@@ -36,6 +36,12 @@ class BlockScores:
         self.model, self.task = model, task
         self.evaluators: dict[int, Any] = {}
 
+    @classmethod
+    def of(cls, model: Any, task: Any) -> BlockScores | None:
+        """Scores for ``model``'s blocks, or None for a model that has none (any plain module the
+        evaluation loops are also given: it is scored by its output alone)."""
+        return cls(model, task) if isinstance(model, LocalModel) else None
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, batch: Batch) -> Any:
         """The head's output for ``x`` (what ``model(x, batch.bank)`` returns); on the way, each aux's

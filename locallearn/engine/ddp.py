@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from locallearn.engine import distributed
+from locallearn.engine.block_scores import BlockScores
 from locallearn.engine.distributed import Context
 from locallearn.types import Batch
 
@@ -153,17 +154,29 @@ def evaluate(
     ctx: Context,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     memory_format: torch.memory_format = torch.contiguous_format,
+    blocks: bool = True,
 ) -> dict[str, float]:
     """Backbone + head on this rank's shards into the task's evaluator; every rank's evaluator state is
     gathered and merged, so each rank returns the metrics of the whole test set exactly as the
-    sequential engine computes them (one confusion matrix, one COCOeval over every detection, ...)."""
+    sequential engine computes them (one confusion matrix, one COCOeval over every detection, ...).
+    ``blocks``: each block's aux scored too (``engine/block_scores.py``), its evaluators merged alike."""
     model.eval()
     evaluator = task.evaluator()
+    scores = BlockScores.of(model, task) if blocks else None
     for batch in batches:
         batch = batch.to(ctx.device, non_blocking=True)
         with autocast():
-            output = model(batch.x.contiguous(memory_format=memory_format), batch.bank)
+            x = batch.x.contiguous(memory_format=memory_format)
+            output = model(x, batch.bank) if scores is None else scores.forward(x, batch)
         evaluator.update(output, batch)
-    states = distributed.all_gather_object(ctx, evaluator.state(), "gathering the test metrics")
-    evaluator.merge(states)
-    return evaluator.compute()
+    mine = (evaluator.state(), {k: ev.state() for k, ev in scores.evaluators.items()} if scores else {})
+    gathered = distributed.all_gather_object(ctx, mine, "gathering the test metrics")
+    evaluator.merge([head for head, _ in gathered])
+    metrics = evaluator.compute()
+    if scores is None:
+        return metrics
+    # a rank whose shards held no image has no evaluator for a block: merge the ranks that have one
+    for k in sorted({k for _, per_block in gathered for k in per_block}):
+        ev = scores.evaluators.setdefault(k, task.evaluator())
+        ev.merge([per_block[k] for _, per_block in gathered if k in per_block])
+    return {**metrics, **scores.compute(metrics)}

@@ -131,7 +131,7 @@ def evaluate(
     as ``block{k}_{metric}`` (``engine/block_scores.py``)."""
     model.eval()
     evaluator = task.evaluator()
-    scores = BlockScores(model, task) if blocks else None
+    scores = BlockScores.of(model, task) if blocks else None
     for batch in batches:
         batch = batch.to(device, non_blocking=True)
         with autocast():

@@ -309,3 +309,44 @@ def test_ddp_detection_runs_one_cocoeval_over_every_rank_detections(tmp_path):
         assert metrics.keys() == reference.keys()
         for key, value in reference.items():
             assert metrics[key] == pytest.approx(value, nan_ok=True), key
+
+
+# every block is scored under ddp too: each block's evaluator is merged over the ranks as the head's is
+
+
+def _block_model():
+    from tests.methods.methods_util import tiny_model
+
+    model, _, _ = tiny_model("dgl", k=3, seed=5)
+    return model
+
+
+def _ddp_block_eval(ctx, out: str) -> None:
+    from locallearn.tasks.classification import Classification
+
+    metrics = ddp.evaluate(_block_model(), ddp.Shards(BlockBatches(), ctx), Classification(10), ctx)
+    torch.save(metrics, Path(out, f"metrics.rank{ctx.rank}.pt"))
+
+
+class BlockBatches(EvalBatches):
+    def __init__(self) -> None:
+        super().__init__("classification")
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(3):
+            yield Batch(torch.randn(5, 3, 8, 8, generator=gen), torch.randint(0, 10, (5,), generator=gen))
+
+
+def test_ddp_scores_every_block_as_single_process(tmp_path):
+    from locallearn.engine.sequential import evaluate
+    from locallearn.tasks.classification import Classification
+
+    reference = evaluate(_block_model(), BlockBatches(), Classification(10), torch.device("cpu"))
+    assert {f"block{k}_top1" for k in range(3)} <= reference.keys()
+    run_function(2, _ddp_block_eval, str(tmp_path))
+    for r in range(2):
+        metrics = torch.load(tmp_path / f"metrics.rank{r}.pt")
+        assert metrics.keys() == reference.keys()
+        for k in range(3):
+            assert metrics[f"block{k}_top1"] == reference[f"block{k}_top1"], k
