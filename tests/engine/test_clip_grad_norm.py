@@ -14,9 +14,11 @@ from tests.methods.methods_util import tiny_batch, tiny_model
 K = 3
 
 
-def step_norms(clip: float | None, method: str = "dgl") -> list[float]:
-    """Each block's gradient norm as its optimizer steps (one training step)."""
+def step_norms(clip: float | None, method: str = "dgl", scale: float | None = None) -> list[float]:
+    """Each block's gradient norm as its optimizer steps (one training step); ``scale``: with loss
+    scaling (fp16's GradScaler, here on the CPU) at that initial scale."""
     model, opts, _ = tiny_model(method, k=K)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=scale) for _ in opts] if scale else None
     norms: list[float] = []
     for opt in opts:
         step = opt.step
@@ -27,7 +29,7 @@ def step_norms(clip: float | None, method: str = "dgl") -> list[float]:
             return step(*args, **kwargs)
 
         opt.step = spy
-    train_step(model.train(), tiny_batch(8), opts, clip=clip)
+    train_step(model.train(), tiny_batch(8), opts, scalers=scalers, clip=clip)
     return norms
 
 
@@ -47,6 +49,11 @@ def test_each_block_steps_with_its_gradient_norm_clipped(method):
     assert clipped == pytest.approx([0.05] * K, rel=1e-4)
     loose = step_norms(1e6, method)  # a bound above the norm leaves the gradients as they are
     assert loose == pytest.approx(free, rel=1e-6)
+
+
+def test_loss_scaling_clips_the_unscaled_gradients():
+    """fp16: the norm bound applies to the true gradients (unscaled first), not the scaled ones."""
+    assert step_norms(0.05, scale=1024.0) == pytest.approx([0.05] * K, rel=1e-4)
 
 
 def test_grouped_steps_clip_each_block_as_the_per_block_steps_do():
