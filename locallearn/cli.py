@@ -173,12 +173,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     for c in configs:
         run = make_run(c)
         setup_logging(run.run_dir if run.is_main else None, verbose=run.is_main)
+        n = run.model.frozen_blocks
         log.info(
-            "training %s on %s (K=%d, cuts %s) -> %s",
+            "training %s on %s (K=%d, cuts %s%s) -> %s",
             c.method.name,
             data_label(run),
             run.model.num_blocks,
             run.model.cuts,
+            f"; blocks 0-{n - 1} and their aux nets frozen" if n else "",
             run.run_dir,
         )
         summaries.append(fit(run))

@@ -58,7 +58,8 @@ def comparison_config(cfg: Config, method: str) -> Config:
         cfg, method=dataclasses.replace(cfg.method, name=method, options={}), compare=[]
     )
     if method == "bp":
-        other.model = dataclasses.replace(cfg.model, num_blocks=1, split="even", cuts=None)
+        # one block, the head's: nothing to freeze (model.frozen_blocks applies to the local run)
+        other.model = dataclasses.replace(cfg.model, num_blocks=1, split="even", cuts=None, frozen_blocks=0)
     # named after what it trains (data, backbone, K, method), or after the user's name for the run
     other.name = f"{cfg.name}-{method}" if cfg.name else None
     return other

@@ -90,3 +90,11 @@ def test_frozen_blocks_with_grouped_steps():
     train_step(model.train(), tiny_batch(8), opts, grouped=group_optimizers(opts, True))
     assert not changed(before[0], model.body(0)) and not changed(before[1], model.auxes[0])
     assert changed(before[2], model.body(1))
+
+
+def test_the_bp_comparison_of_a_frozen_run_has_nothing_to_freeze():
+    from locallearn.launch import comparison_config
+
+    cfg = load_config(None, ["model.num_blocks=4", "model.frozen_blocks=2", "compare=[bp,dgl]"])
+    assert comparison_config(cfg, "bp").model.frozen_blocks == 0  # K=1: the head's block only
+    assert comparison_config(cfg, "dgl").model.frozen_blocks == 2  # the same K: the same control
