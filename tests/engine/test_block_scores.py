@@ -81,3 +81,43 @@ def test_training_steps_hold_no_prediction():
     model, opts, _ = tiny_model("dgl", k=K)
     outs = train_step(model.train(), tiny_batch(8), opts)
     assert all("output" not in o and "loss" in o for o in outs)
+
+
+def test_detection_blocks_are_scored_by_the_ap50_of_their_aux_detections(tmp_path):
+    """The MAN++ Table IV aux (own stride, RetinaNet subnets) on a 4-image COCO fixture: every block
+    gets an AP50 from its aux's own post-processed detections, the last block the head's."""
+    import numpy as np
+
+    from locallearn.build import build_model
+    from locallearn.config import load_config
+    from locallearn.data.detection import DetectionLoader, read_coco, write_fixture
+    from locallearn.engine.block_scores import block_values
+    from locallearn.types import InputInfo
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(4)]
+    anns = [[{"box": (8 + i, 8, 40, 44 + i), "label": i % 2}] for i in range(4)]
+    write_fixture(tmp_path, "coco", images, anns, ("a", "b"))
+    data = read_coco(str(tmp_path), "val")
+    cfg = load_config(
+        None,
+        [
+            "task.name=detection",
+            "model.backbone=resnet18",
+            "model.num_blocks=4",
+            "model.cuts=[3,5,7]",
+            "method.name=dgl",
+            "method.dgl.dense_head=manpp",
+            "data.name=coco",
+        ],
+    )
+    torch.manual_seed(0)
+    model, _, task = build_model(cfg, InputInfo(3, 64, (0.5,) * 3, (0.25,) * 3), 2)
+    task.bind(data)
+    got = evaluate(
+        model, DetectionLoader(data, 2, False, min_size=64, max_size=64), task, torch.device("cpu")
+    )
+    values = block_values(got, task, 4)
+    assert [f"block{k}_AP50" in got for k in range(4)] == [True] * 4
+    assert all(v is not None and 0 <= v <= 100 for v in values), values
+    assert values[-1] == got["AP50"]
