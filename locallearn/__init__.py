@@ -10,7 +10,7 @@ Public API (docs/api.md)::
 """
 
 from locallearn.api import LocalTrainer, wrap  # noqa: E402
-from locallearn.build import BACKBONES, METHODS, build_backbone, build_method, build_model  # noqa: E402
+from locallearn.build import BACKBONES, METHODS, build_backbone, build_method, build_model, trust_modules  # noqa: E402
 from locallearn.config import Config, ConfigError, load_config  # noqa: E402
 from locallearn.launch import evaluate_checkpoint, make_run, resume_run  # noqa: E402
 from locallearn.model import LocalModel  # noqa: E402
@@ -38,5 +38,6 @@ __all__ = [
     "make_run",
     "resume_run",
     "load_config",
+    "trust_modules",
     "wrap",
 ]

@@ -16,6 +16,7 @@ from torch import nn
 
 from locallearn.backbones import edsr, external, resnet_cifar, torchvision_resnet, torchvision_vgg, vit
 from locallearn.backbones.base import Backbone
+from locallearn.backbones.sources import trust_modules, untrusted  # noqa: F401 (re-exported: resume, API)
 from locallearn.backbones.torchvision_adapter import read_state_dict
 from locallearn.config import Config, ConfigError, from_dict
 from locallearn.methods.auglocal import AugLocal

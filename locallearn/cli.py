@@ -268,6 +268,33 @@ def config_keys_help() -> str:
     return "\n".join(lines)
 
 
+def add_trust_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-module",
+        action="append",
+        default=[],
+        metavar="PACKAGE.MODULE:FACTORY",
+        help="let a checkpoint's config build this model.backbone: building it imports and runs that module, "
+        "so a file someone handed you may name it only if you name it here too",
+    )
+
+
+def trusted_modules(args: argparse.Namespace) -> list[str]:
+    """The ``package.module:factory`` specs this command names: ``--trust-module`` and, for ``train``,
+    a ``model.backbone=`` override (naming it on the command line trusts it for ``--resume``)."""
+    from locallearn.config import parse_override
+
+    named = list(getattr(args, "trust_module", []))
+    for override in getattr(args, "overrides", None) or []:
+        try:
+            keys, value = parse_override(override)
+        except ConfigError:
+            continue  # reported where the overrides are applied
+        if ".".join(keys) == "model.backbone" and isinstance(value, str):
+            named.append(value)
+    return named
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="locallearn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -287,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint_every, engine.device/threads/measure_memory/dist_timeout_s and data.num_workers",
     )
     train.add_argument("--quickstart", action="store_true", help="start from the quick-start settings")
+    add_trust_argument(train)
     train.add_argument(
         "--print-config",
         action="store_true",
@@ -297,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its test set")
     ev.add_argument("checkpoint", help="checkpoint.pt or its run directory")
     ev.add_argument("--device", default="auto")
+    add_trust_argument(ev)
     ev.set_defaults(func=cmd_eval)
     ex = sub.add_parser(
         "export",
@@ -305,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", metavar="RUN", help="run directory (or its checkpoint.pt)")
     ex.add_argument("out", metavar="OUT.pt", help="file to write (torch.save of a state dict)")
     ex.add_argument("--device", default="cpu", help="device for the output check (default cpu)")
+    add_trust_argument(ex)
     ex.set_defaults(func=cmd_export)
     ls = sub.add_parser("list", help="list backbones, methods, tasks, datasets and split tables")
     ls.set_defaults(func=cmd_list)
@@ -321,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         doc = module.__doc__ or name
         a = analyses.add_parser(name, help=doc.splitlines()[0], description=doc)
         add_analysis_arguments(a)
+        add_trust_argument(a)
         module.add_arguments(a)
         a.set_defaults(func=cmd_analyze, analysis_main=module.main)
     return parser
@@ -328,13 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from locallearn.backbones.sources import trust_modules
     from locallearn.data import DataError
     from locallearn.engine.checkpoint import CheckpointError
     from locallearn.engine.distributed import DistributedError
     from locallearn.engine.errors import DivergedError
 
     try:
-        args.func(args)
+        with trust_modules(trusted_modules(args)):
+            args.func(args)
     except (ConfigError, DataError, CheckpointError, DistributedError) as e:
         fail(str(e))
     except DivergedError as e:

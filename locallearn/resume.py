@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from locallearn.build import untrusted
 from locallearn.config import Config, ConfigError, from_dict, load_config, to_dict
 from locallearn.engine import checkpoint
 
@@ -67,10 +68,22 @@ def refuse_merged(state: dict[str, Any], path: Path) -> None:
 
 
 def config_from_checkpoint(state: dict[str, Any]) -> Config:
+    """The run's config as saved in ``state``. A ``model.backbone=package.module:factory`` in it is
+    refused unless the user named that spec in this command (``--trust-module``, or ``model.backbone=``
+    on a ``--resume`` command line; ``locallearn.trust_modules`` in Python): building it imports and runs
+    that module, and a checkpoint handed over by someone else must not choose code to run."""
     try:
-        return from_dict(Config, migrate_config(state["config"]))
+        cfg = from_dict(Config, migrate_config(state["config"]))
     except (KeyError, ConfigError) as e:
         raise checkpoint.CheckpointError(f"checkpoint holds no usable config ({e})") from None
+    spec = cfg.model.backbone
+    if untrusted(spec):
+        raise checkpoint.CheckpointError(
+            f"the checkpoint's config names model.backbone={spec}, and building it imports and runs that "
+            f"module; a file cannot choose code to run: if you trust this file and that module, name it again "
+            f"(--trust-module {spec})"
+        )
+    return cfg
 
 
 def migrate_config(saved: dict[str, Any]) -> dict[str, Any]:

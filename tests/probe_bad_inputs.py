@@ -68,6 +68,10 @@ def make_files(d: Path) -> None:
     torch.save({**evil, "x": CodeRunner(str(d / "code-ran"))}, d / "evilrun" / "checkpoint.pt")
     torch.save({"model": {"w": torch.zeros(1)}, "x": CodeRunner(str(d / "code-ran"))}, d / "evil-weights.pt")
     np.zeros(3).tofile(d / "weights.npy")
+    # a checkpoint whose config names a module to import (issue 28.1): importing it would create code-ran
+    (d / "evilmod.py").write_text(f"open({str(d / 'code-ran')!r}, 'w')\nmake = None\n")
+    (d / "modrun").mkdir(exist_ok=True)
+    torch.save({**evil, "config": {"model": {"backbone": "evilmod:make"}}}, d / "modrun" / "checkpoint.pt")
     # a run directory whose process was killed during its first save (issue 22.6)
     killed = d / "killed"
     killed.mkdir(exist_ok=True)
@@ -118,6 +122,10 @@ CASES = [
     Case("eval-runs-code", ["eval", "{dir}/evil.pt"], 2, "weights_only=True", train=False),
     Case("resume-runs-code", ["train", "--resume", "{dir}/evilrun"], 2, "weights_only=True", train=False),
     Case("analyze-runs-code", ["analyze", "gradcam", "{dir}/evilrun"], 2, "weights_only=True", train=False),
+    Case("eval-module-spec", ["eval", "{dir}/modrun"], 2, "--trust-module evilmod:make", train=False),
+    Case("export-module-spec", ["export", "{dir}/modrun", "{dir}/o.pt"], 2, "imports and runs", train=False),
+    Case("resume-module-spec", ["train", "--resume", "{dir}/modrun"], 2, "imports and runs", train=False),
+    Case("analyze-module-spec", ["analyze", "probe", "{dir}/modrun"], 2, "imports and runs", train=False),
     Case("analyze-missing", ["analyze", "gradcam", "{dir}/nowhere"], 2, "does not exist", train=False),
     Case(
         "pretrained-runs-code",

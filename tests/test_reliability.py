@@ -414,3 +414,48 @@ def test_bad_input_table_as_real_processes():
 
     failed = probe.probe(probe.CASES, report=lambda line: None)
     assert not failed, [(r.case.id, r.problems, r.err[-300:]) for r in failed]
+
+
+class _Payload:
+    """What a malicious ``data_batch_1`` holds: unpickling it would call ``pathlib.Path.touch``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_a_cifar_batch_holding_a_payload_runs_nothing(tmp_path, capsys):
+    write_cifar(tmp_path)
+    marker = tmp_path / "ran"
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
+        pickle.dump({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 3], "x": _Payload(marker)}, f)
+    with pytest.raises(DataError, match="nothing in the file was run"):
+        load_datasets("cifar10", str(tmp_path))
+    assert not marker.exists()
+    code, _, err = run_cli(["train", "data.name=cifar10", f"data.root={tmp_path}"], capsys)
+    assert "pathlib" in one_error_line(err, code) and not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batches_as_python_2_and_3_write_them_still_load(tmp_path, protocol):
+    """The official batches are Python 2 pickles naming ``numpy.core.multiarray`` (numpy 1); Python 3
+    writes ``numpy._core`` names, ``_codecs.encode`` for bytes (protocol 2) or ``_frombuffer`` (5)."""
+    write_cifar(tmp_path)
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
+    batch = {
+        "batch_label": b"training batch 1 of 5",
+        "data": data,
+        "labels": [3, 1, 2, 0],
+        "filenames": [b"a.png"] * 4,
+    }
+    raw = pickle.dumps(batch, protocol=protocol)
+    if protocol == 2:  # as numpy 1 named them, the way the official files do
+        raw = raw.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+        assert b"cnumpy.core.multiarray\n_reconstruct" in raw
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(raw)
+    train, _ = load_datasets("cifar10", str(tmp_path))
+    assert torch.equal(train.images[:4], torch.from_numpy(data.reshape(4, 3, 32, 32)))
+    assert train.labels[:4].tolist() == [3, 1, 2, 0]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import pkgutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -15,6 +18,36 @@ PREFIXES = ("torchvision", "timm")
 def is_spec(name: str) -> bool:
     """Whether a ``model.backbone`` value names a model from outside (``torchvision:resnet18``, ...)."""
     return ":" in name
+
+
+def runs_code(name: str) -> bool:
+    """Whether building ``name`` imports a module of the user's and calls it (``package.module:factory``).
+    ``torchvision:`` / ``timm:`` names and the listed backbones only look a name up in a registry."""
+    return is_spec(name) and name.partition(":")[0] not in PREFIXES
+
+
+# The ``package.module:factory`` specs the user has named in this command (on its command line, with
+# ``--trust-module``, or in Python with ``trust_modules``): a config read from a file someone handed
+# over (a checkpoint) may build only these.
+_TRUSTED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "trusted_modules", default=frozenset()
+)
+
+
+@contextmanager
+def trust_modules(specs: Iterable[str]) -> Iterator[None]:
+    """Within this block, a checkpoint whose config names one of ``specs`` as ``model.backbone`` may
+    build it (importing and calling that module's factory)."""
+    token = _TRUSTED.set(_TRUSTED.get() | frozenset(specs))
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def untrusted(name: str) -> bool:
+    """Whether a ``model.backbone`` read from a file would run code the user has not named."""
+    return runs_code(name) and name not in _TRUSTED.get()
 
 
 def _factory(spec: str):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from locallearn.data import imagefolder
+from locallearn.data import imagefolder, restricted_pickle
 from locallearn.data.errors import DataError
 from locallearn.data.loader import ArrayDataset, Augment
 
@@ -47,10 +47,11 @@ def _download(name: str, root: str, make: Callable[[], object]) -> None:
 
 
 def _unpickle(path: Path) -> dict:
+    """A CIFAR batch, read with a restricted unpickler: numpy arrays and plain values, no code."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
+            return restricted_pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
         raise DataError(f"cannot read {str(path)!r}: {e}") from None
 
 

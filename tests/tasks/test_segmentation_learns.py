@@ -2,8 +2,8 @@
 table, person) under every method the segmentation configs ship, plus DGL.
 
 Scaling against the shipped configs (``configs/segmentation/deeplabv3_r50_*``): same optimizer kind
-(SGD, momentum 0.9, weight decay 1e-4; Nesterov on, which the configs leave off: the measured runs
-used it), same init, same head (torchvision's ASPP ``DeepLabHead``), same InfoPro aux (ImageNet decoder heads, 5 * reconstruction + 0.75 * CE; MAN++
+(SGD, momentum 0.9, weight decay 1e-4, Nesterov off as in every shipped segmentation config; with
+Nesterov on, DGL's loss spiked at step 99 and it ended predicting one class, mIoU 6.7), same init, same head (torchvision's ASPP ``DeepLabHead``), same InfoPro aux (ImageNet decoder heads, 5 * reconstruction + 0.75 * CE; MAN++
 momentum 0.995). Smaller: ResNet-20 (16-32-64 channels, output stride 4) instead of the dilated
 ResNet-50 (output stride 8): a stride-32 ResNet-18 leaves a 4x5 logit map on the photo at this scale,
 too coarse for the bottle; K=2 even; the photo at 0.25-0.35 scale, 96 px crops, batch 4; lr 0.05
@@ -44,7 +44,7 @@ def test_deeplabv3_learns_the_voc_photo(method, tmp_path):
     k, options = METHODS[method]
     args = [
         "task.name=segmentation", f"method.name={method}", "model.backbone=resnet20", f"model.num_blocks={k}",
-        "model.split=even", "optim.name=sgd", f"optim.lr={LR}", "optim.momentum=0.9", "optim.nesterov=true",
+        "model.split=even", "optim.name=sgd", f"optim.lr={LR}", "optim.momentum=0.9", "optim.nesterov=false",
         "optim.weight_decay=1e-4", "optim.schedule=constant", "optim.warmup_epochs=0",
         "task.segmentation.aux_width=32",
     ]  # fmt: skip
@@ -60,4 +60,5 @@ def test_deeplabv3_learns_the_voc_photo(method, tmp_path):
             outs = train_step(model, batch, optimizers)
             assert all(torch.isfinite(o["loss"]) for o in outs), (epoch, outs)
     got = evaluate(model, SegmentationLoader(test, 1, False), task, torch.device("cpu"))
+    print(f"\nsegmentation proof {method}: train-photo mIoU {got['miou']:.1f}")
     assert got["miou"] >= 60, (method, got)
