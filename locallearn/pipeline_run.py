@@ -14,6 +14,7 @@ import torch.distributed as dist
 from locallearn.config import ConfigError, to_dict
 from locallearn.distributed_run import DistributedRun
 from locallearn.engine import checkpoint, distributed, pipeline
+from locallearn.engine.block_scores import block_key, block_metric
 from locallearn.rundir import environment
 from locallearn.types import Batch
 
@@ -187,5 +188,18 @@ class PipelineRun(DistributedRun):
             self.device,
             self.autocast,
             self.memory_format,
+            blocks=self.cfg.log.block_metrics,
         )
-        return distributed.broadcast_object(self.ctx, metrics, self.ctx.world - 1, "sharing the test metrics")
+        if not self.cfg.log.block_metrics:
+            return distributed.broadcast_object(
+                self.ctx, metrics, self.ctx.world - 1, "sharing the test metrics"
+            )
+        # every rank scored its own blocks: the last rank's metrics plus every rank's block scores
+        parts = distributed.all_gather_object(self.ctx, metrics, "sharing the test metrics")
+        name = block_metric(self.task)
+        keys = [block_key(k, name) for k in range(self.model.num_blocks)]
+        scored = {key: value for part in parts for key, value in part.items() if key in keys}
+        merged = {key: value for key, value in parts[-1].items() if key not in keys}  # the head's
+        merged.update({key: scored.get(key) for key in keys[:-1]})  # None: the aux predicts nothing
+        merged[keys[-1]] = merged.get(name)  # the last block's score is the head's
+        return merged

@@ -33,11 +33,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from locallearn.engine.block_scores import block_key, block_metric
 from locallearn.engine.distributed import Context, DistributedError
 from locallearn.engine.errors import check_finite
 from locallearn.engine.step import local_step
@@ -378,21 +380,32 @@ def evaluate(
     device: torch.device,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     memory_format: torch.memory_format = torch.contiguous_format,
+    blocks: bool = False,
 ) -> dict[str, float] | None:
-    """The plain forward through the pipe; the last rank returns the metrics (others ``None``)."""
+    """The plain forward through the pipe; the last rank returns the metrics (others ``None``).
+    ``blocks``: each rank also scores its own blocks' aux nets (``engine/block_scores.py``) and every
+    rank returns their ``block{k}_{metric}`` (the last rank with the head's metrics); the image then
+    travels with the activation, as in training (an aux may read it: InfoPro's decoder)."""
     model.eval()
     evaluator = task.evaluator()
+    scores: dict[int, Any] = {}
     for i, (h, batch) in enumerate(_inputs(stage, pipe, batches, steps, device, memory_format)):
         with autocast():
             for k in stage.blocks:
                 h = model.body(k)(h, batch.bank)
+                if blocks and k < model.num_blocks - 1:
+                    out = model.auxes[k](h, batch)
+                    if "output" in out:
+                        scores.setdefault(k, task.evaluator()).update(out["output"], batch)
             if stage.last:
                 output = model.head(h, batch.bank) if model.head_reads else model.head(h)
         if not stage.last:
-            pipe.send(i, h, batch, with_image=False)
+            pipe.send(i, h, batch, with_image=blocks)
             continue
         evaluator.update(output, batch)
     pipe.flush()
+    name = block_metric(task)
+    mine = {block_key(k, name): ev.compute().get(name) for k, ev in sorted(scores.items())}
     if not stage.last:
-        return None
-    return evaluator.compute()
+        return mine if blocks else None
+    return {**evaluator.compute(), **mine}

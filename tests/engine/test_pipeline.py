@@ -130,3 +130,29 @@ def test_dead_or_hung_rank_ends_the_job_naming_it(tmp_path, how):
     assert procs[0].exitcode == 3
     assert elapsed < cfg.engine.dist_timeout_s + 5
     assert "rank 1" in (tmp_path / "error.rank0.txt").read_text()
+
+
+def test_pipeline_scores_every_block_as_the_sequential_engine(tmp_path):
+    """Each rank scores its own blocks' aux nets; every rank's history holds all of them, equal to the
+    sequential run's (the pipeline equals it bitwise). DGL's aux nets all predict."""
+    cfg = tiny_config(tmp_path / "pipe", mode="pipeline", pipeline_blocks=[2, 2])
+    cfg = dataclasses.replace(
+        cfg,
+        method=dataclasses.replace(cfg.method, name="dgl"),
+        optim=dataclasses.replace(cfg.optim, epochs=1),
+    )
+    launch(2, tmp_path, cfg)
+    seq_cfg = dataclasses.replace(
+        cfg, out_dir=str(tmp_path / "seq"), engine=dataclasses.replace(cfg.engine, mode="sequential")
+    )
+    threads = torch.get_num_threads()
+    try:
+        seq = Run(seq_cfg, quiet=True)
+        seq.fit()
+    finally:
+        torch.set_num_threads(threads)
+    keys = [f"test_block{k}_top1" for k in range(4)]
+    want = [seq.history[-1][k] for k in keys]
+    assert all(v is not None for v in want)
+    for state in rank_states(tmp_path / "pipe" / "run", 2):
+        assert [state["history"][-1][k] for k in keys] == want
