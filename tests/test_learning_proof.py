@@ -42,6 +42,7 @@ def run(tmp_path, frozen: int = 0, seed: int = 0, patch=None) -> dict:
             "optim.epochs=2",
             "optim.warmup_epochs=0",
             "engine.device=cpu",
+            "engine.threads=1",  # the numbers above are one thread's (a sum's order moves them a little)
             "engine.measure_memory=false",
             "checkpoint_every=100",
             f"model.frozen_blocks={frozen}",
@@ -49,11 +50,15 @@ def run(tmp_path, frozen: int = 0, seed: int = 0, patch=None) -> dict:
             f"out_dir={tmp_path}",
         ],
     )
-    r = Run(cfg, quiet=True)
-    if patch is not None:
-        patch(r)
-    init = r.evaluate()
-    summary = r.fit()
+    threads = torch.get_num_threads()
+    try:  # Run sets engine.threads for the whole process: given back for the tests after this one
+        r = Run(cfg, quiet=True)
+        if patch is not None:
+            patch(r)
+        init = r.evaluate()
+        summary = r.fit()
+    finally:
+        torch.set_num_threads(threads)
     init_values = [init[f"block{k}_top1"] for k in range(K)]
     out = {"init": init_values, "final": summary["block_final"], "top1": summary["final"]}
     shown = " ".join("-" if v is None else f"{v:.1f}" for v in out["final"])
@@ -83,7 +88,6 @@ def proof_failures(normal: dict, frozen: dict) -> list[str]:
 
 @pytest.fixture(scope="module")
 def frozen_control(tmp_path_factory):
-    torch.set_num_threads(1)
     return run(tmp_path_factory.mktemp("frozen"), frozen=len(EARLY))
 
 
@@ -108,7 +112,6 @@ if __name__ == "__main__":  # the proof's numbers for other seeds: python -m tes
     import tempfile
     from pathlib import Path
 
-    torch.set_num_threads(1)
     for seed in map(int, sys.argv[1:] or ["0"]):
         with tempfile.TemporaryDirectory() as tmp:
             normal = run(Path(tmp), seed=seed)
