@@ -98,7 +98,10 @@ def _timm_cfg(spec: str, weights: str):
 
     arch = spec.partition(":")[2]
     name = arch if weights == "pretrained" else f"{arch.split('.')[0]}.{weights}"
-    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False) if timm.is_model(name) else None
+    try:
+        cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    except RuntimeError:  # an architecture timm knows, a tag it does not
+        cfg = None
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         tags = [t for t in timm.list_pretrained(arch.split(".")[0] + ".*")]
         hint = f"; its tags: {', '.join(t.split('.', 1)[1] for t in tags[:8])}" if tags else ""
