@@ -181,6 +181,12 @@ def from_module(
     eval_gm = gs.trace(model, opened, False, name)
     probe = gs.probe(model, eval_gm, x, name)
     cuts, head = gs.boundaries(eval_gm, cut_at, head_at, auto_head, name)
+    units = gs.repeated_units(model) if cut_at is None and not cuts else []
+    if units:  # one resolution throughout (a ViT's tokens): a layer per transformer block
+        try:
+            return from_module(model, units, example_input, name, check, head_at, auto_head, stages)
+        except SplitError:
+            pass  # units a single tensor does not flow between: one layer, as the stage rule says
     cut_names = list(cut_at) if cut_at is not None else cuts
     t_layers, t_head = gs.pieces(train_gm, cuts, head, name, cut_names)
     e_layers, e_head = gs.pieces(eval_gm, cuts, head, name, cut_names)

@@ -251,22 +251,21 @@ def boundaries(
         if side is not None and prev_side is not None and side < prev_side and a > 0:
             starts.append(a)
         prev_side = side if side is not None else prev_side
-    if not starts:  # one resolution throughout (a ViT's tokens): a layer per repeated unit
-        starts = _repeated_units(nodes, candidates, end)
     return [nodes[i].name for i in starts], (nodes[head].name if head is not None else None)
 
 
-def _repeated_units(nodes: list[fx.Node], candidates: list[int], end: int) -> list[int]:
-    """The leaf modules of the container with the most of them in the forward (a ViT's ``blocks.0``
-    .. ``blocks.11``), each where one tensor flows in: where a layer starts when no module lowers the
-    resolution (the glossary's "one transformer block" per layer)."""
-    groups: dict[str, list[int]] = {}
-    for i in candidates:
-        parent, _, child = str(nodes[i].target).rpartition(".")
-        if parent and child.isdigit() and i > candidates[0] and len(_crossing(nodes, i, end)) == 1:
-            groups.setdefault(parent, []).append(i)
-    best = max(groups.values(), key=len, default=[])
-    return best if len(best) >= 2 else []
+def repeated_units(model: nn.Module) -> list[str]:
+    """The children of the model's longest container of modules of one type with parameters (a
+    ViT's ``blocks.0`` .. ``blocks.11``, torchvision's ``encoder.layers.encoder_layer_0`` ..): where
+    layers start when no module lowers the resolution (the glossary's "one transformer block")."""
+    best: list[str] = []
+    for name, m in model.named_modules():
+        kids = list(m.named_children()) if isinstance(m, nn.Sequential | nn.ModuleList) else []
+        if len(kids) < 2 or len({type(c) for _, c in kids}) != 1:
+            continue
+        if len(kids) > len(best) and any(True for _, c in kids for _ in c.parameters()):
+            best = [f"{name}.{k}" if name else k for k, _ in kids]
+    return best
 
 
 def pieces(

@@ -271,3 +271,10 @@ def test_a_vit_is_cut_at_each_transformer_block() -> None:
     assert len(backbone) == 1 + len(vit.blocks) and {f.fmt for f in backbone.feature_info} == {"NLC"}
     assert any(p is vit.cls_token for p in backbone.layers[0].parameters())
     assert_same_as_source(vit, backbone, x)
+    # torchvision's: its blocks sit inside a custom Encoder module, opened to cut between them
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    tv = VisionTransformer(32, 8, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=3)
+    backbone = from_module(tv, example_input=x, name="vit")
+    assert len(backbone) == 4 and any(p is tv.class_token for p in backbone.layers[0].parameters())
+    assert_same_as_source(tv, backbone, x)
