@@ -308,6 +308,14 @@ def build_model(
     ``init_model``). False when a checkpoint is loaded over the model next (resume, eval): the files
     are then neither needed nor read. ``backbone``: an already built one (``locallearn.wrap`` of a
     model object, split by ``external.from_module``) instead of ``model.backbone``'s."""
+    named = cfg.model.backbone.startswith(("torchvision:", "timm:"))
+    built_here = backbone is None and external.is_spec(cfg.model.backbone)
+    if (cfg.model.weights and not named) or (cfg.model.kwargs and not built_here):
+        key = "model.weights" if cfg.model.weights and not named else "model.kwargs"
+        raise ConfigError(
+            f"{key} applies to a model built from its name (torchvision:NAME, timm:NAME"
+            f"{'' if key == 'model.weights' else ', package.module:factory'}), not to {cfg.model.backbone}"
+        )
     if backbone is not None:
         pass
     elif external.is_spec(cfg.model.backbone):

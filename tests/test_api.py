@@ -273,3 +273,13 @@ def test_wrap_refuses_another_number_of_classes_and_names_in_chans():
     assert "\n" not in str(err.value)
     ll = locallearn.wrap(Grey(), num_blocks=2, input_size=16, in_chans=1, mean=(0.5,), std=(0.25,))
     ll.step(torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 0]))
+
+
+def test_options_for_a_named_model_are_refused_for_an_object():
+    for key, value in (("model.weights", "DEFAULT"), ("model.kwargs", {"depth": 2})):
+        with pytest.raises(locallearn.ConfigError, match=f"{key} applies to a model built from its name"):
+            locallearn.wrap(Net(), num_blocks=2, input_size=16, options={key: value})
+    with pytest.raises(locallearn.ConfigError, match="model.weights applies"):
+        tiny("dgl", 2, options={"model.weights": "DEFAULT"})
+    with pytest.raises(locallearn.ConfigError, match="model.kwargs applies"):
+        tiny("dgl", 2, options={"model.kwargs": {"depth": 2}})

@@ -154,6 +154,6 @@ def timm_kwargs(spec: str, weights: str) -> dict:
     path, custom = timm_file(spec, weights)
     log.info("timm weights for %s from %s", spec, path)
     name, _ = _timm_cfg(spec, weights)
-    overlay = {"file": str(path), "custom_load": custom, "hf_hub_id": None, "url": None}
+    overlay = {"file": str(path), "custom_load": custom, "source": None, "hf_hub_id": None, "url": None}
     tag = name.partition(".")[2]
     return {"pretrained": True, "pretrained_cfg_overlay": overlay, **({"pretrained_cfg": tag} if tag else {})}
