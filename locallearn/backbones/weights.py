@@ -55,7 +55,7 @@ def _hub_file(url: str) -> Path:
 
 
 def _download(url: str, path: Path, spec: str, weights: str, how: str) -> Path:
-    where = f"model.weights={weights} for {spec}: no file {str(path)!r} (torchvision's cache, torch.hub.get_dir())"
+    where = f"model.weights={weights} for {spec}: no file {str(path)!r} (the torch hub cache, torch.hub.get_dir())"
     if offline():
         raise WeightsError(f"{where} and downloads are off (LOCALLEARN_OFFLINE / HF_HUB_OFFLINE); {how}")
     path.parent.mkdir(parents=True, exist_ok=True)
