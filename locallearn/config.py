@@ -80,6 +80,32 @@ class ModelConfig:
     # right after the backbone is built, before any aux net copies a layer; torchvision backbones only.
     # Not read again when a run resumes or a checkpoint is evaluated (the checkpoint holds the weights).
     pretrained: str = ""
+    # backbone=torchvision:NAME | timm:NAME | package.module:factory: keyword arguments of its constructor
+    # (model.kwargs.img_size=64, or 'model.kwargs={img_size: 64, drop_path_rate: 0.1}'); the number of
+    # classes comes from the data, pretrained weights from model.weights
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # pretrained weights by name: torchvision's weights enum member (DEFAULT, IMAGENET1K_V2, ...) or timm's
+    # ``pretrained`` / a tag, from that library's cache (backbones/weights.py); docs/backbones.md "Any model"
+    weights: str = ""
+
+    def __post_init__(self) -> None:
+        bad = [k for k in self.kwargs if not isinstance(k, str) or not k.isidentifier()]
+        if bad:
+            raise ConfigError(f"model.kwargs: keys must be argument names, got {bad[0]!r}")
+        # initial weights come from model.weights / model.pretrained, read as tensors only
+        weights = "model.weights / model.pretrained"
+        taken = {
+            "num_classes": "the data's classes",
+            **dict.fromkeys(("pretrained", "weights", "pretrained_cfg", "pretrained_cfg_overlay"), weights),
+            "checkpoint_path": weights,
+        }
+        for key, where in taken.items():
+            if key in self.kwargs:
+                raise ConfigError(
+                    f"model.kwargs.{key}: set by locallearn ({where}); leave it out of model.kwargs"
+                )
+        if self.weights and self.pretrained:
+            raise ConfigError("model.weights and model.pretrained both name initial weights; set one")
 
 
 @dataclass
@@ -315,7 +341,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            # ``{a: 1,b: 2}`` unquoted: the shell's brace expansion made two words, each a string
+            hint = (
+                "; quote the braces or write key.sub=value" if isinstance(value, str) and ":" in value else ""
+            )
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}{hint}")
         return dict(value)
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return _float(value, where)

@@ -65,16 +65,17 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     )
 
 
-def how_to_load(backbone: str, num_classes: int, path: str) -> str:
-    """The Python line that rebuilds the source model and loads the exported file."""
+def how_to_load(backbone: str, num_classes: int, path: str, kwargs: dict | None = None) -> str:
+    """The Python line that rebuilds the source model (with ``model.kwargs``) and loads the exported file."""
     prefix, _, rest = backbone.partition(":")
+    extra = "".join(f", {k}={v!r}" for k, v in (kwargs or {}).items())
     if prefix == "torchvision" or not rest:
         arch = rest or backbone.removesuffix("_d8")
-        make = f"torchvision.models.get_model({arch!r}, num_classes={num_classes})"
+        make = f"torchvision.models.get_model({arch!r}, num_classes={num_classes}{extra})"
     elif prefix == "timm":
-        make = f"timm.create_model({rest!r}, num_classes={num_classes})"
+        make = f"timm.create_model({rest!r}, num_classes={num_classes}{extra})"
     else:
-        make = f"{prefix}.{rest}(...)"
+        make = f"{prefix}.{rest}({extra.removeprefix(', ') or '...'})"
     return f"{make}.load_state_dict(torch.load({path!r}))"
 
 
@@ -114,5 +115,5 @@ def export_run(run: str | Path, out: str | Path, device: str = "cpu") -> str:
     return (
         f"wrote {out}: the state dict of {cfg.model.backbone} ({len(state)} tensors, epoch {loaded.epoch}, "
         f"{num_classes} classes). Loads with strict=True into the source model; eval outputs equal the "
-        f"run's (max |diff| {diff:.2g}).\n{how_to_load(cfg.model.backbone, num_classes, str(out))}"
+        f"run's (max |diff| {diff:.2g}).\n{how_to_load(cfg.model.backbone, num_classes, str(out), cfg.model.kwargs)}"
     )

@@ -41,6 +41,7 @@ class Case:
     code: int  # the documented exit code (README "Exit codes": 2 bad input, 1 I/O, 3 diverged)
     message: str  # a part of the one error line
     train: bool = True  # a `train` case: no run directory may remain in {dir}/runs
+    env: dict[str, str] | None = None  # set for the case ({dir} filled in), e.g. an empty weights cache
 
 
 class CodeRunner:
@@ -81,6 +82,13 @@ def make_files(d: Path) -> None:
     (killed / ".lock").write_text(f"999999999 {socket.gethostname()}\n")  # its process is gone
 
 
+# no download may happen in a case: an empty torch hub and Hugging Face cache, downloads off
+OFFLINE = {
+    "TORCH_HOME": "{dir}/torch",
+    "HF_HOME": "{dir}/hf",
+    "LOCALLEARN_OFFLINE": "1",
+    "HF_HUB_OFFLINE": "1",
+}
 SR = ["-c", str(ROOT / "configs/super_resolution/smoke_edsr_tiny_photos.yaml")]
 OUT = "out_dir={dir}/runs"
 CASES = [
@@ -145,6 +153,44 @@ CASES = [
         2,
         "cannot read",
     ),  # fmt: skip
+    # -- any model: its options and weights by name (issue 28.5 / 28.6)
+    Case(
+        "weights-not-cached",
+        ["train", *TINY, "model.backbone=torchvision:resnet18", "model.weights=DEFAULT", OUT],
+        2,
+        "resnet18-f37072fd.pth",
+        env=OFFLINE,
+    ),
+    Case(
+        "weights-timm-not-cached",
+        ["train", *TINY, "model.backbone=timm:test_resnet", "model.weights=pretrained", OUT],
+        2,
+        "not in the Hugging Face cache",
+        env=OFFLINE,
+    ),
+    Case(
+        "weights-unknown",
+        ["train", *TINY, "model.backbone=torchvision:resnet18", "model.weights=IMAGENET9", OUT],
+        2,
+        "has weights IMAGENET1K_V1, DEFAULT",
+        env=OFFLINE,
+    ),
+    Case("weights-listed", ["train", *TINY, "model.weights=DEFAULT", OUT], 2, "model.pretrained=FILE"),
+    Case(
+        "kwargs-not-taken",
+        ["train", *TINY, "model.backbone=torchvision:resnet18", "model.kwargs={bogus: 1}", OUT],
+        2,
+        "model.kwargs={'bogus': 1}",
+    ),
+    Case("kwargs-classes", ["train", *TINY, "model.kwargs.num_classes=3", OUT], 2, "the data's classes"),
+    Case("kwargs-brace-split", ["train", *TINY, "model.kwargs=img_size:64", OUT], 2, "quote the braces"),
+    Case("kwargs-listed", ["train", *TINY, "model.kwargs.depth=3", OUT], 2, "model.kwargs applies to"),
+    Case(
+        "model-channels",  # digits are 1-channel, timm's model 3
+        ["train", *TINY, "model.backbone=timm:test_resnet", OUT],
+        2,
+        "model.kwargs.in_chans",
+    ),
     # -- a run killed during its first save (issue 22.6)
     Case(
         "resume-never-started",
@@ -190,7 +236,7 @@ def fill(args: list[str], d: Path) -> list[str]:
 
 def run_process(case: Case, d: Path, timeout: float | None = None) -> Result:
     timeout = timeout or float(os.environ.get("PROBE_TIMEOUT", 300))  # seconds a case may take
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **case_env(case, d)}
     proc = subprocess.run(
         [sys.executable, "-m", "locallearn", *fill(case.args, d)],
         cwd=d,
@@ -202,12 +248,34 @@ def run_process(case: Case, d: Path, timeout: float | None = None) -> Result:
     return check(case, proc.returncode, proc.stderr, d)
 
 
+def case_env(case: Case, d: Path) -> dict[str, str]:
+    return {k: v.replace("{dir}", str(d)) for k, v in (case.env or {}).items()}
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_in_process(case: Case, d: Path) -> Result:
     """The same case through ``locallearn.cli.main`` in this process (no interpreter start-up)."""
     from locallearn.cli import main
 
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with (
+        environment(case_env(case, d)),
+        contextlib.redirect_stderr(err),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
         try:
             main(fill(case.args, d))
             code = 0
