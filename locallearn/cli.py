@@ -146,6 +146,7 @@ def data_label(run) -> str:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from locallearn.config import dump_yaml, load_config
+    from locallearn.data.folder_defaults import folder_defaults
     from locallearn.launch import comparison_config, make_run, resume_run, resumed_config
 
     if args.resume and args.print_config:
@@ -165,6 +166,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.config is None and not args.quickstart:
         base = quickstart_base(args.overrides)
     cfg = load_config(args.config, args.overrides, base=base)
+    cfg, defaults_note = folder_defaults(
+        lambda ours: load_config(args.config, args.overrides, base=ours), cfg
+    )
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return
@@ -173,6 +177,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     for c in configs:
         run = make_run(c)
         setup_logging(run.run_dir if run.is_main else None, verbose=run.is_main)
+        if defaults_note:
+            log.info(defaults_note)
         log.info(
             "training %s on %s (K=%d, cuts %s) -> %s",
             c.method.name,
