@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -36,7 +39,35 @@ QUICKSTART = {
 
 
 class Interrupted(Exception):
-    """Ctrl-C during a run; the message says what the run directory holds."""
+    """Ctrl-C (or SIGTERM) during a run; the message says what the run directory holds."""
+
+    def __init__(self, message: str, code: int = 130) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler's stop): handled exactly as Ctrl-C, so the checkpoint on disk
+    stays intact (a save in progress removes its temp file) and the run resumes exactly; exit 143."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While training, SIGTERM raises ``Terminated`` (a ``KeyboardInterrupt``) instead of killing the
+    process where it stands (Python's default for SIGTERM: no cleanup, no message, a lock left behind)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave the default
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def quickstart_base(overrides: list[str]) -> dict | None:
@@ -63,7 +94,10 @@ def quickstart_base(overrides: list[str]) -> dict | None:
 def fit(run):
     try:
         return run.fit()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated):
+            message = run.interrupted_message().replace("interrupted", "terminated (SIGTERM)", 1)
+            raise Interrupted(message, 143) from None
         raise Interrupted(run.interrupted_message()) from None
 
 
@@ -198,7 +232,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     setup_logging()
     result = evaluate_checkpoint(args.checkpoint, args.device)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(finite_json(result), indent=2, allow_nan=False))
+
+
+def finite_json(value):
+    """``value`` with NaN and infinities as ``null``: ``json.dumps`` would write a bare ``NaN``, which
+    strict JSON parsers refuse (a checkpoint whose weights went NaN evaluates to a NaN loss)."""
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -338,7 +384,11 @@ def main(argv: list[str] | None = None) -> None:
     from locallearn.engine.errors import DivergedError
 
     try:
-        args.func(args)
+        if args.func is cmd_train:
+            with sigterm_as_interrupt():
+                args.func(args)
+        else:
+            args.func(args)
     except (ConfigError, DataError, CheckpointError, DistributedError) as e:
         fail(str(e))
     except DivergedError as e:
@@ -347,9 +397,12 @@ def main(argv: list[str] | None = None) -> None:
         where = f" {e.filename!r}" if e.filename else ""
         fail(f"cannot read or write{where}: {e.strerror or e}", 1)
     except Interrupted as e:
-        fail(str(e), 130)
-    except KeyboardInterrupt:
-        fail("interrupted before training started: nothing was saved", 130)
+        fail(str(e), e.code)
+    except KeyboardInterrupt as e:
+        fail(
+            "interrupted before training started: nothing was saved",
+            143 if isinstance(e, Terminated) else 130,
+        )
 
 
 if __name__ == "__main__":

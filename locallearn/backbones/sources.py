@@ -62,7 +62,14 @@ def source_model(spec: str, num_classes: int | None = None) -> nn.Module:
     """Build the model ``spec`` names, untrained: ``torchvision:NAME`` (``weights=None``),
     ``timm:NAME`` (``pretrained=False``) or ``package.module:factory`` (called with
     ``num_classes=`` when it takes it). Raises ``SplitError`` with one line if it cannot."""
-    model = _factory(spec)(**({} if num_classes is None else {"num_classes": num_classes}))
+    make = _factory(spec)
+    try:
+        model = make(**({} if num_classes is None else {"num_classes": num_classes}))
+    except Exception as e:  # the user's factory (or the library's constructor) failed: one line naming it
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise SplitError(
+            f"model.backbone={spec}: building the model raised {type(e).__name__}: {first}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise SplitError(
             f"model.backbone={spec}: the factory returned a {type(model).__name__}, not an nn.Module"
