@@ -318,8 +318,26 @@ def config_keys_help() -> str:
     return "\n".join(lines)
 
 
+DESCRIPTION = (
+    "Supervised local learning for PyTorch vision models: a network is cut into K gradient-isolated "
+    "blocks, each trained by its own small auxiliary network (DGL, InfoPro, MAN++, ...) instead of "
+    "end-to-end backpropagation. `locallearn train` with no arguments runs the offline quick start; "
+    "`locallearn list` shows the models, methods and datasets."
+)
+
+
+def resume_help() -> str:
+    from locallearn.resume import SAFE_ON_RESUME
+
+    return (
+        "continue a run from its directory or checkpoint.pt; overrides may change only "
+        + ", ".join(SAFE_ON_RESUME)
+        + " (optim.epochs not below the epochs trained)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="locallearn", description=__doc__)
+    parser = argparse.ArgumentParser(prog="locallearn", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
         "train",
@@ -333,8 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume",
         metavar="RUN",
-        help="continue a run from its directory or checkpoint.pt; overrides may change only optim.epochs, "
-        "checkpoint_every, engine.device/threads/measure_memory/dist_timeout_s and data.num_workers",
+        help=resume_help(),
     )
     train.add_argument("--quickstart", action="store_true", help="start from the quick-start settings")
     train.add_argument(

@@ -190,3 +190,55 @@ def test_export_of_a_run_still_training_says_which_epoch_it_wrote(exported_run, 
         lock.unlink(missing_ok=True)
         other.kill()
         other.wait()
+
+
+# -- small things a user hit
+def test_help_opens_with_what_the_tool_does_and_resume_names_every_key_it_accepts(capsys):
+    from locallearn.cli import build_parser
+    from locallearn.resume import SAFE_ON_RESUME
+
+    text = build_parser().format_help()
+    assert "Supervised local learning" in text and "The only module that prints" not in text
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    train_help = " ".join(capsys.readouterr().out.split())
+    assert all(key in train_help for key in SAFE_ON_RESUME), [
+        k for k in SAFE_ON_RESUME if k not in train_help
+    ]
+    usage = (ROOT / "docs" / "usage.md").read_text()
+    missing = [k for k in SAFE_ON_RESUME if f"`{k}`" not in usage]
+    assert not missing, missing
+
+
+def test_small_images_default_to_one_thread_and_the_log_says_so(tmp_path, capsys, monkeypatch):
+    import locallearn.run as run_module
+
+    monkeypatch.setattr(run_module, "_TORCH_THREADS", 2)
+    before = torch.get_num_threads()
+    try:
+        code, _, err = run_cli(["train", *TINY, f"out_dir={tmp_path}", "name=a"], capsys)
+        assert code == 0 and torch.get_num_threads() == 1
+        (line,) = [x for x in err if x.startswith("CPU threads:")]
+        assert (
+            "CPU threads: 1 (8x8 images" in line
+            and "CPU threads: 1" in (tmp_path / "a" / "train.log").read_text()
+        )
+        assert run_module.set_threads(None, 32, torch.device("cpu")).startswith(
+            "CPU threads: 2 (torch's default"
+        )
+        assert run_module.set_threads(3, 8, torch.device("cpu")) == "CPU threads: 3 (engine.threads)"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_docs_link_only_to_files_in_the_repository():
+    import re
+
+    for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        text = doc.read_text()
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+            assert (doc.parent / target).exists(), f"{doc.name} links {target}"
+        for name in re.findall(
+            r"\b[A-Z_]{4,}\.md\b", text
+        ):  # DESIGN.md lives beside the repository, not in it
+            assert (ROOT / name).exists() or (ROOT / "docs" / name).exists(), f"{doc.name} names {name}"
