@@ -148,6 +148,7 @@ def safe_image_folder(path: str, transform, loader):
                 class_dir = os.path.join(directory, name)
                 home = os.path.realpath(class_dir)
                 visited = {home}
+                walk = []
                 for root, dirs, files in os.walk(class_dir, followlinks=True):
                     keep = []
                     for d in sorted(dirs):
@@ -158,6 +159,8 @@ def safe_image_folder(path: str, transform, loader):
                             visited.add(real)
                             keep.append(d)
                     dirs[:] = keep
+                    walk.append((root, files))
+                for root, files in sorted(walk):  # torchvision's order: a tree without links reads as before
                     for f in sorted(files):
                         path = os.path.join(root, f)
                         if not has_file_allowed_extension(path, extensions):

@@ -130,3 +130,14 @@ def test_a_folder_with_one_class_is_refused(tmp_path) -> None:
     make_tree(tmp_path, classes=("cat",))
     with pytest.raises(DataError, match="a classifier needs at least two classes"):
         load_datasets("folder", str(tmp_path))
+
+
+def test_a_tree_without_links_reads_exactly_as_torchvision_reads_it(tmp_path) -> None:
+    from torchvision.datasets import ImageFolder
+
+    make_tree(tmp_path, per_class=2)
+    for sub in ("a", "a b", "a/x"):  # nested folders whose walk order differs from their sorted order
+        (tmp_path / "train" / "cat" / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "cat" / sub / "n.png")
+    train, _ = load_datasets("folder", str(tmp_path))
+    assert train.folder.samples == ImageFolder(str(tmp_path / "train")).samples
