@@ -22,6 +22,7 @@ from locallearn.data.imagefolder import make_loader
 from locallearn.engine import checkpoint
 from locallearn.engine.compile import compile_blocks
 from locallearn.engine.errors import NonFiniteLossError, check_metrics
+from locallearn.engine.threads import set_threads
 from locallearn.lifecycle import RunLifecycle
 from locallearn.metrics.memory import ActivationMeter
 from locallearn.report import epoch_row, log_epoch, record_measurements, run_summary
@@ -37,28 +38,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-# Images this small (8x8 digits) give kernels too short for intra-op threads to pay off: the quick start's
-# step took 187 ms at 2 threads on a quiet 2-core machine, and with two busy programs beside it 722 ms at
-# 2 threads vs 292 ms at 1 (issue 28). Larger images keep torch's default (one thread per core).
-ONE_THREAD_UP_TO_PX = 16
-
-
-_TORCH_THREADS = torch.get_num_threads()  # torch's default, before any run of this process set its own
-
-
-def set_threads(threads: int | None, image_size: int, device: torch.device) -> str:
-    """Set ``engine.threads``, or the default for the data (1 thread for images up to 16 px on a CPU,
-    else torch's own); returns the line the run logs (the count changes speed, and float sums' last bits)."""
-    if threads:
-        why = "engine.threads"
-    elif device.type == "cpu" and image_size <= ONE_THREAD_UP_TO_PX:
-        threads, why = 1, f"{image_size}x{image_size} images gain nothing from more; set engine.threads=N"
-    else:
-        threads, why = _TORCH_THREADS, "torch's default, one per core; set engine.threads=N"
-    torch.set_num_threads(threads)
-    return f"CPU threads: {threads} ({why})"
 
 
 class Run(RunLifecycle):

@@ -211,7 +211,7 @@ def test_help_opens_with_what_the_tool_does_and_resume_names_every_key_it_accept
 
 
 def test_small_images_default_to_one_thread_and_the_log_says_so(tmp_path, capsys, monkeypatch):
-    import locallearn.run as run_module
+    import locallearn.engine.threads as run_module
 
     monkeypatch.setattr(run_module, "_TORCH_THREADS", 2)
     before = torch.get_num_threads()
