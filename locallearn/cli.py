@@ -275,7 +275,10 @@ def cmd_list(args: argparse.Namespace) -> None:
     print(f"  all names: {', '.join(method_names())}")
     print("tasks:\n  " + ", ".join(TASKS))
     print("datasets:\n  " + ", ".join(DATASETS))
-    print("  folder: data.root=DIR with train/<class>/* and val/<class>/*, data.image_size=N (default 224)")
+    print(
+        "  folder: data.root=DIR with train/<class>/* and val/<class>/*, data.image_size=N (default 224);\n"
+        "    batch, lr and epochs default to values sized to the folder (docs/usage.md)"
+    )
     print("split tables (model.split=NAME model.num_blocks=K):")
     for table, arches in TABLES.items():
         for arch, ks in arches.items():
