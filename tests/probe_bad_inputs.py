@@ -20,11 +20,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script, ``tests`` is not on the path
@@ -42,6 +44,7 @@ class Case:
     message: str  # a part of the one error line
     train: bool = True  # a `train` case: no run directory may remain in {dir}/runs
     env: dict[str, str] | None = None  # set for the case ({dir} filled in), e.g. an empty weights cache
+    prepare: Callable[[Path], None] | None = None  # makes what only this case needs (a finished run)
 
 
 class CodeRunner:
@@ -73,6 +76,18 @@ def make_files(d: Path) -> None:
     (d / "evilmod.py").write_text(f"open({str(d / 'code-ran')!r}, 'w')\nmake = None\n")
     (d / "modrun").mkdir(exist_ok=True)
     torch.save({**evil, "config": {"model": {"backbone": "evilmod:make"}}}, d / "modrun" / "checkpoint.pt")
+    # files that are not checkpoints at all (issue 28.12)
+    np.save(d / "array.npy", np.zeros(3))
+    (d / "notes.txt").write_text("not a checkpoint\n")
+    (d / "random.pt").write_bytes(np.random.default_rng(0).bytes(2048))
+    # a folder dataset of one class (issue 28.13)
+    for split in ("train", "val"):
+        (d / "oneclass" / split / "cat").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "oneclass" / split / "cat" / "0.png")
+    # a model factory that raises (issue 28.11)
+    (d / "raising_factory.py").write_text(
+        "def make(num_classes):\n    raise RuntimeError('no such weights')\n"
+    )
     # a run directory whose process was killed during its first save (issue 22.6)
     killed = d / "killed"
     killed.mkdir(exist_ok=True)
@@ -89,6 +104,31 @@ OFFLINE = {
     "LOCALLEARN_OFFLINE": "1",
     "HF_HUB_OFFLINE": "1",
 }
+
+
+def finished_run(d: Path) -> None:
+    """``{dir}/done``: a finished one-epoch run of a torchvision model on a 2-class folder (exportable)."""
+    for split in ("train", "val"):
+        for c in range(2):
+            folder = d / "pics" / split / f"c{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(3):
+                Image.fromarray(np.full((8, 8, 3), 100 * c + i, np.uint8)).save(folder / f"{i}.png")
+    from locallearn.config import load_config
+    from locallearn.runner import Run
+
+    model = [
+        "model.backbone=torchvision:resnet18",
+        "method.name=dgl",
+        "data.name=folder",
+        f"data.root={d}/pics",
+    ]
+    cfg = load_config(
+        None, [*TINY, *model, "data.image_size=32", "data.batch_size=6", f"out_dir={d}", "name=done"]
+    )
+    Run(cfg, quiet=True).fit()
+
+
 SR = ["-c", str(ROOT / "configs/super_resolution/smoke_edsr_tiny_photos.yaml")]
 OUT = "out_dir={dir}/runs"
 CASES = [
@@ -191,6 +231,39 @@ CASES = [
         2,
         "model.kwargs.in_chans",
     ),
+    # -- issue 28
+    Case("yaml-directory", ["train", "-c", "{dir}", OUT], 2, "is a directory"),
+    Case("eval-npy", ["eval", "{dir}/array.npy"], 2, "is not a checkpoint", train=False),
+    Case("eval-text", ["eval", "{dir}/notes.txt"], 2, "is not a checkpoint", train=False),
+    Case("eval-random-bytes", ["eval", "{dir}/random.pt"], 2, "is not a checkpoint", train=False),
+    Case(
+        "folder-one-class",
+        ["train", *TINY, "data.name=folder", "data.root={dir}/oneclass", OUT],
+        2,
+        "a classifier needs at least two classes",
+    ),  # fmt: skip
+    Case(
+        "factory-raises",
+        ["train", *TINY, "model.backbone=raising_factory:make", OUT],
+        2,
+        "building the model raised RuntimeError: no such weights",
+    ),  # fmt: skip
+    Case(
+        "export-missing-dir",
+        ["export", "{dir}/done", "{dir}/nowhere/m.pt"],
+        2,
+        "does not exist",
+        train=False,
+        prepare=lambda d: finished_run(d),
+    ),
+    Case(
+        "export-to-a-directory",
+        ["export", "{dir}/done", "{dir}"],
+        2,
+        "is a directory",
+        train=False,
+        prepare=lambda d: finished_run(d),
+    ),  # fmt: skip
     # -- a run killed during its first save (issue 22.6)
     Case(
         "resume-never-started",
@@ -271,6 +344,7 @@ def run_in_process(case: Case, d: Path) -> Result:
     from locallearn.cli import main
 
     err = io.StringIO()
+    sys.path.insert(0, str(d))  # as ``python -m`` run in ``d`` has it: a case's own module imports
     with (
         environment(case_env(case, d)),
         contextlib.redirect_stderr(err),
@@ -286,6 +360,8 @@ def run_in_process(case: Case, d: Path) -> Result:
 
             traceback.print_exc(file=err)
             code = 1
+        finally:
+            sys.path.remove(str(d))
     return check(case, code, err.getvalue(), d)
 
 
@@ -296,6 +372,8 @@ def probe(cases: list[Case], runner=run_process, report=print) -> list[Result]:
         with tempfile.TemporaryDirectory(prefix=f"probe-{case.id}-") as tmp:
             d = Path(tmp)
             make_files(d)
+            if case.prepare is not None:
+                case.prepare(d)
             result = runner(case, d)
         status = "ok" if not result.problems else "FAIL: " + "; ".join(result.problems)
         last = (result.err.strip().splitlines() or [""])[-1]

@@ -97,15 +97,18 @@ def source_model(spec: str, num_classes: int | None = None, kwargs: dict | None 
     """Build the model ``spec`` names, untrained: ``torchvision:NAME`` (``weights=None``),
     ``timm:NAME`` (``pretrained=False``) or ``package.module:factory`` (called with
     ``num_classes=`` when it takes it), with ``kwargs`` (``model.kwargs``). Raises ``SplitError``
-    with one line if it cannot."""
+    with one line if it cannot, naming the factory and its exception when building fails."""
     kw = {**(kwargs or {}), **({} if num_classes is None else {"num_classes": num_classes})}
+    make = _factory(spec)
     try:
-        model = _factory(spec)(**kw)
-    except TypeError as e:  # an argument the constructor does not take
-        if not kwargs:
-            raise
-        reason = (str(e).strip().splitlines() or ["TypeError"])[0][:200]
-        raise SplitError(f"model.backbone={spec} with model.kwargs={kwargs}: {reason}") from None
+        model = make(**kw)
+    except Exception as e:  # the user's factory (or the library's constructor) failed: one line naming it
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        if kwargs and isinstance(e, TypeError):  # most likely an argument the constructor does not take
+            raise SplitError(f"model.backbone={spec} with model.kwargs={kwargs}: {first}") from None
+        raise SplitError(
+            f"model.backbone={spec}: building the model raised {type(e).__name__}: {first}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise SplitError(
             f"model.backbone={spec}: the factory returned a {type(model).__name__}, not an nn.Module"
