@@ -95,9 +95,21 @@ def wrap(
         try:
             backbone = external.from_module(model, cut_at, example_input=x, name=name, head_at=head_at)
         except ValueError as e:
+            takes = external.first_conv_channels(model)
+            if takes is not None and takes != in_chans and "fails on a" in str(e):
+                raise ConfigError(
+                    f"wrap({name}): the model takes {takes}-channel images but in_chans={in_chans}; pass "
+                    f"in_chans={takes} (the channels of the images step() will see)"
+                ) from None
             raise ConfigError(str(e)) from None
         if num_classes is None:
             num_classes = backbone.num_outputs
+        elif backbone.num_outputs not in (None, num_classes):
+            raise ConfigError(
+                f"wrap({name}, num_classes={num_classes}): the model's classifier outputs "
+                f"{backbone.num_outputs} classes; build the model with {num_classes} (e.g. "
+                f"resnet18(num_classes={num_classes})) or leave num_classes out"
+            )
     elif not isinstance(model, str):
         raise TypeError(f"wrap: model must be a name or an nn.Module, got {type(model).__name__}")
     else:

@@ -14,7 +14,15 @@ from typing import Any
 
 from torch import nn
 
-from locallearn.backbones import edsr, external, resnet_cifar, torchvision_resnet, torchvision_vgg, vit
+from locallearn.backbones import (
+    edsr,
+    external,
+    resnet_cifar,
+    torchvision_resnet,
+    torchvision_vgg,
+    vit,
+    weights,
+)
 from locallearn.backbones.base import Backbone
 from locallearn.backbones.sources import trust_modules, untrusted  # noqa: F401 (re-exported: resume, API)
 from locallearn.backbones.torchvision_adapter import read_state_dict
@@ -136,7 +144,9 @@ def refuse_moved_options(cfg: Config) -> None:
         )
 
 
-def external_backbone(cfg: Config, inputs: InputInfo, num_classes: int) -> Backbone:
+def external_backbone(
+    cfg: Config, inputs: InputInfo, num_classes: int, load_weights: bool = True
+) -> Backbone:
     """``torchvision:NAME`` / ``timm:NAME`` / ``package.module:factory`` split at ``model.cut_at``
     (default: its stages) and checked against the model; a classification model gets the data's
     classes (its classifier becomes the task head)."""
@@ -145,9 +155,19 @@ def external_backbone(cfg: Config, inputs: InputInfo, num_classes: int) -> Backb
             f"model.droprate applies to the listed backbones; {cfg.model.backbone} keeps its own"
         )
     classes = num_classes if cfg.task.name == "classification" else None
+    kwargs = dict(cfg.model.kwargs)
     try:
+        if load_weights and cfg.model.weights and cfg.model.backbone.startswith("timm:"):
+            # timm loads its own file (its filter resizes position embeddings, drops another classifier)
+            kwargs.update(weights.timm_kwargs(cfg.model.backbone, cfg.model.weights))
         return external.from_spec(
-            cfg.model.backbone, classes, inputs.channels, inputs.size, cfg.model.cut_at, cfg.model.head_at
+            cfg.model.backbone,
+            classes,
+            inputs.channels,
+            inputs.size,
+            cfg.model.cut_at,
+            cfg.model.head_at,
+            kwargs,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -159,7 +179,11 @@ def source_model(cfg: Config, num_classes: int) -> nn.Module:
     torchvision's own class for a listed torchvision ResNet. ``ConfigError`` for other backbones."""
     name = cfg.model.backbone
     if external.is_spec(name):
-        return external.source_model(name, num_classes if cfg.task.name == "classification" else None)
+        classes = num_classes if cfg.task.name == "classification" else None
+        try:
+            return external.source_model(name, classes, cfg.model.kwargs)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if name in torchvision_resnet.FACTORIES:
         from torchvision import models
 
@@ -168,11 +192,23 @@ def source_model(cfg: Config, num_classes: int) -> nn.Module:
     raise ConfigError(f"backbone {name} has no source model outside locallearn to export to")
 
 
-def load_pretrained_backbone(backbone: Backbone, name: str, path: str) -> None:
+def weights_file(cfg: Config) -> Path:
+    """``model.weights``: the cached (or just downloaded) file of the named weights; ``ConfigError``
+    in one line saying where it looked when there is none."""
+    try:
+        if cfg.model.backbone.startswith("timm:"):
+            return weights.timm_file(cfg.model.backbone, cfg.model.weights)[0]
+        return weights.torchvision_file(cfg.model.backbone, cfg.model.weights)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def load_pretrained_backbone(
+    backbone: Backbone, name: str, path: str, what: str = "model.pretrained"
+) -> None:
     """``model.pretrained=FILE``: a state dict of exactly this torchvision architecture (ImageNet
     weights: ``resnet50-0676ba61.pth``, ...; dilated ResNets take their plain ResNet's file); the
     torchvision classifier in the file is ignored. One-line ``ConfigError`` otherwise."""
-    what = "model.pretrained"
     load = getattr(backbone, "load_pretrained", None)
     if load is None:
         raise ConfigError(
@@ -220,11 +256,20 @@ def check_config(cfg: Config, load_weights: bool = True) -> None:
             f"unknown backbone {cfg.model.backbone!r}; choose from {sorted(BACKBONES)}, or any model as "
             "torchvision:NAME, timm:NAME or package.module:factory"
         )
-    elif cfg.model.cut_at is not None or cfg.model.head_at is not None:
-        key = "model.cut_at" if cfg.model.cut_at is not None else "model.head_at"
-        raise ConfigError(
-            f"{key} applies to torchvision:NAME, timm:NAME and package.module:factory backbones"
+    elif cfg.model.cut_at is not None or cfg.model.head_at is not None or cfg.model.kwargs:
+        key = next(
+            k for k, v in (("cut_at", cfg.model.cut_at), ("head_at", cfg.model.head_at), ("kwargs", 1)) if v
         )
+        raise ConfigError(
+            f"model.{key} applies to torchvision:NAME, timm:NAME and package.module:factory backbones"
+        )
+    if cfg.model.weights and not cfg.model.backbone.startswith(("torchvision:", "timm:")):
+        raise ConfigError(
+            f"model.weights names torchvision's or timm's weights; for {cfg.model.backbone} give the "
+            "file: model.pretrained=FILE"
+        )
+    if load_weights and cfg.model.weights:
+        weights_file(cfg)  # fail before any data is read: not cached and not downloadable
     if cfg.task.name not in TASKS:
         raise ConfigError(f"unknown task {cfg.task.name!r}; choose from {sorted(TASKS)}")
     refuse_moved_options(cfg)
@@ -264,10 +309,18 @@ def build_model(
     ``init_model``). False when a checkpoint is loaded over the model next (resume, eval): the files
     are then neither needed nor read. ``backbone``: an already built one (``locallearn.wrap`` of a
     model object, split by ``external.from_module``) instead of ``model.backbone``'s."""
+    named = cfg.model.backbone.startswith(("torchvision:", "timm:"))
+    built_here = backbone is None and external.is_spec(cfg.model.backbone)
+    if (cfg.model.weights and not named) or (cfg.model.kwargs and not built_here):
+        key = "model.weights" if cfg.model.weights and not named else "model.kwargs"
+        raise ConfigError(
+            f"{key} applies to a model built from its name (torchvision:NAME, timm:NAME"
+            f"{'' if key == 'model.weights' else ', package.module:factory'}), not to {cfg.model.backbone}"
+        )
     if backbone is not None:
         pass
     elif external.is_spec(cfg.model.backbone):
-        backbone = external_backbone(cfg, inputs, num_classes)
+        backbone = external_backbone(cfg, inputs, num_classes, load_weights)
     else:
         backbone = build_backbone(
             cfg.model.backbone, inputs.channels, droprate=cfg.model.droprate, image_size=inputs.size
@@ -276,6 +329,8 @@ def build_model(
         # before the aux nets are built: the copies of later layers made at build time (MAN's
         # ``init: copy``, MLAAN's chain) start from the pretrained layers; re-initialised ones stay so
         load_pretrained_backbone(backbone, cfg.model.backbone, cfg.model.pretrained)
+    if cfg.model.weights and load_weights and cfg.model.backbone.startswith("torchvision:"):
+        load_pretrained_backbone(backbone, cfg.model.backbone, str(weights_file(cfg)), "model.weights")
     method = build_method(cfg.method.name, cfg.method.options)
     task = build_task(cfg, num_classes)
     k_total = cfg.model.num_blocks

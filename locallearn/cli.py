@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -36,7 +39,35 @@ QUICKSTART = {
 
 
 class Interrupted(Exception):
-    """Ctrl-C during a run; the message says what the run directory holds."""
+    """Ctrl-C (or SIGTERM) during a run; the message says what the run directory holds."""
+
+    def __init__(self, message: str, code: int = 130) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler's stop): handled exactly as Ctrl-C, so the checkpoint on disk
+    stays intact (a save in progress removes its temp file) and the run resumes exactly; exit 143."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While training, SIGTERM raises ``Terminated`` (a ``KeyboardInterrupt``) instead of killing the
+    process where it stands (Python's default for SIGTERM: no cleanup, no message, a lock left behind)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave the default
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def quickstart_base(overrides: list[str]) -> dict | None:
@@ -63,7 +94,10 @@ def quickstart_base(overrides: list[str]) -> dict | None:
 def fit(run):
     try:
         return run.fit()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated):
+            message = run.interrupted_message().replace("interrupted", "terminated (SIGTERM)", 1)
+            raise Interrupted(message, 143) from None
         raise Interrupted(run.interrupted_message()) from None
 
 
@@ -146,6 +180,7 @@ def data_label(run) -> str:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from locallearn.config import dump_yaml, load_config
+    from locallearn.data.folder_defaults import folder_defaults
     from locallearn.launch import comparison_config, make_run, resume_run, resumed_config
 
     if args.resume and args.print_config:
@@ -165,6 +200,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.config is None and not args.quickstart:
         base = quickstart_base(args.overrides)
     cfg = load_config(args.config, args.overrides, base=base)
+    cfg, defaults_note = folder_defaults(
+        lambda ours: load_config(args.config, args.overrides, base=ours), cfg
+    )
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return
@@ -173,6 +211,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     for c in configs:
         run = make_run(c)
         setup_logging(run.run_dir if run.is_main else None, verbose=run.is_main)
+        if defaults_note:
+            log.info(defaults_note)
         n = run.model.frozen_blocks
         log.info(
             "training %s on %s (K=%d, cuts %s%s) -> %s",
@@ -194,7 +234,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     setup_logging()
     result = evaluate_checkpoint(args.checkpoint, args.device)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(finite_json(result), indent=2, allow_nan=False))
+
+
+def finite_json(value):
+    """``value`` with NaN and infinities as ``null``: ``json.dumps`` would write a bare ``NaN``, which
+    strict JSON parsers refuse (a checkpoint whose weights went NaN evaluates to a NaN loss)."""
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -225,7 +277,10 @@ def cmd_list(args: argparse.Namespace) -> None:
     print(f"  all names: {', '.join(method_names())}")
     print("tasks:\n  " + ", ".join(TASKS))
     print("datasets:\n  " + ", ".join(DATASETS))
-    print("  folder: data.root=DIR with train/<class>/* and val/<class>/*, data.image_size=N (default 224)")
+    print(
+        "  folder: data.root=DIR with train/<class>/* and val/<class>/*, data.image_size=N (default 224);\n"
+        "    batch, lr and epochs default to values sized to the folder (docs/usage.md)"
+    )
     print("split tables (model.split=NAME model.num_blocks=K):")
     for table, arches in TABLES.items():
         for arch, ks in arches.items():
@@ -295,8 +350,26 @@ def trusted_modules(args: argparse.Namespace) -> list[str]:
     return named
 
 
+DESCRIPTION = (
+    "Supervised local learning for PyTorch vision models: a network is cut into K gradient-isolated "
+    "blocks, each trained by its own small auxiliary network (DGL, InfoPro, MAN++, ...) instead of "
+    "end-to-end backpropagation. `locallearn train` with no arguments runs the offline quick start; "
+    "`locallearn list` shows the models, methods and datasets."
+)
+
+
+def resume_help() -> str:
+    from locallearn.resume import SAFE_ON_RESUME
+
+    return (
+        "continue a run from its directory or checkpoint.pt; overrides may change only "
+        + ", ".join(SAFE_ON_RESUME)
+        + " (optim.epochs not below the epochs trained)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="locallearn", description=__doc__)
+    parser = argparse.ArgumentParser(prog="locallearn", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
         "train",
@@ -310,8 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume",
         metavar="RUN",
-        help="continue a run from its directory or checkpoint.pt; overrides may change only optim.epochs, "
-        "checkpoint_every, engine.device/threads/measure_memory/dist_timeout_s and data.num_workers",
+        help=resume_help(),
     )
     train.add_argument("--quickstart", action="store_true", help="start from the quick-start settings")
     add_trust_argument(train)
@@ -367,7 +439,11 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         with trust_modules(trusted_modules(args)):
-            args.func(args)
+            if args.func is cmd_train:
+                with sigterm_as_interrupt():
+                    args.func(args)
+            else:
+                args.func(args)
     except (ConfigError, DataError, CheckpointError, DistributedError) as e:
         fail(str(e))
     except DivergedError as e:
@@ -376,9 +452,12 @@ def main(argv: list[str] | None = None) -> None:
         where = f" {e.filename!r}" if e.filename else ""
         fail(f"cannot read or write{where}: {e.strerror or e}", 1)
     except Interrupted as e:
-        fail(str(e), 130)
-    except KeyboardInterrupt:
-        fail("interrupted before training started: nothing was saved", 130)
+        fail(str(e), e.code)
+    except KeyboardInterrupt as e:
+        fail(
+            "interrupted before training started: nothing was saved",
+            143 if isinstance(e, Terminated) else 130,
+        )
 
 
 if __name__ == "__main__":

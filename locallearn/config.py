@@ -84,8 +84,32 @@ class ModelConfig:
     # counted from the input): no backward, no optimizer step, no EMA sync, and they stay in eval mode
     # (batch-norm running statistics stay as loaded, dropout off); still scored per block. 0 <= N < K.
     frozen_blocks: int = 0
+    # backbone=torchvision:NAME | timm:NAME | package.module:factory: keyword arguments of its constructor
+    # (model.kwargs.img_size=64, or 'model.kwargs={img_size: 64, drop_path_rate: 0.1}'); the number of
+    # classes comes from the data, pretrained weights from model.weights
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # pretrained weights by name: torchvision's weights enum member (DEFAULT, IMAGENET1K_V2, ...) or timm's
+    # ``pretrained`` / a tag, from that library's cache (backbones/weights.py); docs/backbones.md "Any model"
+    weights: str = ""
 
     def __post_init__(self) -> None:
+        bad = [k for k in self.kwargs if not isinstance(k, str) or not k.isidentifier()]
+        if bad:
+            raise ConfigError(f"model.kwargs: keys must be argument names, got {bad[0]!r}")
+        # initial weights come from model.weights / model.pretrained, read as tensors only
+        weights = "model.weights / model.pretrained"
+        taken = {
+            "num_classes": "the data's classes",
+            **dict.fromkeys(("pretrained", "weights", "pretrained_cfg", "pretrained_cfg_overlay"), weights),
+            "checkpoint_path": weights,
+        }
+        for key, where in taken.items():
+            if key in self.kwargs:
+                raise ConfigError(
+                    f"model.kwargs.{key}: set by locallearn ({where}); leave it out of model.kwargs"
+                )
+        if self.weights and self.pretrained:
+            raise ConfigError("model.weights and model.pretrained both name initial weights; set one")
         if not 0 <= self.frozen_blocks < max(self.num_blocks, 1):
             raise ConfigError(
                 f"model.frozen_blocks must lie in 0..{self.num_blocks - 1} (the last of the "
@@ -342,7 +366,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            # ``{a: 1,b: 2}`` unquoted: the shell's brace expansion made two words, each a string
+            hint = (
+                "; quote the braces or write key.sub=value" if isinstance(value, str) and ":" in value else ""
+            )
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}{hint}")
         return dict(value)
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return _float(value, where)
@@ -457,6 +485,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; -c takes a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:

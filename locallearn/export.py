@@ -17,12 +17,15 @@ with ``strict=True`` and its eval-mode outputs equal the run's model's on one ba
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from locallearn.config import ConfigError
+from locallearn.engine import checkpoint
+from locallearn.rundir import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -65,26 +68,42 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     )
 
 
-def how_to_load(backbone: str, num_classes: int, path: str) -> str:
-    """The Python line that rebuilds the source model and loads the exported file."""
+def how_to_load(backbone: str, num_classes: int, path: str, kwargs: dict | None = None) -> str:
+    """The Python line that rebuilds the source model (with ``model.kwargs``) and loads the exported file."""
     prefix, _, rest = backbone.partition(":")
+    extra = "".join(f", {k}={v!r}" for k, v in (kwargs or {}).items())
     if prefix == "torchvision" or not rest:
         arch = rest or backbone.removesuffix("_d8")
-        make = f"torchvision.models.get_model({arch!r}, num_classes={num_classes})"
+        make = f"torchvision.models.get_model({arch!r}, num_classes={num_classes}{extra})"
     elif prefix == "timm":
-        make = f"timm.create_model({rest!r}, num_classes={num_classes})"
+        make = f"timm.create_model({rest!r}, num_classes={num_classes}{extra})"
     else:
-        make = f"{prefix}.{rest}(...)"
+        make = f"{prefix}.{rest}({extra.removeprefix(', ') or '...'})"
     return f"{make}.load_state_dict(torch.load({path!r}))"
+
+
+def check_destination(out: Path) -> Path:
+    """Refuse, before any work, a destination the export cannot be written to (one line each)."""
+    if out.is_dir():
+        raise ExportError(
+            f"{str(out)!r} is a directory; name the file to write (e.g. {str(out / 'model.pt')!r})"
+        )
+    if not out.parent.is_dir():
+        raise ExportError(f"cannot write {str(out)!r}: the directory {str(out.parent)!r} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {str(out)!r}: the directory {str(out.parent)!r} is not writable")
+    return out
 
 
 def export_run(run: str | Path, out: str | Path, device: str = "cpu") -> str:
     """Write the run's model (``RUN`` = run directory or checkpoint) to ``out`` as the source model's
     state dict, after checking a fresh source model loads it (``strict=True``) and, in eval mode,
     outputs what the run's model outputs. Returns a one-paragraph report."""
-    from locallearn.analysis.runs import data_shape, load_run
+    from locallearn.analysis.runs import checkpoint_path, data_shape, load_run
     from locallearn.build import source_model
 
+    out = check_destination(Path(out))
+    training = RunLock(checkpoint_path(run).parent).holder()  # saves are atomic: safe to read meanwhile
     loaded = load_run(run, torch.device(device))
     model, cfg = loaded.model, loaded.cfg
     state = export_state_dict(model)
@@ -107,12 +126,18 @@ def export_run(run: str | Path, out: str | Path, device: str = "cpu") -> str:
         raise ExportError(
             f"{cfg.model.backbone}: the exported model's outputs differ from the run's (max {diff:.3g})"
         )
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out)
+    checkpoint.save_atomic(out, state)
     log.info("exported %s (%d tensors) to %s", cfg.model.backbone, len(state), out)
+    if training:
+        log.warning(
+            "%s is still training (process %s): exported its last checkpoint, epoch %d of %d",
+            loaded.run_dir,
+            training,
+            loaded.epoch,
+            cfg.optim.epochs,
+        )
     return (
         f"wrote {out}: the state dict of {cfg.model.backbone} ({len(state)} tensors, epoch {loaded.epoch}, "
         f"{num_classes} classes). Loads with strict=True into the source model; eval outputs equal the "
-        f"run's (max |diff| {diff:.2g}).\n{how_to_load(cfg.model.backbone, num_classes, str(out))}"
+        f"run's (max |diff| {diff:.2g}).\n{how_to_load(cfg.model.backbone, num_classes, str(out), cfg.model.kwargs)}"
     )

@@ -23,6 +23,7 @@ from locallearn.engine import checkpoint
 from locallearn.engine.block_scores import block_metric, block_values
 from locallearn.engine.compile import compile_blocks
 from locallearn.engine.errors import NonFiniteLossError, check_metrics
+from locallearn.engine.threads import set_threads
 from locallearn.lifecycle import RunLifecycle
 from locallearn.metrics.memory import ActivationMeter
 from locallearn.report import epoch_row, log_blocks, log_epoch, record_measurements, run_summary
@@ -55,12 +56,11 @@ class Run(RunLifecycle):
         self.quiet = quiet
         check_config(cfg, load_weights)
         check_group_steps(cfg)
-        if cfg.engine.threads:
-            torch.set_num_threads(cfg.engine.threads)
         seed_everything(cfg.seed)
         self.device = select_device(cfg.engine.device)
         autocast_factory(cfg.engine.amp, self.device)  # refused before any data is read
         train_set, test_set = load_data(cfg.data)  # folder data: data.image_size, mean, std
+        self.threads_line = set_threads(cfg.engine.threads, train_set.info.size, self.device)
         self.warnings = config_warnings(cfg, len(train_set), train_set.num_classes)
         train_set, test_set = train_set.subset(cfg.data.train_subset), test_set.subset(cfg.data.test_subset)
         if cfg.data.image_size and hasattr(train_set, "min_size"):  # detection: the resize target
@@ -262,6 +262,8 @@ class Run(RunLifecycle):
                 self.train_loader.min_batch,
             )
         self.warn_at_start()
+        if self.device.type == "cpu" and self.is_main:
+            log.info(self.threads_line)
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
             if self.cfg.log.tensorboard:

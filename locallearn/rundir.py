@@ -104,6 +104,14 @@ class RunLock:
             return True
         return True
 
+    def holder(self) -> str | None:
+        """The process id in the lock file if that process is alive (another run trains here), else None."""
+        try:
+            text = self.path.read_text()
+        except OSError:
+            return None
+        return text.split()[0] if self._holder_alive(text) else None
+
     def acquire(self) -> RunLock:
         for _ in range(3):
             try:

@@ -20,11 +20,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script, ``tests`` is not on the path
@@ -41,6 +43,8 @@ class Case:
     code: int  # the documented exit code (README "Exit codes": 2 bad input, 1 I/O, 3 diverged)
     message: str  # a part of the one error line
     train: bool = True  # a `train` case: no run directory may remain in {dir}/runs
+    env: dict[str, str] | None = None  # set for the case ({dir} filled in), e.g. an empty weights cache
+    prepare: Callable[[Path], None] | None = None  # makes what only this case needs (a finished run)
 
 
 class CodeRunner:
@@ -72,6 +76,18 @@ def make_files(d: Path) -> None:
     (d / "evilmod.py").write_text(f"open({str(d / 'code-ran')!r}, 'w')\nmake = None\n")
     (d / "modrun").mkdir(exist_ok=True)
     torch.save({**evil, "config": {"model": {"backbone": "evilmod:make"}}}, d / "modrun" / "checkpoint.pt")
+    # files that are not checkpoints at all (issue 28.12)
+    np.save(d / "array.npy", np.zeros(3))
+    (d / "notes.txt").write_text("not a checkpoint\n")
+    (d / "random.pt").write_bytes(np.random.default_rng(0).bytes(2048))
+    # a folder dataset of one class (issue 28.13)
+    for split in ("train", "val"):
+        (d / "oneclass" / split / "cat").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "oneclass" / split / "cat" / "0.png")
+    # a model factory that raises (issue 28.11)
+    (d / "raising_factory.py").write_text(
+        "def make(num_classes):\n    raise RuntimeError('no such weights')\n"
+    )
     # a run directory whose process was killed during its first save (issue 22.6)
     killed = d / "killed"
     killed.mkdir(exist_ok=True)
@@ -79,6 +95,38 @@ def make_files(d: Path) -> None:
     (killed / "train.log").write_text("")
     (killed / ".checkpoint.pt.abc123.tmp").write_bytes(b"")
     (killed / ".lock").write_text(f"999999999 {socket.gethostname()}\n")  # its process is gone
+
+
+# no download may happen in a case: an empty torch hub and Hugging Face cache, downloads off
+OFFLINE = {
+    "TORCH_HOME": "{dir}/torch",
+    "HF_HOME": "{dir}/hf",
+    "LOCALLEARN_OFFLINE": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def finished_run(d: Path) -> None:
+    """``{dir}/done``: a finished one-epoch run of a torchvision model on a 2-class folder (exportable)."""
+    for split in ("train", "val"):
+        for c in range(2):
+            folder = d / "pics" / split / f"c{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(3):
+                Image.fromarray(np.full((8, 8, 3), 100 * c + i, np.uint8)).save(folder / f"{i}.png")
+    from locallearn.config import load_config
+    from locallearn.runner import Run
+
+    model = [
+        "model.backbone=torchvision:resnet18",
+        "method.name=dgl",
+        "data.name=folder",
+        f"data.root={d}/pics",
+    ]
+    cfg = load_config(
+        None, [*TINY, *model, "data.image_size=32", "data.batch_size=6", f"out_dir={d}", "name=done"]
+    )
+    Run(cfg, quiet=True).fit()
 
 
 SR = ["-c", str(ROOT / "configs/super_resolution/smoke_edsr_tiny_photos.yaml")]
@@ -145,6 +193,77 @@ CASES = [
         2,
         "cannot read",
     ),  # fmt: skip
+    # -- any model: its options and weights by name (issue 28.5 / 28.6)
+    Case(
+        "weights-not-cached",
+        ["train", *TINY, "model.backbone=torchvision:resnet18", "model.weights=DEFAULT", OUT],
+        2,
+        "resnet18-f37072fd.pth",
+        env=OFFLINE,
+    ),
+    Case(
+        "weights-timm-not-cached",
+        ["train", *TINY, "model.backbone=timm:test_resnet", "model.weights=pretrained", OUT],
+        2,
+        "not in the Hugging Face cache",
+        env=OFFLINE,
+    ),
+    Case(
+        "weights-unknown",
+        ["train", *TINY, "model.backbone=torchvision:resnet18", "model.weights=IMAGENET9", OUT],
+        2,
+        "has weights IMAGENET1K_V1, DEFAULT",
+        env=OFFLINE,
+    ),
+    Case("weights-listed", ["train", *TINY, "model.weights=DEFAULT", OUT], 2, "model.pretrained=FILE"),
+    Case(
+        "kwargs-not-taken",
+        ["train", *TINY, "model.backbone=torchvision:resnet18", "model.kwargs={bogus: 1}", OUT],
+        2,
+        "model.kwargs={'bogus': 1}",
+    ),
+    Case("kwargs-classes", ["train", *TINY, "model.kwargs.num_classes=3", OUT], 2, "the data's classes"),
+    Case("kwargs-brace-split", ["train", *TINY, "model.kwargs=img_size:64", OUT], 2, "quote the braces"),
+    Case("kwargs-listed", ["train", *TINY, "model.kwargs.depth=3", OUT], 2, "model.kwargs applies to"),
+    Case(
+        "model-channels",  # digits are 1-channel, timm's model 3
+        ["train", *TINY, "model.backbone=timm:test_resnet", OUT],
+        2,
+        "model.kwargs.in_chans",
+    ),
+    # -- issue 28
+    Case("yaml-directory", ["train", "-c", "{dir}", OUT], 2, "is a directory"),
+    Case("eval-npy", ["eval", "{dir}/array.npy"], 2, "is not a checkpoint", train=False),
+    Case("eval-text", ["eval", "{dir}/notes.txt"], 2, "is not a checkpoint", train=False),
+    Case("eval-random-bytes", ["eval", "{dir}/random.pt"], 2, "is not a checkpoint", train=False),
+    Case(
+        "folder-one-class",
+        ["train", *TINY, "data.name=folder", "data.root={dir}/oneclass", OUT],
+        2,
+        "a classifier needs at least two classes",
+    ),  # fmt: skip
+    Case(
+        "factory-raises",
+        ["train", *TINY, "model.backbone=raising_factory:make", OUT],
+        2,
+        "building the model raised RuntimeError: no such weights",
+    ),  # fmt: skip
+    Case(
+        "export-missing-dir",
+        ["export", "{dir}/done", "{dir}/nowhere/m.pt"],
+        2,
+        "does not exist",
+        train=False,
+        prepare=lambda d: finished_run(d),
+    ),
+    Case(
+        "export-to-a-directory",
+        ["export", "{dir}/done", "{dir}"],
+        2,
+        "is a directory",
+        train=False,
+        prepare=lambda d: finished_run(d),
+    ),  # fmt: skip
     # -- a run killed during its first save (issue 22.6)
     Case(
         "resume-never-started",
@@ -190,7 +309,7 @@ def fill(args: list[str], d: Path) -> list[str]:
 
 def run_process(case: Case, d: Path, timeout: float | None = None) -> Result:
     timeout = timeout or float(os.environ.get("PROBE_TIMEOUT", 300))  # seconds a case may take
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **case_env(case, d)}
     proc = subprocess.run(
         [sys.executable, "-m", "locallearn", *fill(case.args, d)],
         cwd=d,
@@ -202,12 +321,35 @@ def run_process(case: Case, d: Path, timeout: float | None = None) -> Result:
     return check(case, proc.returncode, proc.stderr, d)
 
 
+def case_env(case: Case, d: Path) -> dict[str, str]:
+    return {k: v.replace("{dir}", str(d)) for k, v in (case.env or {}).items()}
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_in_process(case: Case, d: Path) -> Result:
     """The same case through ``locallearn.cli.main`` in this process (no interpreter start-up)."""
     from locallearn.cli import main
 
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    sys.path.insert(0, str(d))  # as ``python -m`` run in ``d`` has it: a case's own module imports
+    with (
+        environment(case_env(case, d)),
+        contextlib.redirect_stderr(err),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
         try:
             main(fill(case.args, d))
             code = 0
@@ -218,6 +360,8 @@ def run_in_process(case: Case, d: Path) -> Result:
 
             traceback.print_exc(file=err)
             code = 1
+        finally:
+            sys.path.remove(str(d))
     return check(case, code, err.getvalue(), d)
 
 
@@ -228,6 +372,8 @@ def probe(cases: list[Case], runner=run_process, report=print) -> list[Result]:
         with tempfile.TemporaryDirectory(prefix=f"probe-{case.id}-") as tmp:
             d = Path(tmp)
             make_files(d)
+            if case.prepare is not None:
+                case.prepare(d)
             result = runner(case, d)
         status = "ok" if not result.problems else "FAIL: " + "; ".join(result.problems)
         last = (result.err.strip().splitlines() or [""])[-1]

@@ -201,3 +201,85 @@ def test_the_documented_own_loop_equals_step():
     assert list(ll.step(X, Y).values()) == mine
     for p, q in zip(model.state_dict().values(), ll.model.state_dict().values()):
         assert torch.equal(p, q)
+
+
+class Gained(nn.Module):
+    """Bare parameters used in the model's own forward (issue 28.3): a learnable gain after the stem
+    and a bias before the pool, as a cls token or a layer scale is."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.g = nn.Parameter(torch.full((1,), 1.5))
+        self.down1 = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.down2 = nn.Sequential(nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU())
+        self.b = nn.Parameter(torch.zeros(1, 16, 1, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.down2(self.down1(self.stem(x) * self.g))
+        return self.fc(self.pool(x + self.b).flatten(1))
+
+
+def test_a_bare_parameter_belongs_to_one_block_and_exports(recwarn):
+    ll = locallearn.wrap(Gained(), method="dgl", num_blocks=3, input_size=16, device="cpu")
+    assert not [w for w in recwarn if "duplicate" in str(w.message)]
+    owners = [[p for g in opt.param_groups for p in g["params"]] for opt in ll.trainer.optimizers]
+    every = [p for ps in owners for p in ps]
+    assert len({id(p) for p in every}) == len(every)  # no parameter in two optimizers, nor twice in one
+    net = ll.model.backbone.source_model()
+    assert [k for k, ps in enumerate(owners) if any(p is net.g for p in ps)] == [0]
+    assert [k for k, ps in enumerate(owners) if any(p is net.b for p in ps)] == [2]
+    x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+    ll.step(x, y)
+    assert float(net.g) != 1.5  # trained by block 0's loss
+    fresh = Gained()
+    fresh.load_state_dict(ll.export(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), ll.eval()(x))
+
+
+def test_a_timm_vit_through_the_api():
+    """issue 28.4: timm's ViT forward takes (x, attn_mask=None, is_causal=False); its layers are the
+    stem and one per transformer block (no module lowers the resolution), its head timm's."""
+    timm = pytest.importorskip("timm")
+    kw = {"img_size": 16, "patch_size": 4, "depth": 3, "embed_dim": 32, "num_heads": 2, "num_classes": 3}
+    ll = locallearn.wrap(timm.create_model("vit_tiny_patch16_224", **kw), method="dgl+manpp",
+                         num_blocks=2, input_size=16, device="cpu")  # fmt: skip
+    assert len(ll.model.backbone) == 4  # patch embedding + cls token + position embedding, 3 blocks
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    ll.step(x, y)
+    assert set(ll.evaluate([(x, y)])) >= {"top1", "loss"}
+    fresh = timm.create_model("vit_tiny_patch16_224", **kw)
+    fresh.load_state_dict(ll.export(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), ll.eval()(x))
+
+
+def test_wrap_refuses_another_number_of_classes_and_names_in_chans():
+    """issue 28.7 / 28.8: a 10-way model with num_classes=5, and 1-channel model with 3-channel input."""
+    with pytest.raises(locallearn.ConfigError, match="outputs 10 classes") as err:
+        locallearn.wrap(Net(classes=10), num_classes=5, num_blocks=2, input_size=16)
+    assert "\n" not in str(err.value)
+
+    class Grey(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+    with pytest.raises(locallearn.ConfigError, match="in_chans=1") as err:
+        locallearn.wrap(Grey(), num_blocks=2, input_size=16)
+    assert "\n" not in str(err.value)
+    ll = locallearn.wrap(Grey(), num_blocks=2, input_size=16, in_chans=1, mean=(0.5,), std=(0.25,))
+    ll.step(torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 0]))
+
+
+def test_options_for_a_named_model_are_refused_for_an_object():
+    for key, value in (("model.weights", "DEFAULT"), ("model.kwargs", {"depth": 2})):
+        with pytest.raises(locallearn.ConfigError, match=f"{key} applies to a model built from its name"):
+            locallearn.wrap(Net(), num_blocks=2, input_size=16, options={key: value})
+    with pytest.raises(locallearn.ConfigError, match="model.weights applies"):
+        tiny("dgl", 2, options={"model.weights": "DEFAULT"})
+    with pytest.raises(locallearn.ConfigError, match="model.kwargs applies"):
+        tiny("dgl", 2, options={"model.kwargs": {"depth": 2}})

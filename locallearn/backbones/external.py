@@ -117,16 +117,40 @@ def _tensor_names(module: nn.Module) -> dict[int, str]:
 
 
 def _key_map(module: nn.Module, theirs: dict[int, str], name: str) -> dict[str, str]:
-    ours = _tensor_names(module)
-    missing = [n for key, n in ours.items() if key not in theirs]
+    """Every state-dict name of ``module`` -> the source model's name of the same tensor (a tensor
+    may have two names here: a ``ModePair`` holds it in both modes' graphs)."""
+    ours = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    missing = [n for n, t in ours if id(t) not in theirs]
     if missing:
         raise SplitError(f"{name}: tensors not owned by the model's modules: {missing[:3]} (adapter bug)")
-    return {n: theirs[key] for key, n in ours.items()}
+    return {n: theirs[id(t)] for n, t in ours}
+
+
+def _one_owner(pieces: list[nn.Module | None], source: nn.Module, name: str) -> None:
+    """Refuse a parameter used by two pieces (the layers, then the head): each block's optimizer
+    would step it with its own loss (tied weights, a gain used before and after a cut)."""
+    theirs = _tensor_names(source)
+    owner: dict[int, int] = {}
+    for i, piece in enumerate(pieces):
+        for p in piece.parameters() if piece is not None else ():
+            j = owner.setdefault(id(p), i)
+            if j != i:
+                where = "the head" if i == len(pieces) - 1 else f"layer {i}"
+                raise SplitError(
+                    f"{name}: parameter {theirs.get(id(p), '?')!r} is used by layer {j} and by {where}; "
+                    "a parameter belongs to one block: cut where no parameter is used on both sides "
+                    "(model.cut_at / cut_at=)"
+                )
+
+
+def first_conv_channels(model: nn.Module) -> int | None:
+    """The input channels of the model's first ``Conv2d`` (its stem, in the usual module order)."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else None
 
 
 def _in_chans(model: nn.Module) -> int:
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return conv.in_channels if conv is not None else 3
+    return first_conv_channels(model) or 3
 
 
 def from_module(
@@ -157,11 +181,18 @@ def from_module(
     eval_gm = gs.trace(model, opened, False, name)
     probe = gs.probe(model, eval_gm, x, name)
     cuts, head = gs.boundaries(eval_gm, cut_at, head_at, auto_head, name)
+    units = gs.repeated_units(model) if cut_at is None and not cuts else []
+    if units:  # one resolution throughout (a ViT's tokens): a layer per transformer block
+        try:
+            return from_module(model, units, example_input, name, check, head_at, auto_head, stages)
+        except SplitError:
+            pass  # units a single tensor does not flow between: one layer, as the stage rule says
     cut_names = list(cut_at) if cut_at is not None else cuts
     t_layers, t_head = gs.pieces(train_gm, cuts, head, name, cut_names)
     e_layers, e_head = gs.pieces(eval_gm, cuts, head, name, cut_names)
     layers = [gs.pair(a, b) for a, b in zip(t_layers, e_layers)]
     head_module = gs.pair(t_head, e_head) if t_head is not None and e_head is not None else None
+    _one_owner([*layers, head_module], model, name)
     info = gs.layer_info(eval_gm, cuts, head, probe, cut_names)
     if stages is None:
         stages = [0]
@@ -267,11 +298,25 @@ def from_spec(
     size: int,
     cut_at: list[str] | None = None,
     head_at: str | None = None,
+    kwargs: dict | None = None,
 ) -> ExternalBackbone:
-    """``source_model(spec, num_classes)`` split by ``from_module`` on data of ``in_chans`` x ``size`` px."""
-    model = source_model(spec, num_classes)
+    """``source_model(spec, num_classes, kwargs)`` split by ``from_module`` on data of ``in_chans`` x
+    ``size`` px."""
+    model = source_model(spec, num_classes, kwargs)
     x = torch.randn(2, in_chans, size, size, generator=torch.Generator().manual_seed(0))
-    backbone = from_module(model, cut_at, example_input=x, name=spec, head_at=head_at)
+    try:
+        backbone = from_module(model, cut_at, example_input=x, name=spec, head_at=head_at)
+    except SplitError as e:
+        takes = first_conv_channels(model)
+        if takes is None or takes == in_chans or "fails on a" not in str(e):
+            raise
+        option = (
+            "model.kwargs.in_chans" if spec.startswith("timm:") else "a constructor argument in model.kwargs"
+        )
+        raise SplitError(
+            f"model.backbone={spec} takes {takes}-channel images but the data has {in_chans}: build it for "
+            f"{in_chans} ({option}) or give data of {takes} channels"
+        ) from None
     if num_classes is not None and backbone.num_outputs not in (None, num_classes):
         raise SplitError(
             f"model.backbone={spec} outputs {backbone.num_outputs} classes but the data has {num_classes}; "

@@ -12,6 +12,7 @@ entry); exactly one tensor may cross a cut (``crossing``).
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -41,11 +42,46 @@ class Tracer(fx.Tracer):
         return qualname not in self.opened and not _is_container(m)
 
 
+def _defaults(model: nn.Module, name: str) -> dict[str, object]:
+    """forward's arguments after the image, each fixed at its default (timm's ViT:
+    ``forward(x, attn_mask=None, is_causal=False)``); one without a default is refused."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):  # a forward without a signature: traced as it is
+        return {}
+    named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    required = [p.name for p in named if p.default is p.empty]
+    if required:
+        raise SplitError(
+            f"{name}: a backbone takes one input tensor; its forward also needs {', '.join(required)} "
+            "(no default): wrap the model in a module whose forward takes the image alone"
+        )
+    return {p.name: p.default for p in named}
+
+
+def _drop_fixed_inputs(graph: fx.Graph) -> None:
+    """Remove the placeholders of the arguments fixed at their defaults and the checks fx adds that
+    they keep that value (nothing else reads them: a fixed argument steers Python, not the graph)."""
+    for ph in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        dead, todo = {ph}, [ph]
+        while todo:
+            for user in todo.pop().users:
+                if user not in dead:
+                    dead.add(user)
+                    todo.append(user)
+        if any(n.op == "output" for n in dead):
+            continue  # returned as it is: left for ``pieces`` to refuse
+        for n in reversed([n for n in graph.nodes if n in dead]):
+            graph.erase_node(n)
+
+
 def trace(model: nn.Module, opened: set[str], train: bool, name: str) -> fx.GraphModule:
+    fixed = _defaults(model, name)
     was = model.training
     model.train(train)
     try:
-        graph = Tracer(opened).trace(model)
+        graph = Tracer(opened).trace(model, concrete_args=fixed or None)
+        _drop_fixed_inputs(graph)
     except Exception as e:  # fx raises many types for data-dependent control flow
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise SplitError(
@@ -218,6 +254,20 @@ def boundaries(
     return [nodes[i].name for i in starts], (nodes[head].name if head is not None else None)
 
 
+def repeated_units(model: nn.Module) -> list[str]:
+    """The children of the model's longest container of modules of one type with parameters (a
+    ViT's ``blocks.0`` .. ``blocks.11``, torchvision's ``encoder.layers.encoder_layer_0`` ..): where
+    layers start when no module lowers the resolution (the glossary's "one transformer block")."""
+    best: list[str] = []
+    for name, m in model.named_modules():
+        kids = list(m.named_children()) if isinstance(m, nn.Sequential | nn.ModuleList) else []
+        if len(kids) < 2 or len({type(c) for _, c in kids}) != 1:
+            continue
+        if len(kids) > len(best) and any(True for _, c in kids for _ in c.parameters()):
+            best = [f"{name}.{k}" if name else k for k, _ in kids]
+    return best
+
+
 def pieces(
     gm: fx.GraphModule, cuts: list[str], head: str | None, name: str, cut_names: list[str]
 ) -> tuple[list[fx.GraphModule], fx.GraphModule | None]:
@@ -248,15 +298,21 @@ def pieces(
                 f"{name}: cannot cut at {where!r}: {len(crossing)} tensors cross it ({names}); a skip "
                 "connection spans the cut. Cut at a module boundary where a single tensor flows."
             )
-        seg = [*[n for n in nodes[:a] if n.op == "get_attr"], *seg]
-        layers.append(_segment(gm, seg, source, crossing[0]))
+        layers.append(_segment(gm, _with_attrs(nodes, seg), source, crossing[0]))
         source = crossing[0]
     if head is None:
         return layers, None
-    seg = [n for n in nodes[:end] if n.op == "get_attr"] + [
-        n for n in nodes[stop:end] if n.op not in ("placeholder", "get_attr")
-    ]
-    return layers, _segment(gm, seg, source, output.args[0])
+    seg = [n for n in nodes[stop:end] if n.op != "placeholder"]
+    return layers, _segment(gm, _with_attrs(nodes, seg), source, output.args[0])
+
+
+def _with_attrs(nodes: list[fx.Node], seg: list[fx.Node]) -> list[fx.Node]:
+    """``seg``'s operations after the ``get_attr`` nodes they read (a bare ``nn.Parameter`` or buffer
+    of the model: a class token, a learnable gain), wherever fx placed them. Only those: a piece that
+    held every attribute read before it would put that parameter into every later block's optimizer."""
+    compute = [n for n in seg if n.op != "get_attr"]
+    used = {a for n in compute for a in n.all_input_nodes}
+    return [*(n for n in nodes if n.op == "get_attr" and n in used), *compute]
 
 
 def pair(a: fx.GraphModule, b: fx.GraphModule) -> nn.Module:

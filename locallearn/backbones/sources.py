@@ -68,7 +68,7 @@ def _factory(spec: str):
             raise SplitError(f"model.backbone={spec}: timm is not installed (pip install timm)") from None
         if not timm.is_model(rest):
             raise SplitError(f"model.backbone={spec}: timm has no model {rest!r} (timm.list_models())")
-        return lambda **kw: timm.create_model(rest, pretrained=False, **kw)
+        return lambda **kw: timm.create_model(rest, **{"pretrained": False, **kw})
     try:
         factory = pkgutil.resolve_name(spec)
     except (ImportError, AttributeError, ValueError) as e:
@@ -83,7 +83,9 @@ def _factory(spec: str):
     except (TypeError, ValueError):
         params = {}
     takes = "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    return (lambda **kw: factory(**kw)) if takes else (lambda **kw: factory())
+    if takes:
+        return lambda **kw: factory(**kw)
+    return lambda num_classes=None, **kw: factory(**kw)  # model.kwargs still go in
 
 
 def check_spec(spec: str) -> None:
@@ -91,11 +93,22 @@ def check_spec(spec: str) -> None:
     _factory(spec)
 
 
-def source_model(spec: str, num_classes: int | None = None) -> nn.Module:
+def source_model(spec: str, num_classes: int | None = None, kwargs: dict | None = None) -> nn.Module:
     """Build the model ``spec`` names, untrained: ``torchvision:NAME`` (``weights=None``),
     ``timm:NAME`` (``pretrained=False``) or ``package.module:factory`` (called with
-    ``num_classes=`` when it takes it). Raises ``SplitError`` with one line if it cannot."""
-    model = _factory(spec)(**({} if num_classes is None else {"num_classes": num_classes}))
+    ``num_classes=`` when it takes it), with ``kwargs`` (``model.kwargs``). Raises ``SplitError``
+    with one line if it cannot, naming the factory and its exception when building fails."""
+    kw = {**(kwargs or {}), **({} if num_classes is None else {"num_classes": num_classes})}
+    make = _factory(spec)
+    try:
+        model = make(**kw)
+    except Exception as e:  # the user's factory (or the library's constructor) failed: one line naming it
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        if kwargs and isinstance(e, TypeError):  # most likely an argument the constructor does not take
+            raise SplitError(f"model.backbone={spec} with model.kwargs={kwargs}: {first}") from None
+        raise SplitError(
+            f"model.backbone={spec}: building the model raised {type(e).__name__}: {first}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise SplitError(
             f"model.backbone={spec}: the factory returned a {type(model).__name__}, not an nn.Module"

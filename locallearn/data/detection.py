@@ -13,6 +13,7 @@ train2017; evaluation keeps every image.
 from __future__ import annotations
 
 import json
+import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,8 @@ from locallearn.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
 from locallearn.data.loader import EpochLoader, first_images
 from locallearn.metrics.coco_eval import quiet
 from locallearn.types import Batch, InputInfo
+
+log = logging.getLogger(__name__)
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -182,6 +185,7 @@ def read_coco(root: str | Path, split: str) -> DetectionDataset:
     cat_ids = sorted(coco.getCatIds())
     to_label = {c: i for i, c in enumerate(cat_ids)}
     names = tuple(str(coco.cats[c].get("name", c)) for c in cat_ids)
+    warn_dropped_coco(coco, where)
     files, ids, sizes, boxes, labels, ignored, ignored_labels = [], [], [], [], [], [], []
     for img_id in sorted(coco.getImgIds()):
         img = coco.imgs[img_id]
@@ -216,6 +220,34 @@ def read_coco(root: str | Path, split: str) -> DetectionDataset:
     return DetectionDataset(
         "coco", names, files, ids, sizes, boxes, labels, cat_ids, ignored, ignored_labels, coco=coco
     )
+
+
+def warn_dropped_coco(coco, where: str) -> None:
+    """One warning line counting the annotations no image will carry: those whose ``image_id`` is not
+    among the file's images, and boxes of negative width or height (dropped like torchvision's
+    sub-pixel boxes, which are not counted: the official files hold some)."""
+    anns = coco.dataset.get("annotations") or []
+    orphans = sum(1 for a in anns if a.get("image_id") not in coco.imgs)
+
+    def negative(a: dict) -> bool:
+        bbox = a.get("bbox")
+        try:
+            return a.get("image_id") in coco.imgs and (float(bbox[2]) < 0 or float(bbox[3]) < 0)
+        except (TypeError, ValueError, IndexError):
+            return False  # _coco_box names a malformed bbox as an error
+
+    flipped = sum(1 for a in anns if negative(a))
+    if orphans or flipped:
+        log.warning(
+            "%s: %d of %d annotations dropped: %d whose image_id is not among its %d images, %d with a "
+            "negative width or height",
+            where,
+            orphans + flipped,
+            len(anns),
+            orphans,
+            len(coco.imgs),
+            flipped,
+        )
 
 
 def _coco_box(ann: dict, iw: int, ih: int, where: str) -> tuple[float, ...]:

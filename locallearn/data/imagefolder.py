@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -106,6 +107,90 @@ def read_rgb(path: str):
         raise DataError(f"cannot read image {path!r}: {e}") from None
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def safe_image_folder(path: str, transform, loader):
+    """torchvision's ``ImageFolder`` over ``path``, except that symbolic links are not followed blindly
+    (``os.walk(followlinks=True)`` runs round a loop and files a link's target under the class the link
+    sits in): every image must resolve to a file inside its own class folder, each file counts once, and
+    what breaks that (a loop, a link out of its class folder, a class folder that is a link to the split
+    folder or above it) is skipped and named in one warning line."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import has_file_allowed_extension
+
+    class SafeImageFolder(ImageFolder):
+        skipped: list[str]
+
+        def find_classes(self, directory):
+            self.skipped = []
+            top = os.path.realpath(directory)
+            classes = []
+            for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+                if not entry.is_dir():
+                    continue
+                real = os.path.realpath(entry.path)
+                if _inside(top, real):  # train/cat -> .. : walking it would find every class again
+                    self.skipped.append(entry.path)
+                    continue
+                classes.append(entry.name)
+            if not classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+            return classes, {name: i for i, name in enumerate(classes)}
+
+        def make_dataset(
+            self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False
+        ):
+            seen_files: set[str] = set()
+            samples = []
+            for name, index in sorted(class_to_idx.items()):
+                class_dir = os.path.join(directory, name)
+                home = os.path.realpath(class_dir)
+                visited = {home}
+                walk = []
+                for root, dirs, files in os.walk(class_dir, followlinks=True):
+                    keep = []
+                    for d in sorted(dirs):
+                        real = os.path.realpath(os.path.join(root, d))
+                        if real in visited or not _inside(real, home):  # a loop, or out of the class
+                            self.skipped.append(os.path.join(root, d))
+                        else:
+                            visited.add(real)
+                            keep.append(d)
+                    dirs[:] = keep
+                    walk.append((root, files))
+                for root, files in sorted(walk):  # torchvision's order: a tree without links reads as before
+                    for f in sorted(files):
+                        path = os.path.join(root, f)
+                        if not has_file_allowed_extension(path, extensions):
+                            continue
+                        real = os.path.realpath(path)
+                        if not _inside(real, home) or real in seen_files:
+                            self.skipped.append(path)
+                            continue
+                        seen_files.add(real)
+                        samples.append((path, index))
+            found = {t for _, t in samples}
+            empty = sorted(name for name, i in class_to_idx.items() if i not in found)
+            if empty and not allow_empty:
+                raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}.")
+            return samples
+
+    data = SafeImageFolder(path, transform, loader=loader)
+    if data.skipped:
+        shown = ", ".join(repr(os.path.relpath(p, path)) for p in data.skipped[:3])
+        log.warning(
+            "%s: skipped %d link(s) that loop, leave their class folder or repeat an image already counted "
+            "(%s%s); each image counts once, under the class folder it is in",
+            path,
+            len(data.skipped),
+            shown,
+            ", ..." if len(data.skipped) > 3 else "",
+        )
+    return data
+
+
 def transform(train: bool, size: int):
     from torchvision import transforms as T
 
@@ -124,8 +209,6 @@ def folder(
 ) -> tuple[ImageFolderData, ImageFolderData]:
     """(train, val) of the ImageFolder tree under ``root``, ``size`` px square (default 224),
     called ``name`` (default: the folder's own name). ``DataError`` names what is missing."""
-    from torchvision.datasets import ImageFolder
-
     where = Path(root).expanduser()
     name = name or where.resolve().name or "folder"
     size = size or DEFAULT_SIZE
@@ -143,11 +226,16 @@ def folder(
                 "val/<class>/* image files (torchvision ImageFolder layout)"
             )
         try:
-            data = ImageFolder(str(path), transform(train, size), loader=read_rgb)
+            data = safe_image_folder(str(path), transform(train, size), read_rgb)
         except (FileNotFoundError, OSError) as e:
             raise DataError(f"{name}: cannot read {str(path)!r}: {e}") from None
         parts.append(ImageFolderData(data, train, size, mean, std, name))
     train_set, val_set = parts
+    if len(train_set.classes) < 2:
+        raise DataError(
+            f"{name}: {str(where / 'train')!r} holds {len(train_set.classes)} class folder(s) "
+            f"({', '.join(train_set.classes)}); a classifier needs at least two classes"
+        )
     if train_set.classes != val_set.classes:
         raise DataError(
             f"{name}: train/ and val/ hold different class folders ({train_set.classes} vs {val_set.classes})"

@@ -50,11 +50,18 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically: a temp file in the same directory, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic(path, plain({"format": FORMAT, **state}))
+
+
+def save_atomic(path: Path, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` through a temp file beside it, fsync and rename: a failed write
+    (full disk, read-only place, kill) leaves no half-written ``path`` and keeps an older one intact.
+    Raises ``CheckpointWriteError`` (an ``OSError`` naming ``path``) when the write fails."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the run's other files follow the umask
         with os.fdopen(fd, "wb") as f:
-            torch.save(plain({"format": FORMAT, **state}), f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -128,12 +135,25 @@ def _write_error(e: Exception, path: Path) -> Exception:
     return CheckpointWriteError(code, reason, str(path))
 
 
+def _torch_file(head: bytes) -> bool:
+    """Whether a file's first bytes are what ``torch.save`` writes: a zip archive, or a pickle
+    (protocol 2 to 5). A damaged archive still counts: torch then says it is truncated or corrupt."""
+    return head.startswith(b"PK") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
 def load(
     path: str | Path, map_location: str | torch.device = "cpu", require: tuple[str, ...] = REQUIRED
 ) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not _torch_file(head):  # else torch's pickle reader calls random bytes "Python objects"
+        raise CheckpointError(
+            f"{str(path)!r} is not a checkpoint: torch.save writes a zip archive (or, before torch 1.6, a "
+            "pickle), and this file is neither (a .npy, a text file, random bytes?)"
+        )
     try:
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)

@@ -72,6 +72,17 @@ def train_step(
     return outs
 
 
+def reported_losses(outs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Each block's loss as the logs show it (float64, CPU). A block with no loss of its own that the
+    next block's cascade trains (MLAAN's block 0: its aux returns a constant 0) reports that cascaded
+    loss (the next aux's ``y``), which is what its gradient comes from, instead of 0.0."""
+    values = [o["loss"].detach() for o in outs]
+    for k in range(len(outs) - 1):
+        if not outs[k]["loss"].requires_grad and "y" in outs[k + 1]:
+            values[k] = outs[k + 1]["y"].detach()
+    return torch.stack([v.float().cpu() for v in values]).double()
+
+
 def train_epoch(
     model: LocalModel,
     batches: Iterable[Batch],
@@ -102,7 +113,7 @@ def train_epoch(
         schedule.step()
         sync_device(device)
         step_times.append(time.perf_counter() - t0)
-        step_losses = torch.stack([o["loss"].detach().float().cpu() for o in outs]).double()
+        step_losses = reported_losses(outs)
         check_finite(step_losses, n_batches)
         losses += step_losses
         n_batches += 1

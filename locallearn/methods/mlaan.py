@@ -6,7 +6,8 @@ MLM (PRIOR_ART §7.4): every block k >= 1 has two losses. The *independent* one 
 detached input, block k on that, and the result goes through the LAM chain of cut k and a GAP + local
 head. Loss ``wx * L_independent + wy * L_cascaded`` with wx = 0.001, wy = 0.999; the gradient reaches
 blocks k-1 and k only (the engine's window 2). Block 0 has no loss of its own, as in the official code:
-it learns through the cascade of cut 1. The last block: ``wx * L(head(x)) + wy * L(head(y))``, x its
+it learns through the cascade of cut 1, and the logs report that cascaded loss as block 0's
+(``engine.sequential.reported_losses``). The last block: ``wx * L(head(x)) + wy * L(head(y))``, x its
 output, y the cascade through blocks K-2 and K-1.
 
 LAM (PRIOR_ART §7.3): the chain of cut k is made of trainable copies of later backbone layers that

@@ -97,7 +97,10 @@ def test_split_equals_the_model_in_train_and_eval_mode(name: str) -> None:
     backbone = from_module(model, example_input=x, name=name)
     assert len(backbone) >= 2 and backbone.num_outputs == 3
     assert_same_as_source(model, backbone, x)
-    # every tensor of the model belongs to exactly one place: a layer or the head
+    # every parameter of the model belongs to exactly one place: a layer or the head
+    pieces = [*backbone.layers, backbone.source_head()]
+    owned = [id(p) for piece in pieces if piece is not None for p in piece.parameters()]
+    assert sorted(owned) == sorted(id(p) for p in model.parameters())
     ours = {id(p) for p in backbone.parameters()} | {id(p) for p in backbone.source_head().parameters()}
     assert ours == {id(p) for p in model.parameters()}
 
@@ -214,3 +217,64 @@ def test_head_at_moves_a_classifier_that_starts_before_the_pool() -> None:
     with pytest.raises(ConfigError, match="no module 'classifer'"):
         args = ["model.backbone=torchvision:squeezenet1_1", "model.head_at=classifer", "model.num_blocks=2"]
         build_model(load_config(None, args), inputs, 5)
+
+
+class Tied(nn.Module):
+    """One gain used on both sides of a cut: no block can own it alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(1))
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x) * self.g) * self.g
+
+
+class NeedsMask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * mask
+
+
+class TakesDefaults(NeedsMask):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        y = self.conv(x)
+        return (y if mask is None else y * mask) * scale  # Python control flow on the fixed defaults
+
+
+def test_a_parameter_used_on_both_sides_of_a_cut_is_refused() -> None:
+    with pytest.raises(SplitError, match="parameter 'g' is used by layer 0 and by layer 1") as err:
+        from_module(Tied(), ["b"], example_input=torch.randn(2, 3, 16, 16), name="Tied", auto_head=False)
+    assert "\n" not in str(err.value)
+
+
+def test_forward_arguments_with_defaults_are_fixed_and_others_refused() -> None:
+    """issue 28.4: a forward's other arguments at their defaults (timm's ViT takes attn_mask=None,
+    is_causal=False); one without a default cannot be given by a backbone."""
+    x = torch.randn(2, 3, 16, 16)
+    net = TakesDefaults()
+    backbone = from_module(net, example_input=x, name="TakesDefaults", auto_head=False)
+    torch.testing.assert_close(backbone(x), net(x))
+    with pytest.raises(SplitError, match="its forward also needs mask \\(no default\\)"):
+        from_module(NeedsMask(), example_input=x, name="NeedsMask")
+
+
+def test_a_vit_is_cut_at_each_transformer_block() -> None:
+    vit = timm.create_model("test_vit", img_size=32, patch_size=8, dynamic_img_size=False, num_classes=3)
+    x = torch.randn(2, 3, 32, 32)
+    backbone = from_module(vit, example_input=x, name="test_vit")
+    assert len(backbone) == 1 + len(vit.blocks) and {f.fmt for f in backbone.feature_info} == {"NLC"}
+    assert any(p is vit.cls_token for p in backbone.layers[0].parameters())
+    assert_same_as_source(vit, backbone, x)
+    # torchvision's: its blocks sit inside a custom Encoder module, opened to cut between them
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    tv = VisionTransformer(32, 8, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=3)
+    backbone = from_module(tv, example_input=x, name="vit")
+    assert len(backbone) == 4 and any(p is tv.class_token for p in backbone.layers[0].parameters())
+    assert_same_as_source(tv, backbone, x)

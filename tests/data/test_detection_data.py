@@ -188,3 +188,20 @@ def test_voc0712_joins_both_years(tmp_path) -> None:
     assert (len(train), len(test), train.name) == (2, 1, "voc0712")
     assert train.image_ids == [1, 2]  # the same stem in both years: ids fall back to positions
     assert len(train.coco_gt().getImgIds()) == 2
+
+
+def test_coco_annotations_that_no_image_carries_are_counted_in_one_warning(tmp_path, caplog) -> None:
+    """Issue 28.14: an annotation of an image not in 'images', or a box of negative width, was dropped
+    without a word."""
+    coco_fixture(tmp_path)
+    path = tmp_path / "annotations/instances_val2017.json"
+    doc = json.loads(path.read_text())
+    extra = dict(doc["annotations"][0], id=99001, image_id=4242)
+    flipped = dict(doc["annotations"][0], id=99002, bbox=[20, 20, -10, 5])
+    doc["annotations"] += [extra, flipped]
+    path.write_text(json.dumps(doc))
+    with caplog.at_level("WARNING", logger="locallearn"):
+        _, val = load_datasets("coco", str(tmp_path))
+    (line,) = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert "2 of " in line and "1 whose image_id is not among its 3 images, 1 with a negative width" in line
+    assert val.labels[0].tolist() == [0]  # the flipped box gives no target

@@ -103,3 +103,41 @@ def test_folder_refuses_different_classes_in_train_and_val(tmp_path) -> None:
     (tmp_path / "val" / "dog").rename(tmp_path / "val" / "wolf")
     with pytest.raises(DataError, match="different class folders"):
         load_datasets("folder", str(tmp_path))
+
+
+def test_symlink_loops_and_links_out_of_a_class_are_skipped_with_a_warning(tmp_path, caplog) -> None:
+    """Issue 28.10: torchvision follows links blindly (a loop counted every image many times, some under
+    the wrong class). Each image counts once, under the class folder it is in."""
+    make_tree(tmp_path, per_class=3)
+    cat = tmp_path / "train" / "cat"
+    (cat / "loop").symlink_to(tmp_path / "train")  # cat/loop/dog/0.png would be a dog filed as a cat
+    (cat / "self").symlink_to(cat)
+    (cat / "dog0.png").symlink_to(tmp_path / "train" / "dog" / "0.png")
+    (cat / "again.png").symlink_to(cat / "1.png")
+    (tmp_path / "train" / "all").symlink_to(tmp_path / "train")  # a class folder that is the split itself
+    with caplog.at_level("WARNING", logger="locallearn"):
+        train, _ = load_datasets("folder", str(tmp_path))
+    assert train.classes == ["cat", "dog"]
+    assert len(train) == 6 and sorted(train.targets) == [0, 0, 0, 1, 1, 1]
+    paths = [p for p, _ in train.folder.samples]
+    assert all(("/cat/" in p) == (t == 0) for p, t in train.folder.samples) and len(set(paths)) == 6
+    (line,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "skipped 5 link(s)" in line
+
+
+def test_a_folder_with_one_class_is_refused(tmp_path) -> None:
+    """Issue 28.13: one class trains to 100 % without learning anything."""
+    make_tree(tmp_path, classes=("cat",))
+    with pytest.raises(DataError, match="a classifier needs at least two classes"):
+        load_datasets("folder", str(tmp_path))
+
+
+def test_a_tree_without_links_reads_exactly_as_torchvision_reads_it(tmp_path) -> None:
+    from torchvision.datasets import ImageFolder
+
+    make_tree(tmp_path, per_class=2)
+    for sub in ("a", "a b", "a/x"):  # nested folders whose walk order differs from their sorted order
+        (tmp_path / "train" / "cat" / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "cat" / sub / "n.png")
+    train, _ = load_datasets("folder", str(tmp_path))
+    assert train.folder.samples == ImageFolder(str(tmp_path / "train")).samples

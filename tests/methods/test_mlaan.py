@@ -8,7 +8,7 @@ from methods_util import tiny_batch, tiny_model
 
 from locallearn.build import build_method, build_model
 from locallearn.config import ConfigError, load_config
-from locallearn.engine.sequential import train_step
+from locallearn.engine.sequential import train_epoch, train_step
 from locallearn.engine.step import Cascade, local_step
 from locallearn.methods.mlaan import leap_chain
 from locallearn.types import FeatureInfo, InputInfo
@@ -159,6 +159,21 @@ def test_last_block_keeps_both_losses_and_block_zero_has_none():
     last = outs[-1]
     assert torch.allclose(last["loss"], 0.001 * last["x"] + 0.999 * last["y"])
     assert model.window == 2
+
+
+def test_block_zero_reports_the_cascaded_loss_that_trains_it():
+    """Issue 28: the logs showed block 0's loss as 0.0 every step though cut 1's cascade trains it."""
+    from locallearn.engine.optim import StepSchedule
+
+    model, optimizers, _ = tiny_model("mlaan", k=3)
+    torch.manual_seed(1)
+    expected = train_step(model, tiny_batch(), optimizers)[1]["y"].item()
+    model, optimizers, _ = tiny_model("mlaan", k=3)
+    torch.manual_seed(1)
+    optim = load_config(None, ["optim.schedule=constant", "optim.warmup_epochs=0", "optim.lr=0.05"]).optim
+    schedule = StepSchedule(optimizers, optim, 1)
+    stats = train_epoch(model, [tiny_batch()], optimizers, schedule, torch.device("cpu"))
+    assert stats["block_losses"][0] == pytest.approx(expected) and expected > 0
 
 
 def test_mlaan_does_not_take_a_momentum_aux():
