@@ -98,3 +98,14 @@ def test_the_bp_comparison_of_a_frozen_run_has_nothing_to_freeze():
     cfg = load_config(None, ["model.num_blocks=4", "model.frozen_blocks=2", "compare=[bp,dgl]"])
     assert comparison_config(cfg, "bp").model.frozen_blocks == 0  # K=1: the head's block only
     assert comparison_config(cfg, "dgl").model.frozen_blocks == 2  # the same K: the same control
+
+
+def test_a_frozen_mlaan_block_reports_its_own_loss():
+    """MLAAN's block 0 (no loss of its own) reports cut 1's cascaded loss; a frozen block 1, whose
+    loss has no gradient, still reports its own."""
+    from locallearn.engine.sequential import reported_losses
+
+    model, opts, _ = tiny_model("mlaan", k=K, **{"model.frozen_blocks": 2})
+    outs = train_step(model.train(), tiny_batch(8), opts)
+    got = reported_losses(outs)
+    assert got[0] == outs[1]["y"].double() and got[1] == outs[1]["loss"].double()

@@ -78,7 +78,8 @@ def reported_losses(outs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     loss (the next aux's ``y``), which is what its gradient comes from, instead of 0.0."""
     values = [o["loss"].detach() for o in outs]
     for k in range(len(outs) - 1):
-        if not outs[k]["loss"].requires_grad and "y" in outs[k + 1]:
+        # no loss term of its own (a frozen block's loss has no gradient either, but it is its own)
+        if not outs[k]["loss"].requires_grad and set(outs[k]) == {"loss"} and "y" in outs[k + 1]:
             values[k] = outs[k + 1]["y"].detach()
     return torch.stack([v.float().cpu() for v in values]).double()
 
