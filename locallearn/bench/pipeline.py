@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -56,6 +57,8 @@ def sequential(
 def _rank(rank: int, world: int, port: int, spec: tuple, out: mp.Queue) -> None:
     import torch.distributed as dist
 
+    from locallearn.bench.memory import LiveMeter
+    from locallearn.bench.pipeline_torch import resident_bytes
     from locallearn.engine import distributed, pipeline
     from locallearn.engine.step import local_step
 
@@ -67,18 +70,23 @@ def _rank(rank: int, world: int, port: int, spec: tuple, out: mp.Queue) -> None:
     model, data = cell.model, synthetic_batch(batch)
     stage = pipeline.stages(sizes)[rank]
     pipe = pipeline.Pipe(ctx, 2, data.mean, data.std)
+    meter = LiveMeter(model)  # on the first step only: what this rank's blocks hold for backward at once
     dist.barrier()
     for i in range(warmup + steps):
         if i == warmup:
             t0 = time.perf_counter()
-        h, b = (data.x, data) if stage.first else pipe.recv()[1:]
-        for blk in stage.blocks:
-            h, _ = local_step(model.body(blk), model.auxes[blk], h, b, cell.optimizers[blk])
+        with meter.track() if i == 0 else nullcontext():
+            h, b = (data.x, data) if stage.first else pipe.recv()[1:]
+            for blk in stage.blocks:
+                h, _ = local_step(model.body(blk), model.auxes[blk], h, b, cell.optimizers[blk])
         if not stage.last:
             pipe.send(i, h, b, with_image=True)
     pipe.flush()
     elapsed = time.perf_counter() - t0
-    out.put((rank, elapsed, sizes))
+    blocks = [list(model.block_parameters(blk)) for blk in stage.blocks]
+    params = [p for blk in stage.blocks for m in (model.body(blk), model.auxes[blk]) for p in m.parameters()]
+    resident = resident_bytes(params, blocks, [cell.optimizers[blk] for blk in stage.blocks])
+    out.put((rank, elapsed, sizes, {"act": meter.peak, "resident": resident}))
     distributed.shutdown()
 
 
@@ -111,20 +119,31 @@ def block_sizes(backbone: str, k: int, method: str, batch: int, world: int, bala
     return pipeline.partition(costs, world)
 
 
-def pipelined(
-    backbone: str, k: int, method: str, batch: int, steps: int, warmup: int, world: int, balance: str = "time"
-):
-    sizes = block_sizes(backbone, k, method, batch, world, balance)
-    ctx = mp.get_context("spawn")
+def pipelined_runs(
+    backbone: str, k: int, method: str, batch: int, steps: int, warmup: int, world: int, sizes: list[int]
+) -> tuple[float, list[int], list[dict]]:
+    """P ranks of the pipeline engine with blocks grouped as ``sizes``: images/s (the slowest rank),
+    the sizes, and each rank's memory on its first step (``act``, ``resident`` bytes)."""
+    from locallearn.bench.pipeline_torch import context
+
+    ctx = context()
     queue, port = ctx.Queue(), _free_port()
     spec = (backbone, k, method, batch, steps, warmup, sizes)
     procs = [ctx.Process(target=_rank, args=(r, world, port, spec, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=600) for _ in procs]
+    results = sorted(queue.get(timeout=600) for _ in procs)
     for p in procs:
         p.join()
-    return steps * batch / max(e for _, e, _ in results), results[0][2]
+    return steps * batch / max(e for _, e, _, _ in results), sizes, [m for *_, m in results]
+
+
+def pipelined(
+    backbone: str, k: int, method: str, batch: int, steps: int, warmup: int, world: int, balance: str = "time"
+):
+    sizes = block_sizes(backbone, k, method, batch, world, balance)
+    ips, sizes, _ = pipelined_runs(backbone, k, method, batch, steps, warmup, world, sizes)
+    return ips, sizes
 
 
 def run(
@@ -169,6 +188,8 @@ def run(
 
 
 def add_arguments(p) -> None:
+    from locallearn.bench.pipeline_torch import DEFAULT_SCHEDULES, SCHEDULES
+
     p.add_argument("--backbone", default="resnet32")
     p.add_argument("--num-blocks", type=int, default=4)
     p.add_argument("--method", default="dgl", help="a window-1 method")
@@ -178,9 +199,48 @@ def add_arguments(p) -> None:
     p.add_argument("--max-ranks", type=int, default=4, help="largest P of the curve (P <= K)")
     p.add_argument("--balance", choices=["time", "memory"], default="time", help="how blocks are grouped")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument(
+        "--baseline",
+        choices=["none", "torch"],
+        default="none",
+        help="torch: compare with bp under torch.distributed.pipelining on --ranks ranks "
+        "(writes pipeline_torch.csv/.md instead of the speed-up curve)",
+    )
+    p.add_argument("--ranks", type=int, default=2, help="--baseline torch: P ranks (P <= K)")
+    p.add_argument("--micro-batches", type=int, default=4, help="--baseline torch: micro-batches per batch")
+    p.add_argument(
+        "--schedules",
+        nargs="+",
+        choices=sorted(SCHEDULES),
+        default=DEFAULT_SCHEDULES,
+        help="--baseline torch: torch.distributed.pipelining schedules to run",
+    )
+    p.add_argument("--repeats", type=int, default=1, help="--baseline torch: runs per setting (median)")
 
 
 def main(args) -> str:
+    if args.baseline == "torch":
+        from locallearn.bench import pipeline_torch
+        from locallearn.config import ConfigError
+
+        if not 2 <= args.ranks <= args.num_blocks:  # a bad command line: one line, exit 2
+            raise ConfigError(
+                f"--ranks must be between 2 and --num-blocks ({args.num_blocks}), got {args.ranks}"
+            )
+        return pipeline_torch.run(
+            args.backbone,
+            args.num_blocks,
+            args.method,
+            args.batch,
+            args.micro_batches,
+            args.steps,
+            args.warmup,
+            args.ranks,
+            args.out,
+            args.balance,
+            args.schedules,
+            args.repeats,
+        )
     return run(
         args.backbone,
         args.num_blocks,
