@@ -31,7 +31,12 @@ def reference(backbone: str, k: int, method: str, batch: int, micro: int) -> tup
 
 @pytest.mark.parametrize(
     "schedule, k, sizes",
-    [("1f1b", 2, [1, 1]), pytest.param("interleaved1f1b", 4, [2, 2], marks=pytest.mark.slow)],
+    [
+        ("1f1b", 2, [1, 1]),
+        pytest.param("gpipe", 4, [1, 3], marks=pytest.mark.slow),
+        pytest.param("interleaved1f1b", 4, [2, 2], marks=pytest.mark.slow),
+        pytest.param("interleavedzb", 4, [2, 2], marks=pytest.mark.slow),
+    ],
 )
 def test_torch_pipelining_baseline_is_single_process_bp(schedule, k, sizes):
     spec = dict(backbone="resnet20", k=k, method="dgl", batch=8, micro=2, steps=1, warmup=0, sizes=sizes,
@@ -67,6 +72,7 @@ def test_cli_baseline_torch_writes_tables(tmp_path):
         "gpipe",
         "1f1b",
         "interleaved1f1b",
+        "interleavedzb",
         "depth 2, no drain",
     ]
     for r in rows:
@@ -79,3 +85,17 @@ def test_cli_refuses_ranks_beyond_blocks(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "pipeline", "--baseline", "torch", "--num-blocks", "2", "--ranks", "3"])
     assert e.value.code != 0 and "--ranks must be between 2 and --num-blocks (2)" in capsys.readouterr().err
+
+
+def test_resident_bytes_counts_the_largest_gradient_group_once():
+    from torch import nn
+
+    from locallearn.bench.pipeline_torch import resident_bytes
+
+    a, b = nn.Linear(4, 4), nn.Linear(4, 2)  # 20 and 10 parameters, 4 bytes each
+    params = [*a.parameters(), *b.parameters()]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    sum(m(torch.ones(1, 4)).sum() for m in (a, b)).backward()
+    opt.step()  # momentum buffers: one per parameter
+    assert resident_bytes(params, [list(a.parameters()), list(b.parameters())], [opt]) == 4 * (30 + 20 + 30)
+    assert resident_bytes(params, [params], [opt]) == 4 * (30 + 30 + 30)

@@ -50,10 +50,10 @@ SCHEDULES: dict[str, tuple[str, bool]] = {
     "interleaved1f1b": ("ScheduleInterleaved1F1B", True),
     "interleavedzb": ("ScheduleInterleavedZeroBubble", True),
 }
-DEFAULT_SCHEDULES = ["gpipe", "1f1b", "interleaved1f1b"]
+DEFAULT_SCHEDULES = ["gpipe", "1f1b", "interleaved1f1b", "interleavedzb"]
 COLUMNS = [
     "setting", "schedule", "processes", "threads_each", "micro_batches", "stages", "images_per_s",
-    "vs_best_torch", "act_mib", "resident_mib", "total_mib", "total_vs_best_torch",
+    "images_per_s_min", "images_per_s_max", "vs_best_torch", "act_mib", "resident_mib", "total_mib", "total_vs_best_torch",
 ]  # fmt: skip
 
 
@@ -268,7 +268,7 @@ def run(
         raise ConfigError(f"unknown schedule(s) {unknown}; choose from {sorted(SCHEDULES)}")
     if warmup < 1:
         raise ConfigError("--warmup must be >= 1: the memory meter runs on the first warm-up step")
-    threads = torch.get_num_threads()
+    threads, load = torch.get_num_threads(), os.getloadavg()[0]
     sizes = block_sizes(backbone, k, method, batch, world, balance)
     notes = [
         f"model: {backbone}, K={k}, local method {method}, synthetic 32x32 batches, batch {batch} = "
@@ -341,7 +341,9 @@ def run(
     rows = []
     for name, (row, _) in settings.items():
         runs = measured[name]
-        row = dict(row, threads_each=1, images_per_s=median(r["images_per_s"] for r in runs))
+        ips = [r["images_per_s"] for r in runs]
+        row = dict(row, threads_each=1, images_per_s=median(ips), images_per_s_min=min(ips))
+        row["images_per_s_max"] = max(ips)
         row.update(act_mib=mib(runs[0]["act"]), resident_mib=mib(runs[0]["resident"]))
         row["total_mib"] = row["act_mib"] + row["resident_mib"]
         rows.append(row)
@@ -362,7 +364,8 @@ def run(
         "vs_best_torch: images/s over the fastest torch schedule's; total_vs_best_torch: total memory over "
         "the smallest torch schedule's (below 1 is better)",
         f"CPU cores visible: {os.cpu_count()}; the machine is shared with other jobs, so the images/s are "
-        f"noisy (load average at the end: {os.getloadavg()[0]:.1f})",
+        f"noisy: images_per_s_min/max are the extremes over the repeats (load average at the start "
+        f"{load:.1f}, at the end {os.getloadavg()[0]:.1f})",
     ]
     lines = header(
         "Local-learning pipeline vs backprop under torch.distributed.pipelining", str(batch), notes=notes
