@@ -36,7 +36,15 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from locallearn.bench.common import build_cell, header, markdown_table, mib, synthetic_batch, write_csv
+from locallearn.bench.common import (
+    build_cell,
+    header,
+    markdown_table,
+    mib,
+    optimizer_state_bytes,
+    synthetic_batch,
+    write_csv,
+)
 from locallearn.config import ConfigError
 from locallearn.model import LocalModel
 from locallearn.types import Batch
@@ -102,9 +110,10 @@ def resident_bytes(
     params: Sequence[nn.Parameter], grad_groups: Sequence[Sequence[nn.Parameter]], opts
 ) -> int:
     """Parameters + the largest group of gradients alive at once + optimizer state."""
-    from locallearn.bench.common import optimizer_state_bytes
 
-    size = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+    def size(ps: Sequence[nn.Parameter]) -> int:
+        return sum(p.numel() * p.element_size() for p in ps)
+
     grads = max((size([p for p in g if p.requires_grad]) for g in grad_groups), default=0)
     return size(params) + grads + optimizer_state_bytes(opts)
 
