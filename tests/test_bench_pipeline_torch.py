@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from locallearn.bench.common import build_cell, read_csv, synthetic_batch
-from locallearn.bench.pipeline_torch import COLUMNS, _torch_rank, spawn, stage_blocks
+from locallearn.bench.pipeline import TORCH_COLUMNS as COLUMNS
+from locallearn.bench.pipeline_torch import spawn, stage_blocks, torch_rank
 from locallearn.cli import main
 
 
@@ -41,7 +42,7 @@ def reference(backbone: str, k: int, method: str, batch: int, micro: int) -> tup
 def test_torch_pipelining_baseline_is_single_process_bp(schedule, k, sizes):
     spec = dict(backbone="resnet20", k=k, method="dgl", batch=8, micro=2, steps=1, warmup=0, sizes=sizes,
                 schedule=schedule, grads=True)  # fmt: skip
-    ranks = spawn(_torch_rank, 2, spec)
+    ranks = spawn(torch_rank, 2, spec)
     losses, grads = reference("resnet20", k, "dgl", 8, 2)
     got = {**ranks[0]["grads"], **ranks[1]["grads"]}
     assert set(got) == set(grads)  # every backbone and head parameter got its gradient on one rank

@@ -1,55 +1,36 @@
-"""``locallearn bench pipeline --baseline torch``: local learning's pipeline against backprop's.
+"""The ranks of ``locallearn bench pipeline --baseline torch`` (the comparison itself is in ``pipeline.py``).
 
-On the same P ranks (gloo, 1 thread each), the same cuts (the K blocks of ``build_model``'s split, grouped
-per rank as ``--balance`` groups them for the local pipeline), the same batch and micro-batch count:
+End-to-end backprop under ``torch.distributed.pipelining``, built from our own block split: each stage is
+a ``PipelineStage`` over consecutive blocks' layers (the last one ends with the task head; the loss is the
+task's loss on its output), one SGD step per batch after the schedule has accumulated the micro-batches'
+gradients (scaled by 1/M, torch's default). GPipe and 1F1B run one stage per rank (the local pipeline's
+groups of blocks); the interleaved schedules one stage per block, block b on rank b mod P, which needs
+K a multiple of P and K >= 2P. Also here: one process running ``bp`` or the local method sequentially,
+and the memory figures every row shares.
 
-- end-to-end backprop under ``torch.distributed.pipelining``: each stage is a ``PipelineStage`` over
-  our blocks' layers (the last one ends with the task head; the loss is the task's loss on its output),
-  one SGD step per batch after the schedule has accumulated the micro-batches' gradients (scaled by
-  1/M, torch's default). GPipe and 1F1B run one stage per rank; the interleaved schedules one stage per
-  block, block b on rank b mod P, which needs K a multiple of P and K >= 2P;
-- the local-learning pipeline (``engine/pipeline.py`` through ``bench/pipeline.py``'s rank loop): whole
-  batches, in-flight depth 2, no drain between steps (its steps fill the pipe, so it has no
-  micro-batches);
-- one process running ``bp`` and one running the local method sequentially (1 thread each).
-
-Memory of the largest stage (the rank with the largest sum), two figures: ``act`` = the peak of the bytes
-autograd holds for backward at once over one whole training step (``bench.memory.LiveMeter``: each saved
-storage from its save to its release; parameters left out; the P2P receive/send buffers not counted),
-and ``resident`` = parameters + the gradients alive at once (a bp stage: all of its own; a local rank:
-one block's, freed after each block's step) + optimizer state. ``total`` is their sum. The meter runs on
-the first warm-up step only, so it does not slow the timed steps.
+Memory, two figures per rank: ``act`` = the peak of the bytes autograd holds for backward at once over one
+whole training step (``bench.memory.LiveMeter``: each saved storage from its save to its release;
+parameters left out; the P2P receive/send buffers not counted), and ``resident`` = parameters + the
+gradients alive at once (a bp stage: all of its own; a local rank: one block's, freed after each block's
+step) + optimizer state. The meter runs on the first warm-up step only, so it does not slow the timed steps.
 """
 
 from __future__ import annotations
 
-import logging
 import os
+import socket
 import time
 import traceback
 from collections.abc import Sequence
 from contextlib import nullcontext
-from pathlib import Path
-from statistics import median
 
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from locallearn.bench.common import (
-    build_cell,
-    header,
-    markdown_table,
-    mib,
-    optimizer_state_bytes,
-    synthetic_batch,
-    write_csv,
-)
-from locallearn.config import ConfigError
+from locallearn.bench.common import build_cell, optimizer_state_bytes, synthetic_batch
 from locallearn.model import LocalModel
 from locallearn.types import Batch
-
-log = logging.getLogger(__name__)
 
 # CLI name -> (torch.distributed.pipelining class, several stages per rank)
 SCHEDULES: dict[str, tuple[str, bool]] = {
@@ -59,10 +40,6 @@ SCHEDULES: dict[str, tuple[str, bool]] = {
     "interleavedzb": ("ScheduleInterleavedZeroBubble", True),
 }
 DEFAULT_SCHEDULES = ["gpipe", "1f1b", "interleaved1f1b", "interleavedzb"]
-COLUMNS = [
-    "setting", "schedule", "processes", "threads_each", "micro_batches", "stages", "images_per_s",
-    "images_per_s_min", "images_per_s_max", "vs_best_torch", "act_mib", "resident_mib", "total_mib", "total_vs_best_torch",
-]  # fmt: skip
 
 
 class StageModule(nn.Module):
@@ -126,7 +103,7 @@ def _init(rank: int, world: int, port: int):
     return distributed.init("pipeline", "cpu", 120.0)
 
 
-def _torch_rank(rank: int, world: int, port: int, spec: dict, out: mp.Queue) -> None:
+def torch_rank(rank: int, world: int, port: int, spec: dict, out: mp.Queue) -> None:
     """One rank of backprop under a ``torch.distributed.pipelining`` schedule. ``spec['grads']``: one
     step without the optimizer, returning the loss and this rank's gradients (the correctness test)."""
     try:
@@ -192,6 +169,12 @@ def _torch_rank_body(rank: int, world: int, port: int, spec: dict) -> dict:
     return {"elapsed": elapsed, "act": meter.peak, "resident": resident, "stages": len(mine)}
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def context():
     """Ranks fork from a server that has imported torch and this bench once (a fresh interpreter per
     rank costs seconds on a loaded machine) and has never run an OpenMP region (forking after one can
@@ -203,10 +186,8 @@ def context():
 
 def spawn(target, world: int, spec: dict) -> list[dict]:
     """Run ``target(rank, world, port, spec, queue)`` on ``world`` fresh processes; one result each."""
-    from locallearn.bench.pipeline import _free_port
-
     ctx = context()
-    queue, port = ctx.Queue(), _free_port()
+    queue, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=target, args=(r, world, port, spec, queue)) for r in range(world)]
     for p in procs:
         p.start()
@@ -245,141 +226,3 @@ def single(backbone: str, k: int, method: str, batch: int, steps: int, warmup: i
     blocks = [list(model.block_parameters(b)) for b in range(model.num_blocks)]
     resident = resident_bytes(list(model.parameters()), blocks, cell.optimizers)
     return {"images_per_s": ips, "act": meter.peak, "resident": resident}
-
-
-def _memory(row: dict, ranks: Sequence[dict]) -> dict:
-    """The largest stage: the rank whose activation + resident bytes are largest."""
-    big = max(ranks, key=lambda r: r["act"] + r["resident"])
-    row.update(act=big["act"], resident=big["resident"])
-    return row
-
-
-def run(
-    backbone: str,
-    k: int,
-    method: str,
-    batch: int,
-    micro: int,
-    steps: int,
-    warmup: int,
-    world: int,
-    out: str,
-    balance: str = "time",
-    schedules: Sequence[str] = DEFAULT_SCHEDULES,
-    repeats: int = 1,
-) -> str:
-    from locallearn.bench.pipeline import block_sizes, pipelined_runs
-
-    if batch % micro:
-        raise ConfigError(f"--batch {batch} must be a multiple of --micro-batches {micro}")
-    unknown = [s for s in schedules if s not in SCHEDULES]
-    if unknown:
-        raise ConfigError(f"unknown schedule(s) {unknown}; choose from {sorted(SCHEDULES)}")
-    if warmup < 1:
-        raise ConfigError("--warmup must be >= 1: the memory meter runs on the first warm-up step")
-    threads, load = torch.get_num_threads(), os.getloadavg()[0]
-    sizes = block_sizes(backbone, k, method, batch, world, balance)
-    notes = [
-        f"model: {backbone}, K={k}, local method {method}, synthetic 32x32 batches, batch {batch} = "
-        f"{micro} micro-batches of {batch // micro} for the torch schedules; {steps} timed steps after "
-        f"{warmup}; median of {repeats} run(s) per setting, run round-robin in one invocation",
-        f"P={world} ranks x 1 thread (gloo); blocks per rank ({balance} balance of the local method): {sizes}",
-    ]
-    # name -> (row, runner): each runner returns images/s and the per-rank memory
-    settings: dict[str, tuple[dict, object]] = {}
-    settings["bp 1 process"] = (
-        {"setting": "bp, 1 process", "schedule": "-", "processes": 1, "micro_batches": 1, "stages": 1},
-        lambda: single(backbone, k, "bp", batch, steps, warmup),
-    )
-    settings["local 1 process"] = (
-        {
-            "setting": f"{method}, 1 process",
-            "schedule": "sequential",
-            "processes": 1,
-            "micro_batches": 1,
-            "stages": k,
-        },  # fmt: skip
-        lambda: single(backbone, k, method, batch, steps, warmup),
-    )
-    for name in schedules:
-        interleaved = SCHEDULES[name][1]
-        try:
-            n_stages = len(stage_blocks(sizes, k, world, interleaved))
-        except ValueError as e:
-            notes.append(f"{name} not run: {e}")
-            continue
-        spec = dict(backbone=backbone, k=k, method=method, batch=batch, micro=micro, steps=steps,
-                    warmup=warmup, sizes=sizes, schedule=name)  # fmt: skip
-
-        def torch_run(spec=spec):
-            ranks = spawn(_torch_rank, world, spec)
-            ips = steps * batch / max(r["elapsed"] for r in ranks)
-            return _memory({"images_per_s": ips}, ranks)
-
-        settings[name] = (
-            {
-                "setting": f"bp, torch {SCHEDULES[name][0]}",
-                "schedule": name,
-                "processes": world,
-                "micro_batches": micro,
-                "stages": n_stages,
-            },  # fmt: skip
-            torch_run,
-        )
-
-    def local_run():
-        ips, _, ranks = pipelined_runs(backbone, k, method, batch, steps, warmup, world, sizes)
-        return _memory({"images_per_s": ips}, ranks)
-
-    settings["local pipeline"] = (
-        {
-            "setting": f"{method}, local pipeline",
-            "schedule": "depth 2, no drain",
-            "processes": world,
-            "micro_batches": 1,
-            "stages": world,
-        },  # fmt: skip
-        local_run,
-    )
-    measured: dict[str, list[dict]] = {name: [] for name in settings}
-    for rep in range(repeats):
-        for name, (_, runner) in settings.items():
-            log.info("pipeline bench: %s (run %d of %d)", name, rep + 1, repeats)
-            measured[name].append(runner())
-    torch.set_num_threads(threads)
-    rows = []
-    for name, (row, _) in settings.items():
-        runs = measured[name]
-        ips = [r["images_per_s"] for r in runs]
-        row = dict(row, threads_each=1, images_per_s=median(ips), images_per_s_min=min(ips))
-        row["images_per_s_max"] = max(ips)
-        row.update(act_mib=mib(runs[0]["act"]), resident_mib=mib(runs[0]["resident"]))
-        row["total_mib"] = row["act_mib"] + row["resident_mib"]
-        rows.append(row)
-    torch_rows = [r for r in rows if r["schedule"] in SCHEDULES]
-    if torch_rows:
-        best_ips = max(r["images_per_s"] for r in torch_rows)
-        best_mem = min(r["total_mib"] for r in torch_rows)
-        for row in rows:
-            row["vs_best_torch"] = row["images_per_s"] / best_ips
-            row["total_vs_best_torch"] = row["total_mib"] / best_mem
-    out_dir = Path(out)
-    write_csv(out_dir / "pipeline_torch.csv", rows, COLUMNS)
-    notes += [
-        "act_mib: peak bytes saved for backward alive at once over one whole step on the largest stage "
-        "(LiveMeter; parameters and P2P buffers not counted); resident_mib: parameters + gradients alive "
-        "at once + optimizer state (SGD momentum) of that stage; total_mib = act + resident; the largest "
-        "stage is the rank with the largest total",
-        "vs_best_torch: images/s over the fastest torch schedule's; total_vs_best_torch: total memory over "
-        "the smallest torch schedule's (below 1 is better)",
-        f"CPU cores visible: {os.cpu_count()}; the machine is shared with other jobs, so the images/s are "
-        f"noisy: images_per_s_min/max are the extremes over the repeats (load average at the start "
-        f"{load:.1f}, at the end {os.getloadavg()[0]:.1f})",
-    ]
-    lines = header(
-        "Local-learning pipeline vs backprop under torch.distributed.pipelining", str(batch), notes=notes
-    )
-    lines += markdown_table(rows, COLUMNS)
-    text = "\n".join(lines) + "\n"
-    (out_dir / "pipeline_torch.md").write_text(text)
-    return text
