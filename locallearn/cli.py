@@ -108,28 +108,31 @@ def print_table(summaries: list[dict]) -> None:
     metric = summaries[0].get("metric", "top1") if summaries else "top1"
     label = metric_label(metric)
     w = max(len(label), 9)
-    header = f"{'method':<18} {'K':>3} {label:>{w}} {'best':>7} {'peak act. mem':>14} {'vs bp':>6} {'step':>8} {'params (aux)':>18}"
+    header = (
+        f"{'method':<18} {'K':>3} {label:>{w}} {'best':>7} {'peak train mem':>14} {'vs bp':>6} "
+        f"{'peak act. mem':>14} {'step':>8} {'params (aux)':>18}"
+    )
     print(header)
     print("-" * len(header))
     for s in summaries:
-        mem = s["memory"].get("peak_activation_bytes")
-        ratio = (
-            f"{mem / bp['memory']['peak_activation_bytes']:.2f}x"
-            if bp and mem and bp["memory"].get("peak_activation_bytes")
-            else "-"
-        )
+        act = s["memory"].get("peak_activation_bytes")
+        total = s["memory"].get("peak_total_bytes")
+        bp_total = bp["memory"].get("peak_total_bytes") if bp else None
+        ratio = f"{total / bp_total:.2f}x" if total and bp_total else "-"
         params = f"{s['params']['backbone'] / 1e6:.2f}M ({s['params']['aux'] / 1e6:.2f}M)"
         print(
             f"{s['method']:<18} {s['num_blocks']:>3} {fmt_metric(s['final'], metric):>{w}} "
-            f"{fmt_metric(s['best'], metric):>7} "
-            f"{fmt_bytes(mem) if mem else '-':>14} {ratio:>6} {s['median_step_time_s'] * 1e3:>6.0f}ms {params:>18}"
+            f"{fmt_metric(s['best'], metric):>7} {fmt_bytes(total) if total else '-':>14} {ratio:>6} "
+            f"{fmt_bytes(act) if act else '-':>14} {s['median_step_time_s'] * 1e3:>6.0f}ms {params:>18}"
         )
     if summaries:
         s = summaries[0]
         print(
             f"\n{s['dataset']}, {s['train_images']} training images, {s['epochs']} epochs, "
             f"batch {s['memory'].get('batch_size', '?')}, device {s['device']}. "
-            "Peak activation memory = bytes saved for backward, largest block (see README)."
+            "Peak train memory = weights + optimizer state + the largest block's gradients, saved "
+            "activations and backward workspace; peak act. mem = bytes saved for backward, largest block "
+            "(docs/benchmarks.md)."
         )
         for s in summaries:
             print(f"  {s['method']}: {s['run_dir']}")

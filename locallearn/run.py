@@ -23,7 +23,7 @@ from locallearn.engine import checkpoint
 from locallearn.engine.compile import compile_blocks
 from locallearn.engine.errors import NonFiniteLossError, check_metrics
 from locallearn.lifecycle import RunLifecycle
-from locallearn.metrics.memory import ActivationMeter
+from locallearn.metrics.step_memory import BlockPass, StepMeter, block_workspace
 from locallearn.report import epoch_row, log_epoch, record_measurements, run_summary
 from locallearn.resume import config_from_checkpoint, refuse_merged, resume_config
 from locallearn.rundir import RunLock, environment, fresh_run_dir, write_metrics
@@ -196,10 +196,17 @@ class Run(RunLifecycle):
         return run
 
     # -- training ----------------------------------------------------------------------------
-    def measure_memory(self) -> ActivationMeter | None:
+    def measure_memory(self) -> StepMeter | None:
         if not self.cfg.engine.measure_memory or self.memory:
             return None
-        return ActivationMeter(self.model)
+        return StepMeter(self.model)
+
+    def measure_workspace(self) -> BlockPass | None:
+        """Backward's workspace per block (``step_memory.block_workspace``) on one training batch, with the
+        RNG and the BN statistics restored. None where a mode cannot run every block here."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            batch = self.trainer.prepare(next(iter(self.train_loader)))
+        return block_workspace(self.model, batch, self.autocast, self.device)
 
     def progress_bar(self, total: int) -> Progress:
         """The epoch's progress: a bar on a terminal, log lines off one (``watch.py``)."""
@@ -213,9 +220,12 @@ class Run(RunLifecycle):
             first_step=self.schedule.step_count,
         )
 
-    def record_epoch(self, stats: dict[str, Any], block_bytes: list[int] | None) -> None:
+    def record_epoch(
+        self, stats: dict[str, Any], block_bytes: list[int] | None, meter: StepMeter | None = None
+    ) -> None:
         """Keep what the epoch measured (``report.record_measurements``); shared by every engine mode."""
-        record_measurements(self, stats, block_bytes)
+        workspace = self.measure_workspace() if block_bytes and meter is not None else None
+        record_measurements(self, stats, block_bytes, meter, workspace)
 
     def train_one_epoch(self) -> dict[str, Any]:
         self.train_loader.set_epoch(self.epoch)
@@ -226,7 +236,7 @@ class Run(RunLifecycle):
         with self.progress_bar(len(self.train_loader)) as bar:
             stats = self.trainer.train_epoch(self.train_loader, meter, bar)
         stats["epoch_time"] = time.perf_counter() - t0
-        self.record_epoch(stats, meter.block_bytes if meter is not None else None)
+        self.record_epoch(stats, meter.block_bytes if meter is not None else None, meter)
         return stats
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
