@@ -191,6 +191,15 @@ class StepMemory:
             out["rank_peak_total_bytes"] = list(self.rank_peak_bytes)
         return out
 
+    def with_saved(self, activation_bytes: Sequence[int], workspace_bytes: Sequence[int]) -> StepMemory:
+        """The same step with each block's saved bytes and workspace replaced (another batch size)."""
+        blocks = [
+            BlockMemory(**{**asdict(b), "activation_bytes": int(a), "workspace_bytes": int(w)})
+            for b, a, w in zip(self.blocks, activation_bytes, workspace_bytes)
+        ]
+        unowned = self.parameter_bytes - sum(b.parameter_bytes for b in self.blocks)
+        return _combine(blocks, self.parameter_bytes, self.bank_bytes, self.mode, self.rank_blocks, unowned)
+
     def scaled(self, factor: float) -> StepMemory:
         """The same step with every saved-for-backward byte times ``factor`` (a batch ``factor`` times as
         large: saved bytes are linear in the batch, weights and optimizer state do not change)."""
