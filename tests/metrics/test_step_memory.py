@@ -121,3 +121,15 @@ def test_momentum_copies_are_counted_ema_without_gradient():
     assert frozen > 0 and step.gradient_bytes == all_bytes - frozen - sum(
         b.numel() * b.element_size() for b in model.buffers()
     )
+
+
+def test_measuring_the_workspace_leaves_training_untouched():
+    model, opts = _model_and_opts("dgl+manpp", 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    work = block_workspace(model, synthetic_batch(4))
+    assert len(work.workspace_bytes) == 4 and work.held_bytes[0] == 0 and work.held_bytes[1] > 0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics
+    assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), rng)
+    assert all(not opt.state for opt in opts)  # no optimizer step
