@@ -175,11 +175,11 @@ class PipelineRun(DistributedRun):
         stats["block_losses"] = [loss for losses, _ in gathered for loss in losses]
         stats["images"] = len(self.train_loader.data)
         self.record_epoch(stats, [b for _, bb in gathered for b in bb] if meter is not None else None)
+        return stats
 
     def record_epoch(self, stats: dict[str, Any], block_bytes: list[int] | None, meter=None) -> None:
         """Each rank's whole-step memory from its own blocks (the largest rank's is the peak)."""
         record_measurements(self, stats, block_bytes, None, None, self.rank_blocks)
-        return stats
 
     def evaluate(self) -> dict[str, float]:
         metrics = pipeline.evaluate(
