@@ -8,18 +8,21 @@ of it, as the engine schedules a step (docs/benchmarks.md, "How memory is measur
 - resident for the whole step: every parameter and buffer, every optimizer's state (read from the
   optimizers actually built: SGD's momentum buffers, AdamW's two moments and step; predicted from the
   optimizer's class and options before its first step);
-- live one block at a time (sequential engine): the block's gradients and what its forward saved for
-  backward (the meter's count, which includes the bank entries alive by then). The block's optimizer
-  step runs after its backward has freed the saved tensors: its gradients and the step's temporaries
-  (a multi-tensor ``foreach`` step copies the gradients once) are the other candidate for the peak;
+- live one block at a time (sequential engine): the block's gradients, what its forward saved for
+  backward (the meter's count, which includes the bank entries alive by then) and backward's workspace
+  (activation gradients and ops' scratch beyond saved tensors and gradients, ``block_workspace``: measured
+  by the allocator on one forward and backward of each block), plus the batch's images held from block 0
+  on. The block's optimizer step runs after its backward has freed the saved tensors: its gradients and
+  the step's temporaries (a multi-tensor ``foreach`` step copies the gradients once) are the other
+  candidate for the peak;
 - ``engine.group_steps``: every block's gradients stay until the end of the batch; window-2 methods
   (MLAAN) keep block k-1's gradients until block k's backward; ``engine.mode=ddp``: the flat all-reduce
   buffer of a block's gradients (one more copy of them) during its step; ``engine.mode=pipeline``: each
   rank holds its own blocks only, and the peak is the largest rank's.
 
 ``peak_total_bytes`` = resident + the largest block's live part. ``bp`` is one block, so it holds
-everything at once. Saved bytes scale linearly in the batch; the rest does not depend on it. The
-account is pure arithmetic over the model, its optimizers and the meter's per-block bytes; it is
+everything at once. Saved bytes and workspace scale linearly in the batch; the rest does not depend on
+it. ``step_memory`` is arithmetic over the model, its optimizers and the two measured per-block terms; it is
 checked against what torch's CPU allocator really holds (``allocated_peak``) in
 tests/metrics/test_step_memory.py, and against ``torch.cuda.max_memory_allocated`` by the GPU evidence kit.
 """
