@@ -224,7 +224,16 @@ class Run(RunLifecycle):
         self, stats: dict[str, Any], block_bytes: list[int] | None, meter: StepMeter | None = None
     ) -> None:
         """Keep what the epoch measured (``report.record_measurements``); shared by every engine mode."""
-        workspace = self.measure_workspace() if block_bytes and meter is not None else None
+        workspace = None
+        if block_bytes and meter is not None:
+            try:
+                workspace = self.measure_workspace()
+            except Exception as e:  # a report must never end a training run (the profiler is torch-private)
+                log.warning(
+                    "backward's workspace not measured (%s: %s); memory reported without it",
+                    type(e).__name__,
+                    e,
+                )
         record_measurements(self, stats, block_bytes, meter, workspace)
 
     def train_one_epoch(self) -> dict[str, Any]:

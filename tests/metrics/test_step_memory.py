@@ -133,3 +133,21 @@ def test_measuring_the_workspace_leaves_training_untouched():
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics
     assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), rng)
     assert all(not opt.state for opt in opts)  # no optimizer step
+
+
+def test_a_run_reports_the_whole_step_even_when_the_workspace_cannot_be_measured(
+    tmp_path, monkeypatch, caplog
+):
+    from locallearn.config import load_config
+    from locallearn.run import Run
+
+    def broken(self):
+        raise RuntimeError("no profiler here")
+
+    monkeypatch.setattr(Run, "measure_workspace", broken)
+    cfg = load_config(None, ["data.name=digits", "data.train_subset=64", "data.test_subset=32", "data.batch_size=32",
+                             "model.backbone=resnet20", "model.num_blocks=2", "method.name=dgl", "optim.epochs=1",
+                             "engine.device=cpu", "engine.threads=1", f"out_dir={tmp_path}", "name=r"])  # fmt: skip
+    memory = Run(cfg, quiet=True).fit()["memory"]
+    assert memory["workspace_measured"] is False and "no profiler here" in caplog.text
+    assert memory["peak_total_bytes"] > memory["peak_activation_bytes"] + memory["parameter_bytes"]
