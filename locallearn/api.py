@@ -170,6 +170,14 @@ def _wrap_for_budget(args: dict[str, Any]) -> LocalTrainer:
         t = wrap(**args, method=method if k > 1 else "bp", num_blocks=k, options={**options, **extra})
         return t.model, t.trainer.optimizers, t.config.engine.group_steps
 
+    # the candidates are trained for a few steps while measured: an nn.Module's own weights (shared with
+    # them) are put back afterwards
+    user_model = args["model"] if isinstance(args["model"], nn.Module) else None
+    kept = (
+        {k: v.detach().clone() for k, v in user_model.state_dict().items()}
+        if user_model is not None
+        else None
+    )
     probe = build(1, None, False)[0].eval()  # the number of classes, from the model's own output
     with torch.no_grad():
         num_classes = int(
@@ -179,6 +187,8 @@ def _wrap_for_budget(args: dict[str, Any]) -> LocalTrainer:
                      num_classes, select_device(args["device"]))  # fmt: skip
     result = plan(build, make, budget, batch_size, batch_size, None, None, has_momentum, dry_run=False,
                   device=select_device(args["device"]), max_blocks=max_k)  # fmt: skip
+    if user_model is not None:
+        user_model.load_state_dict(kept)
     if not result.fits:
         raise ConfigError(f"wrap(memory_budget={budget_text!r}): {result.needed}")
     log.info("memory_budget %s at batch %d: %s", budget_text, batch_size, " ".join(result.overrides))

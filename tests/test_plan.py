@@ -74,3 +74,20 @@ def test_wrap_with_a_memory_budget_plans_k_and_cuts():
                         num_blocks=2)  # fmt: skip
     with pytest.raises(ConfigError, match="batch_size"):
         locallearn.wrap("resnet20", "dgl", num_classes=10, memory_budget="1GiB")
+
+
+def test_wrap_with_a_budget_leaves_your_model_weights_as_they_were():
+    import torch
+    from torch import nn
+
+    import locallearn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )  # fmt: skip
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    trainer = locallearn.wrap(net, "dgl", num_blocks=2, input_size=16, memory_budget="64MiB", batch_size=8)
+    assert trainer.num_blocks == 2
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # planning trained candidates
