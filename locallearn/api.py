@@ -18,6 +18,7 @@ trainer does per batch (``trainer.py``) is the same code a ``locallearn train`` 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from locallearn.types import Batch, InputInfo
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+log = logging.getLogger(__name__)
 
 
 def _nested(dotted: Mapping[str, Any]) -> dict[str, Any]:
@@ -73,6 +76,8 @@ def wrap(
     device: str = "auto",
     seed: int | None = 0,
     options: Mapping[str, Any] | None = None,
+    memory_budget: str | int | None = None,
+    batch_size: int | None = None,
 ) -> LocalTrainer:
     """Cut ``model`` into ``num_blocks`` gradient-isolated blocks trained by ``method``.
 
@@ -85,7 +90,12 @@ def wrap(
     Schedule: constant ``lr``, or InfoPro's cosine when ``epochs`` and ``steps_per_epoch`` are given.
     ``options``: any other config key, dotted as in a YAML file or on the command line
     (``{"method.momentum.momentum": 0.99, "optim.nesterov": False, "engine.channels_last": True}``).
-    ``seed``: seeds torch before the model's aux nets are built (None: leave the RNG alone)."""
+    ``seed``: seeds torch before the model's aux nets are built (None: leave the RNG alone).
+    ``memory_budget`` (``"8GiB"``, bytes) with ``batch_size`` (the batch your loader yields): plan K, the cuts
+    and ``momentum.recompute`` so that a training step at that batch fits (``locallearn.plan``); the plan is
+    logged and ``trainer.config`` holds it. ``num_blocks`` is then the largest K you accept."""
+    if memory_budget is not None:
+        return _wrap_for_budget(locals())
     if seed is not None:
         torch.manual_seed(seed)
     backbone = None
@@ -147,6 +157,57 @@ def wrap(
         local, cfg.optim, steps_per_epoch or 1, task=task_obj, device=select_device(device), engine=cfg.engine
     )
     return LocalTrainer(trainer, cfg, inputs)
+
+
+def _wrap_for_budget(args: dict[str, Any]) -> LocalTrainer:
+    """``wrap(..., memory_budget=)``: the planner's search with ``wrap`` itself as the builder."""
+    from locallearn.plan import parse_bytes, plan, synthetic
+
+    budget_text, batch_size = args.pop("memory_budget"), args.pop("batch_size")
+    if batch_size is None:
+        raise ConfigError("wrap(memory_budget=...): give batch_size=, the batch your loader yields")
+    try:
+        budget = parse_bytes(budget_text)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    max_k = args.pop("num_blocks")
+    options = dict(args.pop("options") or {})
+    method = args.pop("method")
+    has_momentum = "+man" in method
+
+    def build(k: int, cuts: list[int] | None, recompute: bool):
+        extra = {"model.split": "cuts", "model.cuts": cuts} if cuts else {}
+        if has_momentum and k > 1:
+            extra["method.momentum.recompute"] = recompute
+        t = wrap(**args, method=method if k > 1 else "bp", num_blocks=k, options={**options, **extra})
+        return t.model, t.trainer.optimizers, t.config.engine.group_steps
+
+    # the candidates are trained for a few steps while measured: an nn.Module's own weights (shared with
+    # them) are put back afterwards
+    user_model = args["model"] if isinstance(args["model"], nn.Module) else None
+    kept = (
+        {k: v.detach().clone() for k, v in user_model.state_dict().items()}
+        if user_model is not None
+        else None
+    )
+    probe = build(1, None, False)[0].eval()  # the number of classes, from the model's own output
+    with torch.no_grad():
+        num_classes = int(
+            probe(torch.zeros(2, args["in_chans"], args["input_size"], args["input_size"])).shape[1]
+        )
+    make = synthetic(InputInfo(args["in_chans"], args["input_size"], tuple(args["mean"]), tuple(args["std"])),
+                     num_classes, select_device(args["device"]))  # fmt: skip
+    result = plan(build, make, budget, batch_size, batch_size, None, None, has_momentum, dry_run=False,
+                  device=select_device(args["device"]), max_blocks=max_k)  # fmt: skip
+    if user_model is not None:
+        user_model.load_state_dict(kept)
+    if not result.fits:
+        raise ConfigError(f"wrap(memory_budget={budget_text!r}): {result.needed}")
+    log.info("memory_budget %s at batch %d: %s", budget_text, batch_size, " ".join(result.overrides))
+    extra = {"model.split": "cuts", "model.cuts": result.cuts} if result.num_blocks > 1 else {}
+    if result.recompute:
+        extra["method.momentum.recompute"] = True
+    return wrap(**args, method=method, num_blocks=result.num_blocks, options={**options, **extra})
 
 
 class LocalTrainer:

@@ -1,4 +1,4 @@
-"""``locallearn train|eval|list|bench|analyze``: the command line. The only module that prints."""
+"""``locallearn train|eval|plan|list|bench|analyze``: the command line. The only module that prints."""
 
 from __future__ import annotations
 
@@ -142,28 +142,31 @@ def print_table(summaries: list[dict]) -> None:
     metric = summaries[0].get("metric", "top1") if summaries else "top1"
     label = metric_label(metric)
     w = max(len(label), 9)
-    header = f"{'method':<18} {'K':>3} {label:>{w}} {'best':>7} {'peak act. mem':>14} {'vs bp':>6} {'step':>8} {'params (aux)':>18}"
+    header = (
+        f"{'method':<18} {'K':>3} {label:>{w}} {'best':>7} {'peak train mem':>14} {'vs bp':>6} "
+        f"{'peak act. mem':>14} {'step':>8} {'params (aux)':>18}"
+    )
     print(header)
     print("-" * len(header))
     for s in summaries:
-        mem = s["memory"].get("peak_activation_bytes")
-        ratio = (
-            f"{mem / bp['memory']['peak_activation_bytes']:.2f}x"
-            if bp and mem and bp["memory"].get("peak_activation_bytes")
-            else "-"
-        )
+        act = s["memory"].get("peak_activation_bytes")
+        total = s["memory"].get("peak_total_bytes")
+        bp_total = bp["memory"].get("peak_total_bytes") if bp else None
+        ratio = f"{total / bp_total:.2f}x" if total and bp_total else "-"
         params = f"{s['params']['backbone'] / 1e6:.2f}M ({s['params']['aux'] / 1e6:.2f}M)"
         print(
             f"{s['method']:<18} {s['num_blocks']:>3} {fmt_metric(s['final'], metric):>{w}} "
-            f"{fmt_metric(s['best'], metric):>7} "
-            f"{fmt_bytes(mem) if mem else '-':>14} {ratio:>6} {s['median_step_time_s'] * 1e3:>6.0f}ms {params:>18}"
+            f"{fmt_metric(s['best'], metric):>7} {fmt_bytes(total) if total else '-':>14} {ratio:>6} "
+            f"{fmt_bytes(act) if act else '-':>14} {s['median_step_time_s'] * 1e3:>6.0f}ms {params:>18}"
         )
     if summaries:
         s = summaries[0]
         print(
             f"\n{s['dataset']}, {s['train_images']} training images, {s['epochs']} epochs, "
             f"batch {s['memory'].get('batch_size', '?')}, device {s['device']}. "
-            "Peak activation memory = bytes saved for backward, largest block (see README)."
+            "Peak train memory = weights + optimizer state + the largest block's gradients, saved "
+            "activations and backward workspace; peak act. mem = bytes saved for backward, largest block "
+            "(docs/benchmarks.md)."
         )
         for s in summaries:
             print(f"  {s['method']}: {s['run_dir']}")
@@ -305,6 +308,41 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     print(args.analysis_main(args))
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from locallearn.plan import parse_bytes, plan_config, table
+
+    setup_logging(verbose=args.verbose)
+    try:
+        budget = parse_bytes(args.memory)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    base = quickstart_base(args.overrides) if args.config is None else None
+    if base is not None:
+        base.pop("compare", None)  # the plan trains one method; bp is in the table
+    overrides = list(args.overrides)
+    if args.config is not None:
+        from locallearn.config import load_yaml
+
+        base = load_yaml(args.config)
+    result, train_overrides = plan_config(overrides, budget, base, dry_run=not args.no_dry_run)
+    if args.json:
+        print(json.dumps(result.as_json(), indent=2))
+    elif result.fits:
+        print("\n".join(table(result)))
+        measured = result.measured_peak_total_bytes
+        from locallearn.metrics.memory import fmt_bytes
+
+        check = f"; one measured step: {fmt_bytes(measured)}" if measured is not None else ""
+        print(f"\nfits {fmt_bytes(budget)} at batch {result.batch_size}{check}. Train it with:")
+        config = f"-c {args.config} " if args.config else ""
+        prefix = "compare=[] " if args.config is None else ""
+        print(f"  locallearn train {config}{prefix}{' '.join(train_overrides)}")
+    if not result.fits:
+        if not args.json:
+            print(f"locallearn: {result.needed}", file=sys.stderr)
+        raise SystemExit(1)
+
+
 def config_keys_help() -> str:
     """``train --help``: every config section and its keys (``--print-config`` shows the values)."""
     import dataclasses
@@ -408,6 +446,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", default="cpu", help="device for the output check (default cpu)")
     add_trust_argument(ex)
     ex.set_defaults(func=cmd_export)
+    pl = sub.add_parser(
+        "plan",
+        help="choose K, cuts, momentum.recompute and the batch that fit a memory budget",
+        description="Plan a run for a memory budget: the smallest K (and its cuts, momentum.recompute, the largest "
+        "batch when data.batch_size is not given) whose whole training step fits, next to bp and activation "
+        "checkpointing, confirmed by one measured step. Prints the overrides to train it with.",
+    )
+    pl.add_argument("--memory", required=True, help="the budget, e.g. 8GiB, 512MiB")
+    pl.add_argument("-c", "--config", help="YAML config file")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--no-dry-run", action="store_true", help="skip the measured step at the planned batch")
+    pl.add_argument("-v", "--verbose", action="store_true", help="log each candidate measured")
+    pl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.backbone=resnet110")
+    pl.set_defaults(func=cmd_plan)
     ls = sub.add_parser("list", help="list backbones, methods, tasks, datasets and split tables")
     ls.set_defaults(func=cmd_list)
     bench = sub.add_parser("bench", help="benchmarks: write tables and plots into benchmarks/results/")

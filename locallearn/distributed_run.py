@@ -40,6 +40,10 @@ class DistributedRun(Run):
     def is_main(self) -> bool:
         return self.ctx.is_main
 
+    def measure_workspace(self):
+        """Not measured: a batch here is drawn by every rank together (whole-step memory without it)."""
+        return None
+
     def open_run_dir(self, run_dir: Path | None) -> Path:
         """Rank 0 creates (or locks) the directory; every rank gets its path or its error."""
         made = error = None

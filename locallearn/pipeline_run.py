@@ -15,6 +15,7 @@ from locallearn.config import ConfigError, to_dict
 from locallearn.distributed_run import DistributedRun
 from locallearn.engine import checkpoint, distributed, pipeline
 from locallearn.engine.block_scores import block_key, block_metric
+from locallearn.report import record_measurements
 from locallearn.rundir import environment
 from locallearn.types import Batch
 
@@ -27,6 +28,7 @@ class PipelineRun(DistributedRun):
         pipeline.check_method(self.method.window, self.model.num_blocks, ctx.world)
         pipeline.check_model(self.model)
         sizes = self._assignment()
+        self.rank_blocks = [list(st.blocks) for st in pipeline.stages(sizes)]
         self.stage = pipeline.stages(sizes)[ctx.rank]
         self.pipe = pipeline.Pipe(ctx, e.pipeline_depth, self.train_loader.mean, self.train_loader.std)
         self.link = pipeline.MomentumLink(ctx, self.model, self.stage, e.sync_every, e.sync_lag)
@@ -176,6 +178,10 @@ class PipelineRun(DistributedRun):
         stats["images"] = len(self.train_loader.data)
         self.record_epoch(stats, [b for _, bb in gathered for b in bb] if meter is not None else None)
         return stats
+
+    def record_epoch(self, stats: dict[str, Any], block_bytes: list[int] | None, meter=None) -> None:
+        """Each rank's whole-step memory from its own blocks (the largest rank's is the peak)."""
+        record_measurements(self, stats, block_bytes, None, None, self.rank_blocks)
 
     def evaluate(self) -> dict[str, float]:
         metrics = pipeline.evaluate(

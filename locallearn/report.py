@@ -11,6 +11,7 @@ import torch
 
 from locallearn.engine.block_scores import block_metric, block_values
 from locallearn.engine.optim import StepSchedule, lr_at
+from locallearn.metrics.step_memory import BlockPass, step_memory
 from locallearn.rundir import environment
 
 log = logging.getLogger("locallearn.run")
@@ -55,6 +56,25 @@ def log_epoch(epoch: int, epochs: int, main: str, metrics: dict[str, float], sec
     )
 
 
+def log_start(run_dir: Any, resumed_at: int | None, epochs: int, loader: Any) -> None:
+    """What a run says before its first epoch: where it resumed, the training batch it drops."""
+    if resumed_at is not None:
+        log.info("resumed %s at epoch %d of %d", run_dir, resumed_at, epochs)
+        if resumed_at >= epochs:
+            log.info(
+                "this run already finished its %d epochs: nothing to train (resume with "
+                "optim.epochs=N to train further)",
+                epochs,
+            )
+    if loader.dropped:
+        log.info(
+            "each epoch drops the last training batch (%d image(s): batch norm needs at least %d); "
+            "every test image is kept",
+            loader.dropped,
+            loader.min_batch,
+        )
+
+
 def log_blocks(values: list[float | None] | None, metric: str) -> None:
     """One line: every block's own test metric (``-``: the block's aux predicts nothing)."""
     if values is None:
@@ -63,9 +83,16 @@ def log_blocks(values: list[float | None] | None, metric: str) -> None:
     log.info("  per block test %s  %s", metric, shown)
 
 
-def record_measurements(run: Any, stats: dict[str, Any], block_bytes: list[int] | None) -> None:
-    """Keep in ``run`` what the first epoch measured (activation bytes per block, CUDA peaks) and
-    the epoch's step times."""
+def record_measurements(
+    run: Any,
+    stats: dict[str, Any],
+    block_bytes: list[int] | None,
+    meter: Any = None,
+    workspace: BlockPass | None = None,
+    rank_blocks: list[list[int]] | None = None,
+) -> None:
+    """Keep in ``run`` what the first epoch measured (activation bytes per block, the whole step's
+    memory by ``metrics.step_memory``, CUDA peaks) and the epoch's step times."""
     if block_bytes:
         batch = min(run.cfg.data.batch_size, len(run.train_loader.data))
         run.memory = {
@@ -74,6 +101,20 @@ def record_measurements(run: Any, stats: dict[str, Any], block_bytes: list[int] 
             "activation_bytes_per_image": max(block_bytes) / batch,
             "block_activation_bytes": list(block_bytes),
         }
+        bank = max(getattr(meter, "bank_bytes", None) or [0])
+        mode = run.cfg.engine.mode
+        step = step_memory(
+            run.model,
+            [run.optimizers[k] for k in range(run.model.num_blocks)],
+            block_bytes,
+            bank,
+            workspace,
+            mode=mode if mode in ("pipeline", "ddp") else "sequential",
+            group_steps=run.cfg.engine.group_steps,
+            rank_blocks=rank_blocks,
+        )
+        run.memory.update(step.as_dict())
+        run.memory["workspace_measured"] = workspace is not None
     if run.device.type == "cuda":
         run.memory["cuda_max_allocated"] = torch.cuda.max_memory_allocated(run.device)
         run.memory["cuda_max_reserved"] = torch.cuda.max_memory_reserved(run.device)

@@ -25,8 +25,15 @@ from locallearn.engine.compile import compile_blocks
 from locallearn.engine.errors import NonFiniteLossError, check_metrics
 from locallearn.engine.threads import set_threads
 from locallearn.lifecycle import RunLifecycle
-from locallearn.metrics.memory import ActivationMeter
-from locallearn.report import epoch_row, log_blocks, log_epoch, record_measurements, run_summary
+from locallearn.metrics.step_memory import BlockPass, StepMeter, block_workspace
+from locallearn.report import (
+    epoch_row,
+    log_blocks,
+    log_epoch,
+    log_start,
+    record_measurements,
+    run_summary,
+)
 from locallearn.resume import config_from_checkpoint, refuse_merged, resume_config
 from locallearn.rundir import RunLock, environment, fresh_run_dir, write_metrics
 from locallearn.trainer import Trainer, autocast_factory, check_group_steps, select_device
@@ -197,10 +204,17 @@ class Run(RunLifecycle):
         return run
 
     # -- training ----------------------------------------------------------------------------
-    def measure_memory(self) -> ActivationMeter | None:
+    def measure_memory(self) -> StepMeter | None:
         if not self.cfg.engine.measure_memory or self.memory:
             return None
-        return ActivationMeter(self.model)
+        return StepMeter(self.model)
+
+    def measure_workspace(self) -> BlockPass | None:
+        """Backward's workspace per block (``step_memory.block_workspace``) on one training batch, with the
+        RNG and the BN statistics restored. None where a mode cannot run every block here."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            batch = self.trainer.prepare(next(iter(self.train_loader)))
+        return block_workspace(self.model, batch, self.autocast, self.device)
 
     def progress_bar(self, total: int) -> Progress:
         """The epoch's progress: a bar on a terminal, log lines off one (``watch.py``)."""
@@ -214,9 +228,21 @@ class Run(RunLifecycle):
             first_step=self.schedule.step_count,
         )
 
-    def record_epoch(self, stats: dict[str, Any], block_bytes: list[int] | None) -> None:
+    def record_epoch(
+        self, stats: dict[str, Any], block_bytes: list[int] | None, meter: StepMeter | None = None
+    ) -> None:
         """Keep what the epoch measured (``report.record_measurements``); shared by every engine mode."""
-        record_measurements(self, stats, block_bytes)
+        workspace = None
+        if block_bytes and meter is not None:
+            try:
+                workspace = self.measure_workspace()
+            except Exception as e:  # a report must never end a training run (the profiler is torch-private)
+                log.warning(
+                    "backward's workspace not measured (%s: %s); memory reported without it",
+                    type(e).__name__,
+                    e,
+                )
+        record_measurements(self, stats, block_bytes, meter, workspace)
 
     def train_one_epoch(self) -> dict[str, Any]:
         self.train_loader.set_epoch(self.epoch)
@@ -227,7 +253,7 @@ class Run(RunLifecycle):
         with self.progress_bar(len(self.train_loader)) as bar:
             stats = self.trainer.train_epoch(self.train_loader, meter, bar)
         stats["epoch_time"] = time.perf_counter() - t0
-        self.record_epoch(stats, meter.block_bytes if meter is not None else None)
+        self.record_epoch(stats, meter.block_bytes if meter is not None else None, meter)
         return stats
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
@@ -246,21 +272,7 @@ class Run(RunLifecycle):
 
     def _fit(self, stop_after: int | None) -> dict[str, Any]:
         epochs = self.cfg.optim.epochs
-        if self.resumed_at is not None:
-            log.info("resumed %s at epoch %d of %d", self.run_dir, self.resumed_at, epochs)
-            if self.resumed_at >= epochs:
-                log.info(
-                    "this run already finished its %d epochs: nothing to train (resume with "
-                    "optim.epochs=N to train further)",
-                    epochs,
-                )
-        if self.train_loader.dropped:
-            log.info(
-                "each epoch drops the last training batch (%d image(s): batch norm needs at least %d); "
-                "every test image is kept",
-                self.train_loader.dropped,
-                self.train_loader.min_batch,
-            )
+        log_start(self.run_dir, self.resumed_at, epochs, self.train_loader)
         self.warn_at_start()
         if self.device.type == "cpu" and self.is_main:
             log.info(self.threads_line)

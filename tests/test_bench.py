@@ -58,6 +58,14 @@ def test_memory_bench(tmp_path, capsys):
         # running the whole step (checkpointing re-entrant) agrees with the per-block / analytic count
         assert close(float(r["live_peak_bytes"]), peak) and close(float(r["live_over_peak"]), 1.0)
     assert rows[1]["segments"] == "2" and float(rows[1]["ratio_to_bp"]) < 1
+    # the whole step: weights, optimizer state, the largest block's gradients, activations and workspace
+    bp_total = float(rows[0]["peak_total_bytes"])
+    for r in rows:
+        total = float(r["peak_total_bytes"])
+        assert total > float(r["peak_activation_bytes"]) + float(r["param_bytes"]) + float(
+            r["optimizer_state_bytes"]
+        )
+        assert close(float(r["total_ratio_to_bp"]), total / bp_total)
     assert float(rows[2]["ratio_to_bp"]) < float(rows[3]["ratio_to_bp"])  # MAN++ holds two more layer copies
     blocks = read_csv(tmp_path / "memory_breakdown.csv")
     assert list(blocks[0]) == BREAKDOWN_COLUMNS and len(blocks) == 4

@@ -2,6 +2,7 @@
 batch and pixels, the paper-cell configs each row is built from, and tiny real runs."""
 
 import csv
+from types import SimpleNamespace
 
 import pytest
 
@@ -124,8 +125,18 @@ def test_detection_rows_fit_and_print_every_block(tmp_path, monkeypatch):
     monkeypatch.setattr(
         memory_dense, "measure", lambda model, opts, batch: [a * len(batch) + c for a, c in laws[next(calls)]]
     )
+    # the whole step: the largest block's bytes on top of 1000 resident bytes (the account itself is tested
+    # in tests/metrics/test_step_memory.py)
+    monkeypatch.setattr(
+        memory_dense,
+        "whole_step",
+        lambda model, opts, at, *a, **k: SimpleNamespace(
+            peak_total_bytes=1000 + max(at), resident_bytes=1000
+        ),
+    )
     text = memory_dense.run("resnet50", ["dgl"], 64, out_dir=tmp_path, name="det")
     rows = read_rows(tmp_path / "det.csv")
+    assert float(rows["dgl"]["total_ratio_to_bp"]) == pytest.approx(1480 / 2650)
     assert rows["dgl"]["peak_block"] == "2" and rows["dgl"]["K"] == "3"
     mib = 2**20
     assert float(rows["dgl"]["peak_MiB_at_target"]) == pytest.approx(480 / mib)

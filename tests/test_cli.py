@@ -17,7 +17,7 @@ def test_train_runs_end_to_end_and_compares_with_bp(tmp_path, capsys):
         ["train", *TINY, "method.name=dgl+manpp", "compare=[bp]", f"out_dir={tmp_path}"], capsys
     )
     assert code == 0
-    assert "dgl+manpp" in out and "bp" in out and "peak act. mem" in out
+    assert "dgl+manpp" in out and "bp" in out and "peak act. mem" in out and "peak train mem" in out
     run_dir = tmp_path / "digits-resnet20-K2-dgl+manpp"
     for name in ("metrics.csv", "summary.json", "config.yaml", "checkpoint.pt", "train.log"):
         assert (run_dir / name).is_file(), name
@@ -25,9 +25,14 @@ def test_train_runs_end_to_end_and_compares_with_bp(tmp_path, capsys):
     # the comparison run is named after what it trained
     bp = json.loads((tmp_path / "digits-resnet20-K1-bp" / "summary.json").read_text())
     assert summary["num_blocks"] == 2 and bp["num_blocks"] == 1
-    # the printed memory ratio is what the meter measured
-    ratio = summary["memory"]["peak_activation_bytes"] / bp["memory"]["peak_activation_bytes"]
+    # the printed memory ratio is the whole step's (weights, gradients, optimizer state, activations)
+    memory = summary["memory"]
+    ratio = memory["peak_total_bytes"] / bp["memory"]["peak_total_bytes"]
     assert f"{ratio:.2f}x" in out
+    for key in ("parameter_bytes", "gradient_bytes", "optimizer_state_bytes", "bank_bytes"):
+        assert memory[key] >= 0, key
+    assert memory["peak_total_bytes"] > memory["parameter_bytes"] + memory["optimizer_state_bytes"]
+    assert memory["optimizer_state_bytes"] > 0 and memory["workspace_measured"]
     assert summary["params"]["aux"] > 0 and summary["median_step_time_s"] > 0
     config = (run_dir / "config.yaml").read_text()
     assert "momentum: 0.995" in config and "feature_dim" in config  # resolved method defaults

@@ -146,6 +146,10 @@ def test_evidence_tiny_runs_every_part(tmp_path, monkeypatch, capsys):
         ("detection", "bp"),
     ]
     assert all(float(r["meter_GiB"]) > 0 and r["status"] == "meter only (no CUDA)" for r in memory)
+    # the whole-step account is there on every device; on CPU there is no CUDA figure to divide by
+    assert all(
+        float(r["accounted_GiB"]) > float(r["meter_GiB"]) and not r["accounted_over_cuda"] for r in memory
+    )
     assert float(memory[0]["meter_ratio_to_bp"]) == 1.0 and float(memory[1]["meter_ratio_to_bp"]) < 1.0
     assert float(memory[3]["paper_GB"]) == 18.1  # MAN++ Table IV, RetinaNet-R50 E2E
 
@@ -258,7 +262,7 @@ def test_memory_rows_compare_cuda_with_the_meter_and_the_paper():
             {"task": "classification", "backbone": "resnet110", "method": "bp", "alloc": 10 * gib,
              "reserved": 12 * gib, "static": 1 * gib, "meter": 8 * gib},
             {"task": "classification", "backbone": "resnet110", "method": "infopro+manpp", "alloc": 4 * gib,
-             "reserved": 5 * gib, "static": 1 * gib, "meter": 1.5 * gib},
+             "reserved": 5 * gib, "static": 1 * gib, "meter": 1.5 * gib, "accounted": 3.8 * gib},
             {"task": "detection", "backbone": "resnet50", "method": "bp", "status": "not started (budget)"},
         ]
     )  # fmt: skip
@@ -266,6 +270,8 @@ def test_memory_rows_compare_cuda_with_the_meter_and_the_paper():
     assert bp["cuda_rest_GiB"] == 9 and math.isclose(bp["meter_over_cuda_rest"], 8 / 9)
     assert manpp["cuda_ratio_to_bp"] == 0.4 and manpp["meter_ratio_to_bp"] == 1.5 / 8
     assert manpp["paper_GB"] == 3.22 and math.isclose(manpp["paper_ratio_to_bp"], 3.22 / 9.26)
+    assert math.isclose(manpp["accounted_over_cuda"], 3.8 / 4) and math.isclose(manpp["accounted_GiB"], 3.8)
+    assert bp["accounted_over_cuda"] is None  # no account: left blank, never a made-up ratio
     assert "meter_GiB" not in det  # a cell never measured stays blank
 
 

@@ -26,6 +26,7 @@ from locallearn.engine.compile import compile_blocks
 from locallearn.engine.optim import GroupedOptimizer, build_optimizer, group_optimizers
 from locallearn.engine.sequential import train_step
 from locallearn.engine.step import checkpointed_step
+from locallearn.metrics.step_memory import BlockPass, StepMemory, block_workspace, step_memory
 from locallearn.model import LocalModel
 from locallearn.runner import git_revision
 from locallearn.types import Batch, InputInfo
@@ -186,6 +187,41 @@ def synthetic_batch(
     batch = Batch(x, y, mean, std).to(device or torch.device("cpu"))
     batch.x = batch.x.contiguous(memory_format=memory_format)
     return batch
+
+
+def _affine(points: dict[int, float], at: int) -> float:
+    (b1, y1), (b2, y2) = sorted(points.items())[:2]
+    return y1 + (y2 - y1) / (b2 - b1) * (at - b1)
+
+
+def whole_step(
+    model: torch.nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    block_bytes: Sequence[float],
+    batches: Sequence[int],
+    at: int,
+    make_batch: Callable[[int], Any] = synthetic_batch,
+    autocast: Callable[[], Any] = nullcontext,
+    group_steps: bool = False,
+    checkpoint_bytes: float | None = None,
+) -> StepMemory:
+    """The whole step (``metrics.step_memory``) at batch ``at``: the model's weights, gradients and optimizer
+    state (its optimizers have stepped), the meter's fitted per-block bytes, and backward's workspace measured
+    by the allocator at the two smallest ``batches`` (``make_batch(n)``) and extrapolated the same way (affine
+    in the batch). ``checkpoint_bytes``: activation checkpointing's analytic peak replaces the block's saved
+    bytes (its recomputation's workspace is not measured: it counts as 0)."""
+    if checkpoint_bytes is not None:
+        return step_memory(model, optimizers, [round(checkpoint_bytes)])
+    passes = {}
+    for b in sorted(batches)[:2]:
+        torch.manual_seed(0)
+        passes[b] = block_workspace(model, make_batch(b), autocast)
+    n = len(block_bytes)
+    work = BlockPass(
+        [max(0, round(_affine({b: p.workspace_bytes[k] for b, p in passes.items()}, at))) for k in range(n)],
+        [round(_affine({b: p.held_bytes[k] for b, p in passes.items()}, at)) for k in range(n)],
+    )
+    return step_memory(model, optimizers, [round(v) for v in block_bytes], 0, work, group_steps=group_steps)
 
 
 def param_bytes(model: torch.nn.Module) -> tuple[int, int]:

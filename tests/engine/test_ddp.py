@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -88,13 +89,15 @@ def test_ddp_equals_single_process_on_the_concatenated_batch(tmp_path):
 def test_ddp_run_keeps_ranks_identical_and_resumes(tmp_path):
     """resnet20 + InfoPro through the CLI's run: BN statistics averaged, so both ranks hold the same
     weights and buffers; rank 0's checkpoint.pt resumes both ranks."""
-    cfg = tiny_config(tmp_path / "ddp", mode="ddp")
+    cfg = tiny_config(tmp_path / "ddp", mode="ddp", measure_memory=True)
     launch(2, tmp_path, cfg, stop_after=1)
     launch(2, tmp_path, resume=tmp_path / "ddp" / "run")
     a, b = (torch.load(tmp_path / f"state.rank{r}.pt") for r in range(2))
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert (tmp_path / "ddp" / "run" / "summary.json").exists()
+    memory = json.loads((tmp_path / "ddp" / "run" / "summary.json").read_text())["memory"]
+    # the whole step with each block's flat all-reduce copy of its gradients
+    assert memory["memory_mode"] == "ddp" and memory["peak_total_bytes"] > memory["parameter_bytes"]
 
 
 @pytest.mark.slow

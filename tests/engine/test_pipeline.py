@@ -52,7 +52,10 @@ def test_window_above_one_and_too_many_ranks_are_refused():
 def test_pipeline_equals_sequential_bitwise(tmp_path):
     """InfoPro (window 1, no momentum; the input image travels with the activation), K=4 over 3 ranks,
     in-flight depth 1: every parameter and BN statistic equals the sequential engine's."""
-    cfg = tiny_config(tmp_path / "pipe", mode="pipeline", pipeline_depth=1, pipeline_blocks=[2, 1, 1])
+    # measuring memory (the sequential reference measures backward's workspace too) changes no weight
+    cfg = tiny_config(
+        tmp_path / "pipe", mode="pipeline", pipeline_depth=1, pipeline_blocks=[2, 1, 1], measure_memory=True
+    )
     launch(3, tmp_path, cfg)
     reference = sequential_state(dataclasses.replace(cfg, out_dir=str(tmp_path / "seq")))
     states = rank_states(tmp_path / "pipe" / "run", 3)
@@ -68,6 +71,10 @@ def test_pipeline_equals_sequential_bitwise(tmp_path):
         for s in states
     ]
     assert untimed[0] == untimed[2]  # the metrics are broadcast: every rank has the same history
+    # whole-step memory per rank, from its own blocks; the step's peak is the largest rank's
+    memory = states[0]["memory"]
+    assert memory["memory_mode"] == "pipeline" and len(memory["rank_peak_total_bytes"]) == 3
+    assert memory["peak_total_bytes"] == max(memory["rank_peak_total_bytes"])
 
 
 def test_manpp_tracks_next_layer_and_resumes_identically(tmp_path):
