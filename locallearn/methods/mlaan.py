@@ -54,6 +54,13 @@ class MLAANConfig:
     )
     ema: bool = True  # LAM's EMA copy on the chain's first layer
     official_chains: bool = True  # configAuxPlus_new.py's lists for the paper's cells (OFFICIAL_CHAINS)
+    # ours: "layer" = the chain copies whole layers (the paper); "unit" = each layer's first unit (an
+    # outside model's layer is a whole stage); "auto" = "unit" on outside models only
+    copy: str = "auto"
+    # ours: the heads' rank: GAP -> Linear(C, width) -> the task's local head where C > width (0 =
+    # auto: the paper's GAP -> local head on the listed backbones, a width sized to the backbone on
+    # outside models, build.py; a 1000-class head on 2048 channels is 2 M parameters, one per path)
+    width: int = 0
 
 
 def _runs(*runs: tuple[int, list[list[int]]]) -> list[list[list[int]]]:
@@ -168,8 +175,16 @@ def chain_pools(start: FeatureInfo, features: list[FeatureInfo], chain: list[int
 
 
 class GAPHead(nn.Sequential):
-    def __init__(self, ctx: AuxContext, chs: int) -> None:
-        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), ctx.task.local_head(chs))
+    def __init__(self, ctx: AuxContext, chs: int, width: int | None = None) -> None:
+        if width and chs > width:  # a rank-``width`` linear head
+            super().__init__(
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(chs, width, bias=False),
+                ctx.task.local_head(width),
+            )
+        else:
+            super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), ctx.task.local_head(chs))
 
 
 class MLAANAux(nn.Module):
@@ -185,16 +200,20 @@ class MLAANAux(nn.Module):
         self.x_head = self.aug = self.pools = self.ema = self.y_head = None
         if ctx.k == 0:
             return  # block 0 learns through the cascade of cut 1 only
-        self.x_head = GAPHead(ctx, ctx.feature.num_chs)
+        width = cfg.width or ctx.width
+        self.x_head = GAPHead(ctx, ctx.feature.num_chs, width)
         chain = official_chain(ctx) if cfg.official_chains else None
         self.chain_layers = chain or leap_chain(ctx.feature, ctx.next_features, cfg.chain_depth)
         pools = chain_pools(ctx.feature, ctx.next_features, self.chain_layers)
         self.pools = nn.ModuleList(nn.MaxPool2d(f) if f > 1 else nn.Identity() for f in pools)
-        self.aug = nn.ModuleList(copy.deepcopy(ctx.next_layers[j]) for j in self.chain_layers)
+        n = len(self.chain_layers)
+        # a unit (outside models) stands in for its layer where the next copy reads what it outputs
+        sources = [ctx.copy_source(j, cfg.copy, chained=i < n - 1) for i, j in enumerate(self.chain_layers)]
+        self.aug = nn.ModuleList(copy.deepcopy(m) for m, _ in sources)
         if cfg.ema:
-            self._live = [ctx.next_layers[self.chain_layers[0]]]
+            self._live = [sources[0][0]]  # a unit shares its layer's live weights
             self.ema = copy.deepcopy(self._live[0]).requires_grad_(False)
-        self.y_head = GAPHead(ctx, ctx.next_features[self.chain_layers[-1]].num_chs)
+        self.y_head = GAPHead(ctx, sources[-1][1].num_chs, width)
 
     def leap(self, z: torch.Tensor) -> torch.Tensor:
         z = self.pools[0](z)
