@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
-from torch.utils.data import DataLoader, TensorDataset
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import locallearn
 
