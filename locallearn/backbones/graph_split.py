@@ -298,17 +298,22 @@ def layer_info(
 
 
 def _unit_end(gm: fx.GraphModule) -> int | None:
-    """Where the first unit of a traced layer ends: the first position after its first module with
-    parameters where a single tensor flows on; None when that is the layer's end (one unit)."""
+    """Where the first unit of a traced layer ends: at the next module with weights (not a
+    normalisation) after its first one, where a single tensor flows on (so a plain conv-BN-ReLU run
+    keeps its BN and ReLU); None when there is no such place (the layer is one unit)."""
     nodes = list(gm.graph.nodes)
     end = next(i for i, n in enumerate(nodes) if n.op == "output")
     seen_weights = False
     for i in _compute(nodes[:end]):
-        if seen_weights and len(_crossing(nodes, i, end)) == 1:
-            return i
         node = nodes[i]
-        if node.op == "call_module" and any(True for _ in gm.get_submodule(str(node.target)).parameters()):
-            seen_weights = True
+        weighted = False
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))
+            weighted = not norm and any(True for _ in module.parameters())
+        if weighted and seen_weights and len(_crossing(nodes, i, end)) == 1:
+            return i
+        seen_weights = seen_weights or weighted
     return None
 
 
@@ -323,7 +328,7 @@ def _prefix(gm: fx.GraphModule, at: int) -> fx.GraphModule:
 
 def first_unit(layer: nn.Module) -> nn.Module | None:
     """The first unit of a traced layer (a whole stage cut out of an outside model): its operations up
-    to the output of its first module with parameters (ResNet: ``layer3.0``; ShuffleNet: ``stage4.0``),
+    to the next module with weights (ResNet: ``layer3.0``; ShuffleNet: ``stage4.0``; conv-BN-ReLU),
     sharing that module's weights and keeping its parameter names, so a copy of it tracks the live
     layer by name. None when the layer is not traced or is a single unit already."""
     if isinstance(layer, ModePair):
