@@ -141,3 +141,15 @@ def test_no_warning_for_an_outside_default_build(caplog):
     with caplog.at_level(logging.WARNING, logger="locallearn"):
         build("torchvision:shufflenet_v2_x0_5", "infopro+manpp", 3, 64, 4)
     assert not [r for r in caplog.records if "aux nets hold" in r.getMessage()]
+
+
+@pytest.mark.parametrize("method", ["mlaan", "slm+manpp"])
+def test_sized_aux_nets_train_on_an_outside_model(method):
+    """The rebuilt parts (a chain of fresh units past MLAAN's EMA twin, SLM's downsized replica behind
+    a unit copy) run forward and backward."""
+    from torchvision.models import shufflenet_v2_x0_5
+
+    ll = locallearn.wrap(shufflenet_v2_x0_5(num_classes=4), method=method, num_blocks=3, input_size=32)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    losses = [ll.step(x, y) for _ in range(2)][-1]
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())

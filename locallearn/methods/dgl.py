@@ -11,6 +11,10 @@ blocks. Two heads:
   3 x [1x1 conv, BN, ReLU] to ``feature_dim`` -> GAP -> 3 x [Linear, BN1d, ReLU] at 4*feature_dim ->
   task local head. About 0.64 M parameters per head at feature_dim 128.
 
+``width`` (ours; 0 = auto): the widest channels of either head, the paper's (none) on the listed
+backbones and fitted to the backbone on outside models (``aux_budget.py``): mlp-sr's first 1x1 conv
+then reduces C to ``width`` before the flatten, so its MLP is ``Linear(4w, 4w)``.
+
 Dense tasks (``dense_head``): ``fpn`` (default) = ``n_conv`` x [1x1 conv, BN, ReLU] at the block's own
 resolution, then the task's local head on that one map (detection: a local FPN whose other levels are
 resampled from it and RetinaNet's 4-conv head over P3-P7; the memory-augmented MAN paper's "DGL with an

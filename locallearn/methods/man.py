@@ -24,6 +24,8 @@ layer n (fresh weights) instead of before the single end-of-batch step (one step
 is one fused ``torch._foreach_lerp_`` over all parameters; the EMA copy takes no weight gradients
 (``requires_grad=False``) and is excluded from the optimizer; EMA momentum defaults to 0.995 (the
 README value) instead of the CIFAR argparse default 1.0, which freezes the EMA (PRIOR_ART §6.4).
+On a model from outside the papers' tables, whose layers are whole stages, LB and EMA copy the first
+unit of layer n (``copy: auto``; the EMA then follows it by parameter name; ``aux_budget.py``).
 """
 
 from __future__ import annotations

@@ -35,11 +35,13 @@ batch, after every backward).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from locallearn.methods.auglocal import build_units
 from locallearn.methods.base import AuxContext, Method, stage_starts
 from locallearn.types import Batch, FeatureInfo
 
@@ -59,7 +61,9 @@ class MLAANConfig:
     copy: str = "auto"
     # ours: the heads' rank: GAP -> Linear(C, width) -> the task's local head where C > width (0 =
     # auto: the paper's GAP -> local head on the listed backbones, a width sized to the backbone on
-    # outside models, build.py; a 1000-class head on 2048 channels is 2 M parameters, one per path)
+    # outside models, build.py; a 1000-class head on 2048 channels is 2 M parameters, one per path).
+    # Auto on an outside model also builds the chain past its first layer as fresh units at most
+    # that wide (copies of ResNet-18's last stages outweighed the backbone)
     width: int = 0
 
 
@@ -209,11 +213,22 @@ class MLAANAux(nn.Module):
         n = len(self.chain_layers)
         # a unit (outside models) stands in for its layer where the next copy reads what it outputs
         sources = [ctx.copy_source(j, cfg.copy, chained=i < n - 1) for i, j in enumerate(self.chain_layers)]
-        self.aug = nn.ModuleList(copy.deepcopy(m) for m, _ in sources)
+        self.aug = nn.ModuleList(copy.deepcopy(m) for m, _ in sources[:1])
+        out = sources[0][1]
+        for (module, feature), j in zip(sources[1:], self.chain_layers[1:]):
+            if ctx.width and not cfg.width:
+                # outside models: past the first (the EMA's twin, which must be a copy) the chain is
+                # fresh units of the later layers' shapes, at most ``width`` wide (AugLocal's)
+                (unit,), chs = build_units(out, [ctx.next_features[j]], like=[module], width=ctx.width)
+                self.aug.append(unit)
+                out = dataclasses.replace(feature, num_chs=chs)
+            else:
+                self.aug.append(copy.deepcopy(module))
+                out = feature
         if cfg.ema:
             self._live = [sources[0][0]]  # a unit shares its layer's live weights
             self.ema = copy.deepcopy(self._live[0]).requires_grad_(False)
-        self.y_head = GAPHead(ctx, sources[-1][1].num_chs, width)
+        self.y_head = GAPHead(ctx, out.num_chs, width)
 
     def leap(self, z: torch.Tensor) -> torch.Tensor:
         z = self.pools[0](z)
