@@ -23,7 +23,7 @@ from locallearn.types import InputInfo
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "aux_sizes.md"
 DOC = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- aux_sizes:start -->", "<!-- aux_sizes:end -->"
+BLOCK = re.compile(r"(<!-- results:aux_sizes -->\n)(.*?)(<!-- /results:aux_sizes -->)", re.S)
 
 CIFAR = ("resnet20", "resnet32", "resnet56", "resnet110")
 IMAGENET = (
@@ -92,10 +92,11 @@ def main() -> None:
     text = table()
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(text)
-    doc = DOC.read_text()
-    if START in doc and END in doc:
-        pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-        DOC.write_text(pattern.sub(lambda _: f"{START}\n{text}{END}", doc))
+    try:  # run as a script (benchmarks/ on sys.path) or as a module of the benchmarks package
+        from update_readme import render
+    except ImportError:
+        from benchmarks.update_readme import render
+    DOC.write_text(BLOCK.sub(lambda m: m[1] + render("aux_sizes", "../") + m[3], DOC.read_text()))
     print(text)  # a script, not library code
 
 
