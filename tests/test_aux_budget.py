@@ -153,3 +153,16 @@ def test_sized_aux_nets_train_on_an_outside_model(method):
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     losses = [ll.step(x, y) for _ in range(2)][-1]
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["method.momentum.copy=stage", "method.mlaan.copy=all", "method.dgl.width=-1", "method.slm.width=-2"],
+)
+def test_bad_size_options_are_one_line_config_errors(option):
+    from locallearn.build import check_config
+    from locallearn.config import ConfigError
+
+    method = {"momentum": "dgl+manpp", "mlaan": "mlaan", "dgl": "dgl", "slm": "slm"}[option.split(".")[1]]
+    with pytest.raises(ConfigError, match=option.split("=")[0].removeprefix("method.")):
+        check_config(load_config(None, [f"method.name={method}", option]))

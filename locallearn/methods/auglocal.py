@@ -52,6 +52,10 @@ class AugLocalConfig:
     # a width that fits the backbone's size on outside models, build.py)
     width: int = 0
 
+    def __post_init__(self) -> None:
+        if self.width < 0:
+            raise ValueError(f"auglocal.width must be >= 0 (0 = auto), got {self.width}")
+
 
 def sample_layers(cut_after: int, num_layers: int, depth: int) -> list[int]:
     """Global indices of the layers an aux of depth ``depth`` imitates (auxiliary_nets.py unifSamp)."""

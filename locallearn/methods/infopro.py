@@ -66,6 +66,10 @@ class InfoProConfig:
     # listed backbones, a width that fits the backbone's size on outside models, build.py)
     width: int = 0
 
+    def __post_init__(self) -> None:
+        if self.width < 0:
+            raise ValueError(f"infopro.width must be >= 0 (0 = auto), got {self.width}")
+
 
 def lambdas(cfg: InfoProConfig, k: int, num_blocks: int) -> tuple[float, float]:
     """(lambda1, lambda2) of cut k = 0..K-2, interpolated by block index (InfoPro resnet.py forward)."""

@@ -67,6 +67,10 @@ class MomentumConfig:
     # ResNet-50's layer4 alone outweigh the backbone); "auto" = "unit" on outside models only.
     copy: str = "auto"
 
+    def __post_init__(self) -> None:
+        if self.copy not in ("auto", "layer", "unit"):
+            raise ValueError(f"momentum.copy must be 'auto', 'layer' or 'unit', got {self.copy!r}")
+
 
 class MomentumAux(nn.Module):
     """``y = s*LB(h) + (2-s)*EMA(h)`` (or the enabled subset) fed to the base method's aux."""

@@ -66,6 +66,12 @@ class MLAANConfig:
     # that wide (copies of ResNet-18's last stages outweighed the backbone)
     width: int = 0
 
+    def __post_init__(self) -> None:
+        if self.copy not in ("auto", "layer", "unit"):
+            raise ValueError(f"mlaan.copy must be 'auto', 'layer' or 'unit', got {self.copy!r}")
+        if self.width < 0:
+            raise ValueError(f"mlaan.width must be >= 0 (0 = auto), got {self.width}")
+
 
 def _runs(*runs: tuple[int, list[list[int]]]) -> list[list[list[int]]]:
     return [chain for count, chain in runs for _ in range(count)]

@@ -44,6 +44,10 @@ class PredSimConfig:
     # a width that fits the backbone's size on outside models (build.py)
     width: int = 0
 
+    def __post_init__(self) -> None:
+        if self.width < 0:
+            raise ValueError(f"predsim.width must be >= 0 (0 = auto), got {self.width}")
+
 
 def similarity_matrix(x: torch.Tensor, std_reduce: bool = True) -> torch.Tensor:
     """PredSim's ``S(x)``: (B, ...) -> (B, B) cosine similarities of the centred rows, in [-1, 1]."""

@@ -73,6 +73,8 @@ class SLMConfig:
     width: int = 0
 
     def __post_init__(self) -> None:
+        if self.width < 0:
+            raise ValueError(f"slm.width must be >= 0 (0 = auto), got {self.width}")
         if self.shared_head_grad not in ("mean", "sum"):
             raise ValueError(f"slm.shared_head_grad must be 'mean' or 'sum', got {self.shared_head_grad!r}")
 
