@@ -145,7 +145,6 @@ class Method:
     window: ClassVar[int] = 1
     needs_next: ClassVar[bool] = False
     composes_with_momentum: ClassVar[bool] = True  # may be wrapped by "+man" / "+manpp"
-    replicates_later: ClassVar[bool] = False  # its aux runs copies of later layers on its input (SLM)
 
     def __init__(self, cfg: Any = None) -> None:
         self.cfg = cfg if cfg is not None else self.Config()
@@ -169,6 +168,11 @@ class Method:
 
     def check(self, num_blocks: int) -> None:
         """Refuse impossible settings with a clear ValueError."""
+
+    def replicates_later(self, ctx: AuxContext) -> bool:
+        """Whether this method's aux at ``ctx`` runs copies of later layers on its input (SLM's replica):
+        a momentum aux in front must then output what the next layer outputs."""
+        return False
 
     def sized_by_width(self) -> bool:
         """Whether this method's aux widths follow ``AuxContext.width`` (its ``width`` option left at

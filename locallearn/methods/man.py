@@ -180,7 +180,7 @@ class Momentum(Method):
         # (AugLocal samples and SLM replicates the layers behind it, not layer n again).
         # A copy of the layer's first unit (outside models) feeds the base aux that unit's output; a
         # base aux that runs copies of later layers on it (SLM) then needs the layer's own output.
-        chained = self.base.replicates_later and len(ctx.next_layers) > 1
+        chained = self.base.replicates_later(ctx) and len(ctx.next_layers) > 1
         source, out = ctx.copy_source(0, self.cfg.copy, chained=chained)
         inner = ctx.after_next().with_feature(out)
         if inner.feature.fmt == "NLC" and inner.next_layers:  # MAN++ ViT aux: LB spans two blocks

@@ -242,7 +242,9 @@ class SLM(Method):
     name = "slm"
     paper = "memory-augmented MAN: Advancing Supervised Local Learning Beyond Classification with Long-term Feature Bank (SLM + feature bank; no arXiv id)"
     Config = SLMConfig
-    replicates_later = True
+
+    def replicates_later(self, ctx: AuxContext) -> bool:
+        return ctx.task.dense or not (self.cfg.width or ctx.width)  # else a downsized replica
 
     def sized_by_width(self) -> bool:
         return self.cfg.width == 0 and not self.cfg.prototype_weight  # prototypes: the final width
