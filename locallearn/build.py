@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from locallearn import aux_budget
 from locallearn.backbones import (
     edsr,
     external,
@@ -347,13 +348,15 @@ def build_model(
         method.check(k_total)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    auxes: list[nn.Module] = []
     layers, info = list(backbone.layers), backbone.feature_info
     levels = bank_levels(info, inputs)
     head_ref = HeadRef()
     task.setup(info[-1], {name: f for name, (_, f) in levels.items()})
-    for k, cut in enumerate(cuts):
-        ctx = AuxContext(
+    # an outside model: its aux nets are sized to it (aux_budget); the listed backbones keep the papers'
+    outside = isinstance(backbone, external.ExternalBackbone)
+    unit_of = aux_budget.unit_finder(inputs, external.first_unit) if outside else None
+    contexts = [
+        AuxContext(
             k=k,
             num_blocks=k_total,
             feature=info[cut - 1],
@@ -365,8 +368,21 @@ def build_model(
             num_layers=len(layers),
             bank={name: f for name, (i, f) in levels.items() if i < cut},
             head_ref=head_ref,
+            unit_of=unit_of,
         )
-        auxes.append(method.make_aux(k, ctx))
+        for k, cut in enumerate(cuts)
+    ]
+    if outside and method.sized_by_width() and not task.dense and contexts:
+        own_head = backbone.source_head()
+        budget = aux_budget.AUX_SHARE * (count_parameters(backbone) + count_parameters(own_head))
+        auxes, widths = aux_budget.sized_auxes(
+            lambda k, w: method.make_aux(k, dataclasses.replace(contexts[k], width=w)),
+            len(contexts),
+            int(budget),
+        )
+        log.info("%s on %s: aux widths %s (sized to the backbone)", method.name, cfg.model.backbone, widths)
+    else:
+        auxes = [method.make_aux(k, ctx) for k, ctx in enumerate(contexts)]
     missing = [name for name in task.reads if name not in levels]
     if missing:
         raise ConfigError(
@@ -382,6 +398,7 @@ def build_model(
     auxes.append(method.make_head(HeadLoss(task, head)))
     taps = bank_taps(auxes, [*cuts, len(layers)], levels)
     model = LocalModel(backbone, cuts, auxes, window=method.window, taps=taps)
+    aux_budget.warn_if_large(model.parameter_counts(), method.name, method.shrink_options())
     if load_weights:
         task.init_model(model)  # super-resolution: task.super_resolution.pretrained (a x2 run)
     try:
@@ -389,6 +406,10 @@ def build_model(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return model, method, task
+
+
+def count_parameters(module: nn.Module | None) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
 def bank_levels(info: list[FeatureInfo], inputs: InputInfo) -> dict[str, tuple[int, FeatureInfo]]:

@@ -351,3 +351,52 @@ def layer_info(
         where = cut_names[i] if i < len(cut_names) else "the end"
         info.append(_info(shape_of(out) or (), side, where))
     return info
+
+
+def _unit_end(gm: fx.GraphModule) -> int | None:
+    """Where the first unit of a traced layer ends: at the next module with weights (not a
+    normalisation) after its first one, where a single tensor flows on (so a plain conv-BN-ReLU run
+    keeps its BN and ReLU); None when there is no such place (the layer is one unit)."""
+    nodes = list(gm.graph.nodes)
+    end = next(i for i, n in enumerate(nodes) if n.op == "output")
+    seen_weights = False
+    for i in _compute(nodes[:end]):
+        node = nodes[i]
+        weighted = False
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))
+            weighted = not norm and any(True for _ in module.parameters())
+        if weighted and seen_weights and len(_crossing(nodes, i, end)) == 1:
+            return i
+        seen_weights = seen_weights or weighted
+    return None
+
+
+def _prefix(gm: fx.GraphModule, at: int) -> fx.GraphModule:
+    nodes = list(gm.graph.nodes)
+    end = next(i for i, n in enumerate(nodes) if n.op == "output")
+    (out,) = _crossing(nodes, at, end)
+    source = next(n for n in nodes if n.op == "placeholder")
+    seg = [n for n in nodes[:at] if n.op not in ("placeholder", "output")]
+    return _segment(gm, seg, source, out)
+
+
+def first_unit(layer: nn.Module) -> nn.Module | None:
+    """The first unit of a traced layer (a whole stage cut out of an outside model): its operations up
+    to the next module with weights (ResNet: ``layer3.0``; ShuffleNet: ``stage4.0``; conv-BN-ReLU),
+    sharing that module's weights and keeping its parameter names, so a copy of it tracks the live
+    layer by name. None when the layer is not traced or is a single unit already."""
+    if isinstance(layer, ModePair):
+        at = _unit_end(layer.train_graph)
+        if at is None:
+            return None
+        names = [n.name for n in layer.train_graph.graph.nodes]
+        other = [n.name for n in layer.eval_graph.graph.nodes]
+        if names[at] not in other:
+            return None
+        return ModePair(_prefix(layer.train_graph, at), _prefix(layer.eval_graph, other.index(names[at])))
+    if isinstance(layer, fx.GraphModule):
+        at = _unit_end(layer)
+        return None if at is None else _prefix(layer, at)
+    return None

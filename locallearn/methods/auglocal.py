@@ -48,6 +48,13 @@ class AugLocalConfig:
     pyramid: bool = True  # run.sh: --pyramid
     pyramid_coeff: float = 0.5  # run.sh: --pyramid_coeff 0.5
     widen: int = 1  # --aux_net_widen 1
+    # ours: the most channels of a unit (0 = auto: the sampled layers' widths on the listed backbones,
+    # a width that fits the backbone's size on outside models, build.py)
+    width: int = 0
+
+    def __post_init__(self) -> None:
+        if self.width < 0:
+            raise ValueError(f"auglocal.width must be >= 0 (0 = auto), got {self.width}")
 
 
 def sample_layers(cut_after: int, num_layers: int, depth: int) -> list[int]:
@@ -120,10 +127,15 @@ def new_unit(like: nn.Module, in_chs: int, out_chs: int, stride: int) -> nn.Modu
 
 
 def build_units(
-    start: FeatureInfo, targets: list[FeatureInfo], widen: int = 1, like: list[nn.Module] | None = None
+    start: FeatureInfo,
+    targets: list[FeatureInfo],
+    widen: int = 1,
+    like: list[nn.Module] | None = None,
+    width: int | None = None,
 ) -> tuple[list[nn.Module], int]:
     """New units taking ``start`` through the shapes of ``targets`` (each of the kind of the matching
-    layer in ``like``; default: the CIFAR BasicBlock shape); returns them and the final width."""
+    layer in ``like``; default: the CIFAR BasicBlock shape), none wider than ``width`` (if given);
+    returns them and the final width."""
     units: list[nn.Module] = []
     chs, reduction = start.num_chs, start.reduction
     for i, target in enumerate(targets):
@@ -131,8 +143,9 @@ def build_units(
         if target.reduction > reduction:  # a down-sampling is pending (official: num_pool >= 1)
             stride, reduction = 2, reduction * 2
         kind = like[i] if like is not None else None
-        units.append(new_unit(kind, chs, target.num_chs * widen, stride))
-        chs = target.num_chs * widen
+        out = min(target.num_chs * widen, width) if width else target.num_chs * widen
+        units.append(new_unit(kind, chs, out, stride))
+        chs = out
     return units, chs
 
 
@@ -151,7 +164,7 @@ class AugLocalAux(nn.Module):
         self.layers = sample_layers(cut_after, num_layers, self.depth) if ctx.next_features else []
         targets = [ctx.next_features[j - cut_after - 1] for j in self.layers]
         like = [ctx.next_layers[j - cut_after - 1] for j in self.layers]
-        units, width = build_units(ctx.feature, targets, cfg.widen, like)
+        units, width = build_units(ctx.feature, targets, cfg.widen, like, cfg.width or ctx.width)
         pool: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         if self.depth <= 1:
             pool.append(nn.BatchNorm1d(width))

@@ -93,6 +93,14 @@ class AuxContext:
     # read as inputs (``batch.bank.read(name)``). An aux that reads entries lists them in ``reads``.
     bank: dict[str, FeatureInfo] = dataclasses.field(default_factory=dict)
     head_ref: HeadRef | None = None  # the main task head, for aux nets that share it (dense tasks)
+    # Outside models only (``torchvision:`` / ``timm:`` / ``module:`` / ``wrap``; build.py's
+    # ``aux_budget``): the widest channels an aux may build fresh, chosen so the aux nets fit the
+    # backbone's size; None = the method's own (the papers') widths, as on the listed backbones.
+    width: int | None = None
+    # Outside models only: ``unit_of(layer, its input)`` = the layer's first unit and what it outputs,
+    # or None. There a layer is a whole stage; the papers copy one unit (a residual block) of the
+    # next layer. None on the listed backbones, whose layers are units already.
+    unit_of: Callable[[nn.Module, FeatureInfo], tuple[nn.Module, FeatureInfo] | None] | None = None
 
     def __post_init__(self) -> None:
         self.init_weights = sparing_task_parts(self.init_weights)
@@ -110,6 +118,22 @@ class AuxContext:
             next_layers=self.next_layers[1:],
             next_features=self.next_features[1:],
         )
+
+    def copy_source(self, j: int, copy: str, chained: bool = False) -> tuple[nn.Module, FeatureInfo]:
+        """What a method copies for later layer ``j`` (index into ``next_layers``) and what the copy
+        outputs. ``copy``: ``layer`` = the whole layer; ``unit`` = its first unit where ``unit_of``
+        knows one (outside models), ``auto`` = ``unit`` there and ``layer`` elsewhere. ``chained``: a
+        copy of layer j+1 reads this copy's output, so a unit that outputs another shape than its
+        layer (ShuffleNet's last stage ends in a 1x1 conv to 1024) is not used."""
+        if copy not in ("auto", "layer", "unit"):
+            raise ValueError(f"copy must be 'auto', 'layer' or 'unit', got {copy!r}")
+        layer, out = self.next_layers[j], self.next_features[j]
+        if copy == "layer" or self.unit_of is None:
+            return layer, out
+        found = self.unit_of(layer, self.feature if j == 0 else self.next_features[j - 1])
+        if found is None or (chained and found[1] != out):
+            return layer, out
+        return found
 
     def spatial(self, feature: FeatureInfo | None = None) -> int:
         """Side length of the feature map (input size / reduction)."""
@@ -149,3 +173,17 @@ class Method:
 
     def check(self, num_blocks: int) -> None:
         """Refuse impossible settings with a clear ValueError."""
+
+    def replicates_later(self, ctx: AuxContext) -> bool:
+        """Whether this method's aux at ``ctx`` runs copies of later layers on its input (SLM's replica):
+        a momentum aux in front must then output what the next layer outputs."""
+        return False
+
+    def sized_by_width(self) -> bool:
+        """Whether this method's aux widths follow ``AuxContext.width`` (its ``width`` option left at
+        0 = auto); build.py then picks the width for an outside model."""
+        return getattr(self.cfg, "width", None) == 0
+
+    def shrink_options(self) -> list[str]:
+        """The config keys that make this method's aux nets smaller (named in build.py's warning)."""
+        return [f"method.{self.name}.width=64"] if hasattr(self.cfg, "width") else []

@@ -11,6 +11,10 @@ blocks. Two heads:
   3 x [1x1 conv, BN, ReLU] to ``feature_dim`` -> GAP -> 3 x [Linear, BN1d, ReLU] at 4*feature_dim ->
   task local head. About 0.64 M parameters per head at feature_dim 128.
 
+``width`` (ours; 0 = auto): the widest channels of either head, the paper's (none) on the listed
+backbones and fitted to the backbone on outside models (``aux_budget.py``): mlp-sr's first 1x1 conv
+then reduces C to ``width`` before the flatten, so its MLP is ``Linear(4w, 4w)``.
+
 Dense tasks (``dense_head``): ``fpn`` (default) = ``n_conv`` x [1x1 conv, BN, ReLU] at the block's own
 resolution, then the task's local head on that one map (detection: a local FPN whose other levels are
 resampled from it and RetinaNet's 4-conv head over P3-P7; the memory-augmented MAN paper's "DGL with an
@@ -51,6 +55,10 @@ class DGLConfig:
     # COCO AuxiliaryDetectionHead, RetinaNet only: 1x1 projection -> subnets at the block's own stride)
     dense_head: str = "fpn"
     head_convs: int = 2  # dense_head=manpp: 3x3 conv layers per subnet (RetinaNet's main head: 4)
+    # ours: the widest channels of the head (mlp-sr: its convs, and 4x that for the MLP after the 2x2
+    # flatten; manpp: feature_dim). 0 = auto: the paper's widths on the listed backbones, a width
+    # that fits the backbone's size on outside models (build.py); mlp-sr's MLP is quadratic in it.
+    width: int = 0
 
     def __post_init__(self) -> None:
         if self.dense_head not in ("fpn", "manpp"):
@@ -59,6 +67,8 @@ class DGLConfig:
             raise ValueError(
                 f"dgl.head_convs must lie in 0..4 (RetinaNet's subnets have 4), got {self.head_convs}"
             )
+        if self.width < 0:
+            raise ValueError(f"dgl.width must be >= 0 (0 = auto), got {self.width}")
 
 
 def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
@@ -97,17 +107,20 @@ class DGLAux(nn.Module):
         super().__init__()
         self.task = ctx.task
         c = ctx.feature.num_chs
+        cap = cfg.width or ctx.width
         if cfg.head == "mlp-sr":
             layers: list[nn.Module] = [TokensToMap(), AdaptivePool(math.ceil(ctx.spatial() / 4))]
-            for _ in range(cfg.n_conv):
-                layers += conv_bn_relu(c, c)
+            w = min(c, cap) if cap else c  # the first 1x1 conv reduces to the cap before the flatten
+            for i in range(cfg.n_conv):
+                layers += conv_bn_relu(c if i == 0 else w, w)
+            w = w if cfg.n_conv else c
             layers.append(AdaptivePool(2))
             if cfg.n_mlp == 0:  # auxillary_classifier2: BN2d before flatten only without an MLP
-                layers.append(nn.BatchNorm2d(c))
-            layers += [nn.Flatten(), *mlp(4 * c, cfg.n_mlp)]
-            width = 4 * c
+                layers.append(nn.BatchNorm2d(w))
+            layers += [nn.Flatten(), *mlp(4 * w, cfg.n_mlp)]
+            width = 4 * w
         elif cfg.head == "manpp":
-            fd = cfg.feature_dim
+            fd = min(cfg.feature_dim, cap) if cap else cfg.feature_dim
             layers = [TokensToMap(), AdaptivePool(8), *conv_bn_relu(c, fd), *conv_bn_relu(fd, fd)]
             layers += [*conv_bn_relu(fd, fd), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
             layers += [nn.Linear(fd, 4 * fd), nn.BatchNorm1d(4 * fd), nn.ReLU(inplace=True), *mlp(4 * fd, 2)]

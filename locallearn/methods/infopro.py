@@ -62,6 +62,13 @@ class InfoProConfig:
     heads: str = "auto"  # cifar (§2.2) | imagenet (§2.7) | auto: imagenet above 64 channels / on tokens
     # ours: "input" = decode at the image size (the papers); "feature" = at the map's size, vs a downsampled image
     recon_at: str = "input"
+    # ours: the widest channels the decoder and classifier build (0 = auto: the papers' widths on the
+    # listed backbones, a width that fits the backbone's size on outside models, build.py)
+    width: int = 0
+
+    def __post_init__(self) -> None:
+        if self.width < 0:
+            raise ValueError(f"infopro.width must be >= 0 (0 = auto), got {self.width}")
 
 
 def lambdas(cfg: InfoProConfig, k: int, num_blocks: int) -> tuple[float, float]:
@@ -131,6 +138,8 @@ def aux_classifier(ctx: AuxContext, cfg: InfoProConfig) -> nn.Module:
     n_conv, n_fc = int(match[1]), int(match[2])
     c, w = ctx.feature.num_chs, cfg.widen
     mid = (32 if c <= 16 else 64) * w
+    cap = cfg.width or ctx.width
+    mid = min(mid, cap) if cap else mid
     layers: list[nn.Module] = []
     first_stride = (2 if c < 64 else 1) if c in (16, 32, 64) else (2 if ctx.spatial() > 8 else 1)
     for i in range(n_conv):
@@ -167,7 +176,8 @@ class DenseClassifier(nn.Module):
 def decoder(ctx: AuxContext, cfg: InfoProConfig, wide: bool) -> nn.Module:
     upsample = cfg.recon_at == "input"
     if wide:
-        return ImageNetDecoder(ctx.feature.num_chs, ctx.inputs.channels, ctx.inputs.size, upsample)
+        width = cfg.width or ctx.width
+        return ImageNetDecoder(ctx.feature.num_chs, ctx.inputs.channels, ctx.inputs.size, upsample, width)
     return Decoder(ctx.feature.num_chs, ctx.inputs.channels, ctx.inputs.size, cfg.widen, upsample)
 
 
@@ -202,7 +212,10 @@ class InfoProAux(nn.Module):
                 )
             self.classifier = DenseClassifier(ctx) if self.lambda2 else None
         elif wide:
-            self.classifier = imagenet_classifier(ctx, cfg.loss, cfg.feature_dim) if self.lambda2 else None
+            width = cfg.width or ctx.width
+            self.classifier = (
+                imagenet_classifier(ctx, cfg.loss, cfg.feature_dim, width) if self.lambda2 else None
+            )
         else:
             self.classifier = aux_classifier(ctx, cfg) if self.lambda2 else None
 

@@ -45,15 +45,18 @@ class ImageNetDecoder(nn.Sequential):
     """``upsample=False`` (InfoPro ``recon_at: feature``): the same layers at the map's own size.
     ``forward(h, size)`` reconstructs an image of ``size`` (H, W), the batch's own."""
 
-    def __init__(self, in_chs: int, image_chs: int, image_size: int, upsample: bool = True) -> None:
+    def __init__(
+        self, in_chs: int, image_chs: int, image_size: int, upsample: bool = True, width: int | None = None
+    ) -> None:
         def resize(divisor: int) -> nn.Module:
             return Resize(image_size, divisor) if upsample else nn.Identity()
 
+        first = min(128, width) if width else 128  # ``width``: infopro.width's cap (outside models)
         super().__init__(
             TokensToMap(),
-            *cbr(in_chs, 128, 1, bias=True),  # the official decoder's convs keep nn.Conv2d's bias
+            *cbr(in_chs, first, 1, bias=True),  # the official decoder's convs keep nn.Conv2d's bias
             resize(4),
-            *cbr(128, 32, 3, bias=True),
+            *cbr(first, 32, 3, bias=True),
             resize(2),
             *cbr(32, 12, 3, bias=True),
             resize(1),
@@ -66,12 +69,14 @@ class ImageNetDecoder(nn.Sequential):
         return h
 
 
-def imagenet_classifier(ctx: AuxContext, loss: str, feature_dim: int) -> nn.Module:
+def imagenet_classifier(ctx: AuxContext, loss: str, feature_dim: int, width: int | None = None) -> nn.Module:
+    """``width``: no layer wider than it (infopro.width's cap on outside models; None = official)."""
     c = ctx.feature.num_chs
     m = max(32, c // 4)
-    layers = [TokensToMap(), *cbr(c, m, 1), *cbr(m, 2 * m, 3, 2), *cbr(2 * m, 4 * m, 3, 2)]
-    layers += [*cbr(4 * m, 2048, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    layers.append(nn.Linear(2048, feature_dim) if loss == "contrast" else ctx.task.local_head(2048))
+    w1, w2, w3, w4 = (min(v, width) for v in (m, 2 * m, 4 * m, 2048)) if width else (m, 2 * m, 4 * m, 2048)
+    layers = [TokensToMap(), *cbr(c, w1, 1), *cbr(w1, w2, 3, 2), *cbr(w2, w3, 3, 2)]
+    layers += [*cbr(w3, w4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    layers.append(nn.Linear(w4, feature_dim) if loss == "contrast" else ctx.task.local_head(w4))
     return nn.Sequential(*layers)
 
 

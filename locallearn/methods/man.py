@@ -24,6 +24,8 @@ layer n (fresh weights) instead of before the single end-of-batch step (one step
 is one fused ``torch._foreach_lerp_`` over all parameters; the EMA copy takes no weight gradients
 (``requires_grad=False``) and is excluded from the optimizer; EMA momentum defaults to 0.995 (the
 README value) instead of the CIFAR argparse default 1.0, which freezes the EMA (PRIOR_ART §6.4).
+On a model from outside the papers' tables, whose layers are whole stages, LB and EMA copy the first
+unit of layer n (``copy: auto``; the EMA then follows it by parameter name; ``aux_budget.py``).
 """
 
 from __future__ import annotations
@@ -60,6 +62,14 @@ class MomentumConfig:
     # for layers made of Conv2d / BatchNorm2d / ReLU / pooling / additions, the two calls otherwise.
     # Off by default: on CPU the stacked tensors are slower (see benchmarks/results/manpp_grouped*.md).
     grouped: bool = False
+    # ours: what LB and EMA copy. "layer" = the next layer (the papers: one residual unit of their
+    # backbones); "unit" = its first unit (an outside model's layer is a whole stage: two copies of
+    # ResNet-50's layer4 alone outweigh the backbone); "auto" = "unit" on outside models only.
+    copy: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.copy not in ("auto", "layer", "unit"):
+            raise ValueError(f"momentum.copy must be 'auto', 'layer' or 'unit', got {self.copy!r}")
 
 
 class MomentumAux(nn.Module):
@@ -137,8 +147,12 @@ class MomentumAux(nn.Module):
             return
         ema_params = list(self.ema.parameters())
         live = [p.detach() for p in layer.parameters()]
-        if len(ema_params) != len(live):
-            raise RuntimeError("EMA copy and live layer have different parameter lists")
+        if len(ema_params) != len(live):  # a copy of the layer's first unit: the same names
+            named = dict(layer.named_parameters())
+            try:
+                live = [named[n].detach() for n, _ in self.ema.named_parameters()]
+            except KeyError:
+                raise RuntimeError("EMA copy and live layer have different parameter lists") from None
         torch._foreach_lerp_(ema_params, live, 1.0 - self.momentum)
 
 
@@ -164,12 +178,22 @@ class Momentum(Method):
     def build_aux(self, k: int, ctx: AuxContext) -> nn.Module:
         # The fused copies stand in for layer n, so the base aux sees the network from after layer n
         # (AugLocal samples and SLM replicates the layers behind it, not layer n again).
-        inner = ctx.after_next()
+        # A copy of the layer's first unit (outside models) feeds the base aux that unit's output; a
+        # base aux that runs copies of later layers on it (SLM) then needs the layer's own output.
+        chained = self.base.replicates_later(ctx) and len(ctx.next_layers) > 1
+        source, out = ctx.copy_source(0, self.cfg.copy, chained=chained)
+        inner = ctx.after_next().with_feature(out)
         if inner.feature.fmt == "NLC" and inner.next_layers:  # MAN++ ViT aux: LB spans two blocks
             base_aux = vit_base_aux(self.base, k, inner, self.cfg.init)
         else:
             base_aux = self.base.make_aux(k, inner)
-        return MomentumAux(ctx.next_layers[0], base_aux, self.cfg, ctx.init_weights)
+        return MomentumAux(source, base_aux, self.cfg, ctx.init_weights)
+
+    def sized_by_width(self) -> bool:
+        return self.base.sized_by_width()
+
+    def shrink_options(self) -> list[str]:
+        return self.base.shrink_options()
 
     def make_head(self, head: nn.Module) -> nn.Module:
         return self.base.make_head(head)

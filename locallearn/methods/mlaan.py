@@ -36,11 +36,13 @@ batch, after every backward).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from locallearn.methods.auglocal import build_units
 from locallearn.methods.base import AuxContext, Method, stage_starts
 from locallearn.types import Batch, FeatureInfo
 
@@ -55,6 +57,21 @@ class MLAANConfig:
     )
     ema: bool = True  # LAM's EMA copy on the chain's first layer
     official_chains: bool = True  # configAuxPlus_new.py's lists for the paper's cells (OFFICIAL_CHAINS)
+    # ours: "layer" = the chain copies whole layers (the paper); "unit" = each layer's first unit (an
+    # outside model's layer is a whole stage); "auto" = "unit" on outside models only
+    copy: str = "auto"
+    # ours: the heads' rank: GAP -> Linear(C, width) -> the task's local head where C > width (0 =
+    # auto: the paper's GAP -> local head on the listed backbones, a width sized to the backbone on
+    # outside models, build.py; a 1000-class head on 2048 channels is 2 M parameters, one per path).
+    # Auto on an outside model also builds the chain past its first layer as fresh units at most
+    # that wide (copies of ResNet-18's last stages outweighed the backbone)
+    width: int = 0
+
+    def __post_init__(self) -> None:
+        if self.copy not in ("auto", "layer", "unit"):
+            raise ValueError(f"mlaan.copy must be 'auto', 'layer' or 'unit', got {self.copy!r}")
+        if self.width < 0:
+            raise ValueError(f"mlaan.width must be >= 0 (0 = auto), got {self.width}")
 
 
 def _runs(*runs: tuple[int, list[list[int]]]) -> list[list[list[int]]]:
@@ -169,8 +186,16 @@ def chain_pools(start: FeatureInfo, features: list[FeatureInfo], chain: list[int
 
 
 class GAPHead(nn.Sequential):
-    def __init__(self, ctx: AuxContext, chs: int) -> None:
-        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), ctx.task.local_head(chs))
+    def __init__(self, ctx: AuxContext, chs: int, width: int | None = None) -> None:
+        if width and chs > width:  # a rank-``width`` linear head
+            super().__init__(
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(chs, width, bias=False),
+                ctx.task.local_head(width),
+            )
+        else:
+            super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), ctx.task.local_head(chs))
 
 
 class MLAANAux(nn.Module):
@@ -186,16 +211,31 @@ class MLAANAux(nn.Module):
         self.x_head = self.aug = self.pools = self.ema = self.y_head = None
         if ctx.k == 0:
             return  # block 0 learns through the cascade of cut 1 only
-        self.x_head = GAPHead(ctx, ctx.feature.num_chs)
+        width = cfg.width or ctx.width
+        self.x_head = GAPHead(ctx, ctx.feature.num_chs, width)
         chain = official_chain(ctx) if cfg.official_chains else None
         self.chain_layers = chain or leap_chain(ctx.feature, ctx.next_features, cfg.chain_depth)
         pools = chain_pools(ctx.feature, ctx.next_features, self.chain_layers)
         self.pools = nn.ModuleList(nn.MaxPool2d(f) if f > 1 else nn.Identity() for f in pools)
-        self.aug = nn.ModuleList(copy.deepcopy(ctx.next_layers[j]) for j in self.chain_layers)
+        n = len(self.chain_layers)
+        # a unit (outside models) stands in for its layer where the next copy reads what it outputs
+        sources = [ctx.copy_source(j, cfg.copy, chained=i < n - 1) for i, j in enumerate(self.chain_layers)]
+        self.aug = nn.ModuleList(copy.deepcopy(m) for m, _ in sources[:1])
+        out = sources[0][1]
+        for (module, feature), j in zip(sources[1:], self.chain_layers[1:]):
+            if ctx.width and not cfg.width:
+                # outside models: past the first (the EMA's twin, which must be a copy) the chain is
+                # fresh units of the later layers' shapes, at most ``width`` wide (AugLocal's)
+                (unit,), chs = build_units(out, [ctx.next_features[j]], like=[module], width=ctx.width)
+                self.aug.append(unit)
+                out = dataclasses.replace(feature, num_chs=chs)
+            else:
+                self.aug.append(copy.deepcopy(module))
+                out = feature
         if cfg.ema:
-            self._live = [ctx.next_layers[self.chain_layers[0]]]
+            self._live = [sources[0][0]]  # a unit shares its layer's live weights
             self.ema = copy.deepcopy(self._live[0]).requires_grad_(False)
-        self.y_head = GAPHead(ctx, ctx.next_features[self.chain_layers[-1]].num_chs)
+        self.y_head = GAPHead(ctx, out.num_chs, width)
 
     def leap(self, z: torch.Tensor) -> torch.Tensor:
         z = self.pools[0](z)

@@ -38,6 +38,15 @@ class PredSimConfig:
     std_reduce: bool = True  # local-loss default (--no-similarity-std off)
     # local-loss zero-initialises the pred layer; "default" keeps nn.Linear's init (AugLocal's re-implementation)
     pred_init: str = "zero"
+    # ours: the most channels of the sim loss's 3x3 conv (C -> C in local-loss), and at most 4x that
+    # many pooled features into the prediction layer (dim_in_decoder's cap: at 1000 classes a
+    # 2048-feature prediction layer is 2 M parameters); 0 = auto: the paper's on the listed backbones,
+    # a width that fits the backbone's size on outside models (build.py)
+    width: int = 0
+
+    def __post_init__(self) -> None:
+        if self.width < 0:
+            raise ValueError(f"predsim.width must be >= 0 (0 = auto), got {self.width}")
 
 
 def similarity_matrix(x: torch.Tensor, std_reduce: bool = True) -> torch.Tensor:
@@ -80,8 +89,9 @@ class PredSimAux(nn.Module):
         self.task = ctx.task
         self.cfg = cfg
         c, side = ctx.feature.num_chs, ctx.spatial()
-        self.pool_size = pooled_size(c, side, cfg.dim_in_decoder)
-        self.sim_conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        cap = cfg.width or ctx.width
+        self.pool_size = pooled_size(c, side, min(cfg.dim_in_decoder, 4 * cap) if cap else cfg.dim_in_decoder)
+        self.sim_conv = nn.Conv2d(c, min(c, cap) if cap else c, 3, padding=1, bias=False)
         self.pred = ctx.task.local_head(c * self.pool_size[0] * self.pool_size[1])
 
     @torch.no_grad()

@@ -45,14 +45,16 @@ tasks/detection.py).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from locallearn.methods.auglocal import build_units
 from locallearn.methods.base import AuxContext, Method, level_name, stage_starts
-from locallearn.types import Batch
+from locallearn.types import Batch, FeatureInfo
 
 
 @dataclass
@@ -64,8 +66,15 @@ class SLMConfig:
     shared_head_grad: str = "mean"
     prototype_weight: float = 0.0  # ours, optional: cosine pull to banked per-class representations
     bank_momentum: float = 0.9  # ours: running mean of those per-class representations
+    # ours: the replica's widest channels. 0 = auto: on the listed backbones the replica copies each
+    # remaining stage's first layer (the paper); on outside models, whose layers are whole stages, it
+    # is fresh units of those stages' shapes (AugLocal's), none wider than a width sized to the
+    # backbone (build.py): the paper's "downsized replica". A width > 0 builds such units everywhere.
+    width: int = 0
 
     def __post_init__(self) -> None:
+        if self.width < 0:
+            raise ValueError(f"slm.width must be >= 0 (0 = auto), got {self.width}")
         if self.shared_head_grad not in ("mean", "sum"):
             raise ValueError(f"slm.shared_head_grad must be 'mean' or 'sum', got {self.shared_head_grad!r}")
 
@@ -116,6 +125,16 @@ def replica(ctx: AuxContext) -> tuple[list[nn.Module], list[int]]:
     return [copy.deepcopy(ctx.next_layers[j]) for j in starts], starts
 
 
+def downsized_replica(ctx: AuxContext, width: int) -> tuple[list[nn.Module], FeatureInfo]:
+    """New units shaped like each remaining stage's first layer, at most ``width`` channels wide
+    (AugLocal's units); and what the last one outputs."""
+    starts = stage_starts(ctx.next_features)
+    targets = [ctx.next_features[j] for j in starts]
+    units, chs = build_units(ctx.feature, targets, like=[ctx.next_layers[j] for j in starts], width=width)
+    last = targets[-1] if targets else ctx.feature
+    return units, dataclasses.replace(last, num_chs=chs)
+
+
 def banked_levels(ctx: AuxContext) -> list[str]:
     """The stage-end maps written before this cut, shallower than the aux's own input."""
     return [
@@ -131,9 +150,13 @@ class SLMAux(nn.Module):
     def __init__(self, ctx: AuxContext, cfg: SLMConfig, prototypes: PrototypeBank | None) -> None:
         super().__init__()
         self.task, self.cfg = ctx.task, cfg
-        layers, _ = replica(ctx)
+        width = cfg.width or ctx.width
+        if width:
+            layers, last = downsized_replica(ctx, width)
+        else:
+            layers, _ = replica(ctx)
+            last = ctx.next_features[-1] if ctx.next_features else ctx.feature
         self.replica = nn.Sequential(*layers)
-        last = ctx.next_features[-1] if ctx.next_features else ctx.feature
         self.reads = tuple(banked_levels(ctx)) if cfg.bank and last.fmt == "NCHW" else ()
         self.project = nn.ModuleList(nn.Conv2d(ctx.bank[n].num_chs, last.num_chs, 1) for n in self.reads)
         self.head = ctx.task.build_head(last)
@@ -221,6 +244,12 @@ class SLM(Method):
     name = "slm"
     paper = "memory-augmented MAN: Advancing Supervised Local Learning Beyond Classification with Long-term Feature Bank (SLM + feature bank; no arXiv id)"
     Config = SLMConfig
+
+    def replicates_later(self, ctx: AuxContext) -> bool:
+        return ctx.task.dense or not (self.cfg.width or ctx.width)  # else a downsized replica
+
+    def sized_by_width(self) -> bool:
+        return self.cfg.width == 0 and not self.cfg.prototype_weight  # prototypes: the final width
 
     def __init__(self, cfg: SLMConfig | None = None) -> None:
         super().__init__(cfg)

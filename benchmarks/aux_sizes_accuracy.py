@@ -1,0 +1,131 @@
+"""Does sizing the aux nets to an outside model cost accuracy? A short real run (issue 26 §2).
+
+A model of one's own whose last stage ends in a wide 1x1 conv (as ShuffleNet's ``conv5``: the case
+where the papers' DGL head is largest), through ``locallearn.wrap`` on scikit-learn's digits (1500
+train / 297 test, grey 8x8 upsampled to 16 px, 3 channels), K=3, SGD lr 0.05 with InfoPro's cosine
+over 3 epochs, batch 64, one CPU thread. Each method twice: the default build (aux nets sized
+to the backbone: ``locallearn/aux_budget.py``) and the papers' sizes on the same model
+(``method.<base>.width`` large enough to change nothing, ``method.momentum.copy=layer``).
+
+    python benchmarks/aux_sizes_accuracy.py    # writes benchmarks/results/aux_sizes_accuracy.md
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import locallearn
+
+OUT = Path(__file__).resolve().parent / "results" / "aux_sizes_accuracy.md"
+EPOCHS, SIZE, K, SEEDS = 3, 16, 3, (0, 1)
+PAPER = {"width": 1 << 20}  # larger than any channel count: the papers' widths
+
+
+def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class WideTail(nn.Module):
+    """Stem, three stages of two conv units, a 1x1 conv to 512 channels, a pooled classifier."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = block(3, 16)
+        self.stage1 = nn.Sequential(block(16, 32, 2), block(32, 32))
+        self.stage2 = nn.Sequential(block(32, 64, 2), block(64, 64))
+        self.stage3 = nn.Sequential(block(64, 128, 2), block(128, 128))
+        self.conv5 = nn.Sequential(nn.Conv2d(128, 512, 1, bias=False), nn.BatchNorm2d(512), nn.ReLU())
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv5(self.stage3(self.stage2(self.stage1(self.stem(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def data() -> tuple[DataLoader, DataLoader]:
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).div(16).unsqueeze(1)
+    x = F.interpolate(x, size=SIZE, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    x = (x - 0.5) / 0.25
+    y = torch.tensor(digits.target)
+    g = torch.Generator().manual_seed(0)
+    train = DataLoader(
+        TensorDataset(x[:1500], y[:1500]), batch_size=64, shuffle=True, drop_last=True, generator=g
+    )
+    return train, DataLoader(TensorDataset(x[1500:], y[1500:]), batch_size=512)
+
+
+def run(method: str, paper: bool, seed: int) -> tuple[float, dict[str, int], float]:
+    train, test = data()
+    base = method.partition("+")[0]
+    options = {}
+    if paper and base != "bp":
+        options[f"method.{base}.width"] = PAPER["width"]
+    if paper and "+" in method:
+        options["method.momentum.copy"] = "layer"
+    torch.manual_seed(seed)
+    ll = locallearn.wrap(
+        WideTail(),
+        method=method,
+        num_blocks=1 if method == "bp" else K,
+        input_size=SIZE,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        lr=0.05,
+        epochs=EPOCHS,
+        steps_per_epoch=len(train),
+        device="cpu",
+        seed=seed,
+        options=options,
+    )
+    start = time.perf_counter()
+    for _ in range(EPOCHS):
+        ll.train()
+        for xb, yb in train:
+            ll.step(xb, yb)
+    return ll.evaluate(test)["top1"], ll.model.parameter_counts(), time.perf_counter() - start
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    lines = [
+        "| method | aux nets | aux / backbone | test top1 (seeds "
+        + ", ".join(map(str, SEEDS))
+        + ") | mean | s per run |",
+        "|---|---|---:|---|---:|---:|",
+    ]
+    for method, paper in [
+        ("bp", False),
+        ("dgl+manpp", True),
+        ("dgl+manpp", False),
+        ("infopro+manpp", True),
+        ("infopro+manpp", False),
+    ]:
+        results = [run(method, paper, s) for s in SEEDS]
+        tops = [r[0] for r in results]
+        counts = results[0][1]
+        kind = "—" if method == "bp" else ("papers' sizes" if paper else "default (sized)")
+        lines.append(
+            f"| {method} | {kind} | {counts['aux'] / counts['backbone']:.2f} | "
+            f"{', '.join(f'{t:.1f}' for t in tops)} | {sum(tops) / len(tops):.1f} | "
+            f"{sum(r[2] for r in results) / len(results):.0f} |"
+        )
+        print(lines[-1], flush=True)
+    note = (
+        f"\nWideTail (a model of one's own, this script) on digits at {SIZE} px, K={K}, {EPOCHS} epochs, batch 64, 1 CPU thread. "
+        "Produced by `python benchmarks/aux_sizes_accuracy.py`.\n"
+    )
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text("\n".join(lines) + "\n" + note)
+    print(OUT.read_text())  # a script, not library code
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Aux nets sized to the model they train (issue 26 §2).
+
+The papers size each aux for their own backbones (CIFAR ResNets, ImageNet ResNets, VGG, ViT: the
+listed backbones), and those sizes are kept exactly. On a model from outside those tables
+(``torchvision:``, ``timm:``, ``module:``, an ``nn.Module`` given to ``wrap``) the same rules can
+build aux nets many times the backbone: DGL's ``mlp-sr`` head flattens a 2x2xC map into
+``Linear(4C, 4C)`` x 3 (quadratic in C), and an outside model's layer is a whole stage, so MAN's two
+copies of "the next layer" copy a stage. There the defaults change, and only there:
+
+- methods that copy later layers (MAN / MAN++, MLAAN, SLM) copy the layer's first unit, as the papers
+  copy one residual unit of their backbones (``copy: auto``; ``AuxContext.copy_source``);
+- methods with a ``width`` option (DGL, InfoPro, PredSim, AugLocal; 0 = auto) get the widest width
+  of ``LADDER`` whose aux fits its share of ``AUX_SHARE`` x the backbone's parameters: every aux is
+  first built at the narrowest width, which gives what cannot shrink (copies, heads); the rest of the
+  budget is split evenly over the cuts, and what a cut leaves unused goes to the later ones.
+
+A width or copy the config gives is kept as given. ``warn_if_large`` says in one line when the aux
+nets hold more parameters than the backbone, naming the options that shrink them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from locallearn.types import FeatureInfo, InputInfo
+
+log = logging.getLogger(__name__)
+
+# The aux nets of an outside model hold at most this share of the backbone's parameters: with
+# SGD momentum each parameter is held three times (weight, gradient, momentum), so the aux nets then
+# add at most half of what the backbone's weights and state take.
+AUX_SHARE = 0.5
+LADDER = (1024, 512, 256, 128, 64, 32, 16)  # widths tried, widest first
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def unit_finder(
+    inputs: InputInfo, first_unit: Callable[[nn.Module], nn.Module | None]
+) -> Callable[[nn.Module, FeatureInfo], tuple[nn.Module, FeatureInfo] | None]:
+    """``AuxContext.unit_of`` for an outside model's layers: ``first_unit(layer)`` (build.py passes
+    the splitter's) and its output's FeatureInfo, measured by running the unit once on a zero map in
+    eval mode (the live layer's BatchNorm statistics are left as they were)."""
+    found: dict[int, tuple[nn.Module, FeatureInfo] | None] = {}
+
+    def unit_of(layer: nn.Module, feature: FeatureInfo) -> tuple[nn.Module, FeatureInfo] | None:
+        if id(layer) in found:
+            return found[id(layer)]
+        unit = first_unit(layer) if feature.fmt == "NCHW" else None
+        result = None
+        if unit is not None:
+            side = max(1, inputs.size // feature.reduction)
+            modes = {m: m.training for m in unit.modules()}
+            unit.eval()
+            try:
+                with torch.no_grad():
+                    shape = unit(torch.zeros(1, feature.num_chs, side, side)).shape
+            finally:
+                for m, training in modes.items():
+                    m.training = training
+            if len(shape) == 4:
+                out = FeatureInfo(shape[1], max(1, round(inputs.size / shape[2])), "NCHW", feature.stage)
+                result = (unit, out)
+        found[id(layer)] = result
+        return result
+
+    return unit_of
+
+
+def sized_auxes(
+    build: Callable[[int, int | None], nn.Module], n: int, budget: int
+) -> tuple[list[nn.Module], list[int]]:
+    """The aux nets of cuts 0..n-1, built by ``build(k, width)``, each at the widest ``LADDER`` width
+    that keeps the total within ``budget`` parameters (module docstring); and the widths chosen."""
+    narrow = [build(k, LADDER[-1]) for k in range(n)]
+    least = [count(a) for a in narrow]
+    slack = budget - sum(least)
+    auxes, widths = [], []
+    for k in range(n):
+        chosen, width = narrow[k], LADDER[-1]
+        if slack > 0:
+            share = least[k] + slack / (n - k)
+            for w in LADDER[:-1]:
+                aux = build(k, w)
+                if count(aux) <= share:
+                    chosen, width = aux, w
+                    break
+        slack -= count(chosen) - least[k]
+        auxes.append(chosen)
+        widths.append(width)
+    return auxes, widths
+
+
+def warn_if_large(counts: dict[str, int], method_name: str, options: list[str]) -> bool:
+    """One warning line when the aux nets hold more parameters than the backbone; True if it warned."""
+    aux, backbone = counts["aux"], counts["backbone"]
+    if aux <= backbone:
+        return False
+    shrink = " or ".join([*options, "a smaller model.num_blocks"])
+    log.warning(
+        "%s: the aux nets hold %.2f M parameters, %.1fx the backbone's %.2f M (each held again as "
+        "gradient and optimizer state); %s makes them smaller",
+        method_name,
+        aux / 1e6,
+        aux / max(backbone, 1),
+        backbone / 1e6,
+        shrink,
+    )
+    return True
