@@ -483,6 +483,30 @@ def live_tensor_bytes() -> int:
     return storage_bytes(tensors)
 
 
+@contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Send what C++ code writes to file descriptor 2 to /dev/null for a moment. Some torch builds' kineto
+    prints a line to stderr at every profiler start and stop, whatever its log level; a run measures
+    its workspace with the profiler, and those lines would land in the user's console. Python's own
+    ``sys.stderr`` is flushed first, so nothing of ours is lost."""
+    import os
+    import sys
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (an embedding host): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def allocated_peak(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int:
     """The most bytes torch's allocator holds while ``fn()`` runs.
 
@@ -516,8 +540,14 @@ def allocator_rise(fn: Callable[[], Any], device: torch.device | str = "cpu") ->
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with native_stderr_silenced():  # kineto writes "USDT: ... profiler_start" lines straight to fd 2
+        prof.__enter__()
+    try:
         fn()
+    finally:
+        with native_stderr_silenced():
+            prof.__exit__(None, None, None)
     records = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:

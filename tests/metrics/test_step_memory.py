@@ -155,3 +155,11 @@ def test_a_run_reports_the_whole_step_even_when_the_workspace_cannot_be_measured
     memory = Run(cfg, quiet=True).fit()["memory"]
     assert memory["workspace_measured"] is False and "no profiler here" in caplog.text
     assert memory["peak_total_bytes"] > memory["peak_activation_bytes"] + memory["parameter_bytes"]
+
+
+def test_measuring_the_workspace_prints_nothing_on_the_console(capfd):
+    """Some torch builds' kineto writes "USDT: ... profiler_start" to fd 2 at every profiler start and stop:
+    34 such lines landed in the quick start's console before they were silenced."""
+    allocator_rise(lambda: torch.randn(64, 64) @ torch.randn(64, 64))
+    out, err = capfd.readouterr()
+    assert "profiler_st" not in err and "USDT" not in err, err
