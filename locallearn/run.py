@@ -59,7 +59,8 @@ class Run(RunLifecycle):
         seed_everything(cfg.seed)
         self.device = select_device(cfg.engine.device)
         autocast_factory(cfg.engine.amp, self.device)  # refused before any data is read
-        train_set, test_set = load_data(cfg.data)  # folder data: data.image_size, mean, std
+        # folder data: data.image_size, mean, std; digit_scenes: data.scenes and the task
+        train_set, test_set = load_data(cfg.data, cfg.task.name)
         self.warnings = config_warnings(cfg, len(train_set), train_set.num_classes)
         train_set, test_set = train_set.subset(cfg.data.train_subset), test_set.subset(cfg.data.test_subset)
         if cfg.data.image_size and hasattr(train_set, "min_size"):  # detection: the resize target
