@@ -2,7 +2,7 @@
 the install, so that a dense learning proof can score on objects it never trained on, offline.
 
 Each scene is a ``size`` x ``size`` RGB image: a smooth random colour field with a finer grey texture
-and pixel noise (numpy only), onto which 1..``objects`` of scikit-learn's 8x8 digits (1,797 of them,
+and pixel noise, onto which 1..``objects`` of scikit-learn's 8x8 digits (1,797 of them,
 ``sklearn.datasets.load_digits``) are pasted, each upscaled (bilinear) to a random side in
 ``min_digit..max_digit`` px, in a random colour whose brightness is opposite to the background under it,
 at a random place where it overlaps no other digit (a digit that finds no free place in 20 draws is left
@@ -14,7 +14,8 @@ The split is **by source digit**: ``test_fraction`` of each class's source digit
 are used only by the test scenes, the rest only by the training scenes; test objects were never seen.
 The training and test scenes come from their own streams of the seed, and every scene from its own
 child stream: neither split depends on the other's count, and the first N scenes of a split are the same
-for any count >= N. Everything follows from ``data.scenes`` (config.py ``ScenesConfig``); the run's seed plays no part.
+for any count >= N. Everything follows from ``data.scenes`` (config.py ``ScenesConfig``); the run's seed
+plays no part.
 
 Targets: detection as every detection dataset here (``DetectionDataset``: boxes, labels 0..9 = the digit,
 COCO-scored test split); segmentation as ``SegmentationDataset`` (label maps, 0 = background, 1..10 =
@@ -39,10 +40,10 @@ from locallearn.data.segmentation import SegmentationDataset
 
 NAME = "digit_scenes"
 DIGITS = tuple(str(d) for d in range(10))
-MEAN = (0.5, 0.5, 0.5)  # the scenes' backgrounds are centred on grey by construction
+MEAN = (0.5, 0.5, 0.5)  # roughly the scenes' statistics (grey-centred backgrounds), fixed, not measured
 STD = (0.25, 0.25, 0.25)
 PLACE_TRIES = 20  # draws of a free place per digit before it is left out
-INK = 0.5  # a pixel belongs to a digit where its upscaled ink is above this (of 16)
+INK = 0.5  # a pixel belongs to a digit where its upscaled ink is above this share of the maximum (16)
 
 
 @dataclass
