@@ -7,8 +7,8 @@ last block and DeepLab's head fit the training scenes on random early features (
 falls as low) but do not carry to unseen digits.
 
 Measured with ``pytest -s`` (one thread, seed 0; the lines they print, docs/segmentation.md "digit_scenes"):
-- the default test: held-out mIoU 23.9 after 150 steps, 1.2 at init; ~55 s of one core's time;
-- the ``-m slow`` control, blocks 0-2 frozen at init: 9.7 (its last block's training loss falls as low).
+- the default test: held-out mIoU 23.9 after 150 steps, 1.2 at init; 59 s of CPU time with pytest's start;
+- the ``-m slow`` control, blocks 0-2 frozen at init: 9.7 (its last block's training loss falls about as far).
 The data and the order of the batches are fixed, so on one machine the run repeats exactly; the bar leaves
 about 6 points on either side for other CPUs' arithmetic.
 """
