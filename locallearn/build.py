@@ -286,12 +286,13 @@ def check_task_fits_data(task: str, data: str) -> None:
     from locallearn.data.datasets import TARGETS
 
     held, needed = TARGETS.get(data), TASK_TARGETS.get(task)
-    if held is None or needed is None or held == needed:
+    if held is None or needed is None or needed in held:
         return
-    tasks = [t for t, n in TASK_TARGETS.items() if n == held]
-    fitting = [d for d, t in TARGETS.items() if t == needed]
+    tasks = [t for t, n in TASK_TARGETS.items() if n in held]
+    fitting = [d for d, t in TARGETS.items() if needed in t]
     raise ConfigError(
-        f"task.name={task} does not fit data.name={data}: {data} holds {held}, {task} needs {needed}. "
+        f"task.name={task} does not fit data.name={data}: {data} holds {' and '.join(held)}, {task} needs "
+        f"{needed}. "
         f"Use task.name={' or '.join(tasks)} with {data}, or {task} with data.name="
         f"{' | '.join(fitting)}"
     )

@@ -139,6 +139,37 @@ class TaskConfig:
 
 
 @dataclass
+class ScenesConfig:
+    """``data.name=digit_scenes`` (data/scenes.py): scikit-learn's 8x8 digits pasted onto textured
+    backgrounds, generated in memory from ``seed``; docs/detection.md "digit_scenes"."""
+
+    size: int = 96  # the side of every (square) scene, px
+    train_images: int = 512
+    test_images: int = 128
+    objects: int = 3  # digits per scene: 1..objects (fewer where no free place is found)
+    min_digit: int = 16  # the side a source digit is upscaled to, drawn in min_digit..max_digit px
+    max_digit: int = 40
+    # the share of the 1,797 source digits (per class) that only test scenes use: the split is by source
+    test_fraction: float = 0.2
+    seed: int = 0  # the data's own seed (not the run's): runs with other seeds train on the same scenes
+
+    def __post_init__(self) -> None:
+        for key in ("train_images", "test_images", "objects"):
+            _at_least(f"data.scenes.{key}", getattr(self, key), 1)
+        _at_least("data.scenes.size", self.size, 16)
+        _at_least("data.scenes.min_digit", self.min_digit, 8)
+        if not self.min_digit <= self.max_digit <= self.size:
+            raise ConfigError(
+                f"data.scenes: need min_digit <= max_digit <= size, got {self.min_digit}, {self.max_digit}, "
+                f"{self.size}"
+            )
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"data.scenes.test_fraction must lie in (0, 1), got {self.test_fraction:g}")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(f"data.scenes.seed must lie in 0..{SEED_MAX}, got {self.seed}")
+
+
+@dataclass
 class DataConfig:
     name: str = "cifar10"
     root: str = "data"  # where dataset files are expected (torchvision layouts)
@@ -153,6 +184,7 @@ class DataConfig:
     # folder / imagenet: the side of the square crop (default 224); docs/backbones.md "Any model"
     mean: list[float] | None = None  # folder / imagenet normalisation (default: ImageNet's)
     std: list[float] | None = None
+    scenes: ScenesConfig = field(default_factory=ScenesConfig)  # data.name=digit_scenes only
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "test_batch_size", "train_subset", "test_subset", "image_size"):

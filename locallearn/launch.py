@@ -71,7 +71,7 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto") -> dict[str, Any
     cfg = config_from_checkpoint(state)
     cfg.engine.device = device
     cfg.engine.measure_memory = False
-    _, test_set = load_data(cfg.data)
+    _, test_set = load_data(cfg.data, cfg.task.name)
     test_set = test_set.subset(cfg.data.test_subset)
     if cfg.data.image_size and hasattr(test_set, "min_size"):
         test_set.min_size = cfg.data.image_size

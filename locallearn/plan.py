@@ -363,7 +363,7 @@ def data_shape(cfg: Any) -> tuple[InputInfo, int]:
     from locallearn.data.datasets import load_data
 
     try:
-        train, _ = load_data(cfg.data)
+        train, _ = load_data(cfg.data, cfg.task.name)
         info, classes = train.info, train.num_classes
     except DataError:
         if cfg.data.name not in SHAPES:

@@ -66,7 +66,7 @@ class Run(RunLifecycle):
         seed_everything(cfg.seed)
         self.device = select_device(cfg.engine.device)
         autocast_factory(cfg.engine.amp, self.device)  # refused before any data is read
-        train_set, test_set = load_data(cfg.data)  # folder data: data.image_size, mean, std
+        train_set, test_set = load_data(cfg.data, cfg.task.name)  # folder: image_size; digit_scenes: task
         self.threads_line = set_threads(cfg.engine.threads, train_set.info.size, self.device)
         self.warnings = config_warnings(cfg, len(train_set), train_set.num_classes)
         train_set, test_set = train_set.subset(cfg.data.train_subset), test_set.subset(cfg.data.test_subset)

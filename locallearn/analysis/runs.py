@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from locallearn.build import build_model
-from locallearn.config import Config, ConfigError
+from locallearn.config import Config, ConfigError, ScenesConfig
 from locallearn.data import load_datasets
 from locallearn.data.imagefolder import make_loader
 from locallearn.engine import checkpoint
@@ -86,16 +86,21 @@ def load_run(
 
 
 @functools.lru_cache(maxsize=2)
-def datasets(name: str, root: str, image_size: int | None = None, mean=None, std=None):
+def datasets(
+    name: str, root: str, image_size: int | None = None, mean=None, std=None, task=None, scenes=None
+):
     """(train, test) of a dataset, read once per process: every run of an analysis shares them.
-    ``image_size``, ``mean``, ``std`` (tuples): the folder readers' options (``load_datasets``)."""
-    return load_datasets(name, root, False, image_size, mean and list(mean), std and list(std))
+    ``image_size``, ``mean``, ``std`` (tuples): the folder readers' options; ``task`` and ``scenes``
+    (``ScenesConfig`` fields as a tuple): digit_scenes' (``load_datasets``)."""
+    scenes = ScenesConfig(*scenes) if scenes is not None else None
+    return load_datasets(name, root, False, image_size, mean and list(mean), std and list(std), task, scenes)
 
 
 def run_datasets(cfg: Config):
-    """``datasets`` for a run's config (its data section's name, root, size and normalisation)."""
+    """``datasets`` for a run's config (its data section's name, root, size, normalisation, scenes)."""
     d = cfg.data
-    return datasets(d.name, d.root, d.image_size, d.mean and tuple(d.mean), d.std and tuple(d.std))
+    mean, std = d.mean and tuple(d.mean), d.std and tuple(d.std)
+    return datasets(d.name, d.root, d.image_size, mean, std, cfg.task.name, dataclasses.astuple(d.scenes))
 
 
 def dataset_name(cfg: Config) -> str:

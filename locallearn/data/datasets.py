@@ -257,13 +257,14 @@ def _detection(name: str) -> Callable:
     return load
 
 
-# What each dataset's targets are: a task that needs others is refused before anything is built
-# (build.check_config names what would fit). Datasets added below say theirs as they are registered.
-TARGETS: dict[str, str] = dict.fromkeys(DATASETS, "class labels")
+# What each dataset's targets are (one kind, or several: digit_scenes): a task that needs others is
+# refused before anything is built (build.check_config names what would fit). Datasets added below say
+# theirs as they are registered.
+TARGETS: dict[str, tuple[str, ...]] = dict.fromkeys(DATASETS, ("class labels",))
 
 DETECTION = ("coco", "voc", "voc0712", "voc_sample")
 DATASETS.update({n: _detection(n) for n in DETECTION})  # DetectionDataset splits
-TARGETS.update(dict.fromkeys(DETECTION, "boxes"))
+TARGETS.update(dict.fromkeys(DETECTION, ("boxes",)))
 
 
 def _segmentation(name: str) -> Callable:
@@ -277,7 +278,18 @@ def _segmentation(name: str) -> Callable:
 
 # SegmentationDataset splits
 DATASETS.update({n: _segmentation(n) for n in ("cityscapes", "voc_seg", "voc_seg_sample")})
-TARGETS.update(dict.fromkeys(("cityscapes", "voc_seg", "voc_seg_sample"), "label maps"))
+TARGETS.update(dict.fromkeys(("cityscapes", "voc_seg", "voc_seg_sample"), ("label maps",)))
+
+
+def _digit_scenes(root: str, download: bool, scenes=None, task: str | None = None) -> tuple:
+    from locallearn.data.scenes import digit_scenes  # imported on first use
+
+    return digit_scenes(scenes, task)
+
+
+# generated in memory (no root, no download); its own options (data.scenes) and the task pick the view
+DATASETS["digit_scenes"] = _digit_scenes
+TARGETS["digit_scenes"] = ("boxes", "label maps")
 
 
 def _super_resolution(name: str) -> Callable:
@@ -292,11 +304,13 @@ def _super_resolution(name: str) -> Callable:
 # SRDataset splits: div2k, sr_folder, skimage_photos (x2), each also _x3 / _x4
 SR_NAMES = [f"{n}{x}" for n in ("div2k", "sr_folder", "skimage_photos") for x in ("", "_x3", "_x4")]
 DATASETS.update({n: _super_resolution(n) for n in SR_NAMES})
-TARGETS.update(dict.fromkeys(SR_NAMES, "HR images"))
+TARGETS.update(dict.fromkeys(SR_NAMES, ("HR images",)))
 
 
 # readers that take data.image_size / data.mean / data.std (the others have their own sizes and statistics)
 SIZED = ("imagenet", "folder")
+# readers that take their own options section (data.scenes) and the task, whose targets they shape
+TASKED = ("digit_scenes",)
 
 
 def load_datasets(
@@ -306,10 +320,13 @@ def load_datasets(
     image_size: int | None = None,
     mean: list[float] | None = None,
     std: list[float] | None = None,
+    task: str | None = None,
+    scenes=None,
 ) -> tuple[ArrayDataset, ArrayDataset]:
     """(train, test) of dataset ``name``; ``image_size``, ``mean`` and ``std`` reach the folder
     readers (``SIZED``); other datasets refuse ``mean`` / ``std`` (detection reads ``image_size``
-    itself)."""
+    itself). ``task`` and ``scenes`` (a ``ScenesConfig``; None: its defaults) reach ``TASKED`` readers:
+    digit_scenes as detection data (the default) or as segmentation data."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
     if name not in SIZED and (mean is not None or std is not None):
@@ -317,12 +334,17 @@ def load_datasets(
     try:
         if name in SIZED:
             return DATASETS[name](root, download, image_size, mean, std)
+        if name in TASKED:
+            return DATASETS[name](root, download, scenes, task)
         return DATASETS[name](root, download)
     except ValueError as e:  # ArrayDataset's own checks on a reader without a _dataset() wrapper
         raise DataError(f"{name}: {e}") from None
 
 
-def load_data(data) -> tuple:
+def load_data(data, task: str | None = None) -> tuple:
     """``load_datasets`` for a config's ``data`` section (``DataConfig``): name, root, download,
-    image_size, mean and std."""
-    return load_datasets(data.name, data.root, data.download, data.image_size, data.mean, data.std)
+    image_size, mean, std and scenes; ``task``: the run's (``task.name``), for data that holds several
+    kinds of targets (digit_scenes)."""
+    return load_datasets(
+        data.name, data.root, data.download, data.image_size, data.mean, data.std, task, data.scenes
+    )

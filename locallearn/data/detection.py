@@ -68,6 +68,7 @@ class DetectionDataset:
     std: tuple[float, ...] = IMAGENET_STD
     coco: object = None  # the pycocotools COCO object read from disk (COCO); built on demand (VOC)
     protocol: str = "coco"  # how the test split is scored: "coco" (COCOeval) or "voc" (+ VOC mAP)
+    flip: bool = True  # training augmentation flips images (digits are not mirror-symmetric: digit_scenes)
 
     def __post_init__(self) -> None:
         n = len(self.files)
@@ -95,11 +96,23 @@ class DetectionDataset:
     def loader(self, batch_size: int, train: bool, seed: int = 0, augment: bool = True, num_workers: int = 0):
         """The ``DetectionLoader`` the runner uses (images resized to ``min_size``, as the data says),
         once every image file it will read is checked (before a run directory exists)."""
-        check_images(self.name, self.files)
+        self.check_files()
         max_size = round(self.min_size * 5 / 3)  # 600 -> 1000, the official code's pair
         return DetectionLoader(
             self, batch_size, train, seed, augment, self.min_size, max_size, num_workers=num_workers
         )
+
+    def check_files(self) -> None:
+        """Before a run starts: every image file it will read exists and is an image."""
+        check_images(self.name, self.files)
+
+    def read_image(self, i: int) -> torch.Tensor:
+        """Image ``i`` as uint8 (3, H, W), decoded from its file."""
+        try:
+            with Image.open(self.files[i]) as im:
+                return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+        except OSError as e:
+            raise DataError(f"cannot read image {str(self.files[i])!r}: {e}") from None
 
     def coco_gt(self):
         """This split as a pycocotools ``COCO`` in original pixels (crowd / difficult: iscrowd=1)."""
@@ -414,11 +427,7 @@ class _Items(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, dict]:
         i, flip = key
-        try:
-            with Image.open(self.data.files[i]) as im:
-                img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
-        except OSError as e:
-            raise DataError(f"cannot read image {str(self.data.files[i])!r}: {e}") from None
+        img = self.data.read_image(i)
         h, w = img.shape[-2:]
         boxes = torch.from_numpy(self.data.boxes[i]).clone()
         if flip:
@@ -473,6 +482,7 @@ class DetectionLoader(EpochLoader):
     ) -> None:
         super().__init__(data, batch_size, train, seed)
         self.augment = augment and train
+        self.flip = self.augment and data.flip
         # Workers get the file lists only, not the (large) pycocotools index.
         self.items = _Items(replace(data, coco=None), min_size, max_size, self.mean, self.std)
         self.size_divisible = size_divisible
@@ -488,7 +498,7 @@ class DetectionLoader(EpochLoader):
         gen = self.generator()
         n = len(self.indices)
         order = torch.randperm(n, generator=gen).tolist() if self.train else list(range(n))
-        flips = (torch.rand(n, generator=gen) < 0.5).tolist() if self.augment else [False] * n
+        flips = (torch.rand(n, generator=gen) < 0.5).tolist() if self.flip else [False] * n
         keys = [(self.indices[j], f) for j, f in zip(order, flips)]
         chunks = [keys[s : s + self.batch_size] for s in range(0, n, self.batch_size)]
         fn = partial(collate, size_divisible=self.size_divisible)

@@ -78,6 +78,7 @@ class SegmentationDataset:
     scale_range: tuple[float, float] = (0.5, 2.0)
     eval_scale: float = 1.0  # evaluation resizes whole images by this (1.0: the standard protocol)
     train_repeat: int = 1  # training visits every image this many times per epoch (tiny datasets)
+    flip: bool = True  # training augmentation flips images (digits are not mirror-symmetric: digit_scenes)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     meta: dict = field(default_factory=dict)
@@ -305,7 +306,7 @@ class _Items(torch.utils.data.Dataset):
         else:  # train without augmentation: the centre crop
             top, left = (h - size) // 2, (w - size) // 2
         x, label = x[:, top : top + size, left : left + size], label[top : top + size, left : left + size]
-        if self.augment and flip:
+        if self.augment and flip and self.data.flip:
             x, label = x.flip(-1), label.flip(-1)
         return x, label
 

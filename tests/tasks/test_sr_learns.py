@@ -95,6 +95,8 @@ def train_and_score(method: str, k: int, tmp_path, **options) -> tuple[float, fl
 def test_every_sr_method_beats_bicubic_on_a_held_out_photo(method, k, options, tmp_path):
     torch.set_num_threads(1)
     got, floor, losses = train_and_score(method, k, tmp_path, **options)
-    print(f"\nSR proof {method}: held-out PSNR {got:.2f} dB, bicubic {floor:.2f} dB, gain {got - floor:+.2f} dB")
+    print(
+        f"\nSR proof {method}: held-out PSNR {got:.2f} dB, bicubic {floor:.2f} dB, gain {got - floor:+.2f} dB"
+    )
     assert all(math.isfinite(x) for x in losses)
     assert got >= floor + 0.3, (method, got, floor)
