@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from locallearn.metrics.step_memory import StepMemory
 from locallearn.types import FeatureInfo, InputInfo
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,73 @@ def warn_if_large(counts: dict[str, int], method_name: str, options: list[str]) 
         aux / 1e6,
         aux / max(backbone, 1),
         backbone / 1e6,
+        shrink,
+    )
+    return True
+
+
+def bp_saved_bytes(model: nn.Module, inputs: InputInfo, batch: int) -> int:
+    """Bytes ``bp`` saves for backward at ``batch``: the model's plain path (backbone, then head) run once
+    on a zero batch of 2 images under saved-tensor hooks, scaled by ``batch / 2`` (saved bytes are linear
+    in the batch). BatchNorm statistics are restored afterwards."""
+    exclude = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return t
+        if storage.data_ptr() not in exclude:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    first = next(model.parameters())
+    x = torch.zeros(2, inputs.channels, inputs.size, inputs.size, device=first.device, dtype=first.dtype)
+    buffers = [b.detach().clone() for b in model.buffers()]
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+    finally:
+        with torch.no_grad():
+            for b, kept in zip(model.buffers(), buffers):
+                b.copy_(kept)
+    return round(sum(seen.values()) * batch / 2)
+
+
+def bp_total_estimate(model: nn.Module, step: StepMemory, inputs: InputInfo, batch: int) -> int:
+    """What ``bp`` would hold for the same model, data and optimizer, from a local run's measured step
+    without building a second model: the backbone's and head's weights, buffers and gradients, optimizer
+    state at the run's own state-per-trainable-byte ratio (SGD momentum: 1, AdamW: 2), and what the
+    plain path saves for backward at ``batch`` (``bp_saved_bytes``). ``bp``'s backward workspace is left
+    out, so this is at or a little below what ``step_memory`` gives ``bp``."""
+    own = [*model.backbone.parameters(), *model.head.parameters()]
+    weights = sum(p.numel() * p.element_size() for p in own)
+    weights += sum(b.numel() * b.element_size() for b in (*model.backbone.buffers(), *model.head.buffers()))
+    grads = sum(p.numel() * p.element_size() for p in own if p.requires_grad)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    state = step.optimizer_state_bytes * grads / trainable if trainable else 0
+    return round(weights + grads + state + bp_saved_bytes(model, inputs, batch))
+
+
+def warn_if_over_bp(
+    model: nn.Module, step: StepMemory, inputs: InputInfo, batch: int, method_name: str, options: list[str]
+) -> bool:
+    """One warning line when a local run's measured whole-step total exceeds ``bp_total_estimate``;
+    True if it warned. ``bp`` runs (one block) are not compared with themselves."""
+    if getattr(model, "num_blocks", 1) < 2:
+        return False
+    bp = bp_total_estimate(model, step, inputs, batch)
+    if step.peak_total_bytes <= bp:
+        return False
+    shrink = " or ".join([*options, "a smaller model.num_blocks"])
+    log.warning(
+        "%s: the training step holds %.1f MiB, more than bp would (about %.1f MiB for this model, batch "
+        "and optimizer): the aux nets' activations or copies outweigh what local learning saves; %s "
+        "makes it smaller",
+        method_name,
+        step.peak_total_bytes / 2**20,
+        bp / 2**20,
         shrink,
     )
     return True
