@@ -4,6 +4,7 @@ hand; the listed backbones are built on the meta device (same shapes, no weights
 
     python benchmarks/aux_sizes.py     # writes benchmarks/results/aux_sizes.md and its section of docs/benchmarks.md
     python benchmarks/aux_sizes.py --totals   # whole-step total / bp: benchmarks/results/aux_totals.md + docs
+    python benchmarks/aux_sizes.py --remedies # options tried on the cells above bp: aux_remedies.md + docs
 
 The second table runs one training step per cell at batches 2 and 4 on random data (CPU) and
 extrapolates to batch 32 (``step_total``); it takes a few minutes.
@@ -68,6 +69,20 @@ TOTALS = (
     ("timm:resnet18d", 64, 4),
 )
 TOTAL_CLASSES = 10
+# (model, size, K, method, option): options tried on cells above bp (``--remedies``)
+REMEDY_ROWS = (
+    ("torchvision:shufflenet_v2_x0_5", 64, 3, "infopro", "method.infopro.recon_at=feature"),
+    ("torchvision:shufflenet_v2_x0_5", 64, 3, "infopro+manpp", "method.infopro.recon_at=feature"),
+    ("torchvision:shufflenet_v2_x0_5", 64, 3, "infopro+man", "method.momentum.recompute=true"),
+    ("torchvision:shufflenet_v2_x0_5", 64, 3, "slm", "method.slm.width=16"),
+    ("torchvision:shufflenet_v2_x0_5", 64, 3, "slm+manpp", "method.slm.bank=false"),
+    ("torchvision:shufflenet_v2_x0_5", 64, 3, "slm+manpp", "model.num_blocks=2"),
+    ("torchvision:shufflenet_v2_x0_5", 64, 3, "mlaan", "method.mlaan.ema=false"),
+    ("torchvision:resnet18", 64, 4, "infopro", "method.infopro.recon_at=feature"),
+    ("torchvision:resnet18", 64, 4, "slm", "method.slm.width=16"),
+    ("torchvision:resnet18", 64, 4, "dgl+man", "model.num_blocks=2"),
+    ("torchvision:resnet18", 64, 4, "mlaan", "method.mlaan.ema=false"),
+)
 TOTAL_BATCH = 32  # the issue's batch for "whole-step total below bp's"
 FIT_BATCHES = (2, 4)  # measured; saved bytes and workspace are affine in the batch (bench.common.whole_step)
 
@@ -199,6 +214,33 @@ def totals_table() -> str:
     return "\n".join(lines) + "\n" + note
 
 
+def remedies_table() -> str:
+    """Total / ``bp``'s of cells above ``bp``, by default and with one option (``REMEDY_ROWS``)."""
+    from locallearn.backbones import external
+
+    lines = [
+        "| model | px | K | method | default | option | with the option |",
+        "|---|---|---|---|---:|---|---:|",
+    ]
+    splits, bps = {}, {}
+    for model, size, k, method, option in REMEDY_ROWS:
+        if (model, size) not in splits:
+            splits[model, size] = external.from_spec(model, TOTAL_CLASSES, 3, size)
+        split = splits[model, size]
+        if (model, size, k) not in bps:
+            bps[model, size, k] = step_total(model, "bp", k, size, TOTAL_CLASSES, backbone=split)
+        bp = bps[model, size, k]
+        default = step_total(model, method, k, size, TOTAL_CLASSES, backbone=split) / bp
+        changed = step_total(model, method, k, size, TOTAL_CLASSES, (option,), backbone=split) / bp
+        lines.append(f"| `{model}` | {size} | {k} | {method} | {default:.2f} | `{option}` | {changed:.2f} |")
+        print(lines[-1], flush=True)
+    note = (
+        f"\nCells: whole-step total / `bp`'s at batch {TOTAL_BATCH}, as in the table above. "
+        "Produced by `python benchmarks/aux_sizes.py --remedies`.\n"
+    )
+    return "\n".join(lines) + "\n" + note
+
+
 def write(name: str, out: Path, text: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
@@ -214,6 +256,8 @@ def main() -> None:
     logging.disable(logging.WARNING)  # the build's own warning for each cell over 1.0
     if "--totals" in sys.argv[1:]:
         write("aux_totals", TOTALS_OUT, totals_table())
+    elif "--remedies" in sys.argv[1:]:
+        write("aux_remedies", OUT.with_name("aux_remedies.md"), remedies_table())
     else:
         write("aux_sizes", OUT, table())
 

@@ -116,6 +116,20 @@ def warn_if_large(counts: dict[str, int], method_name: str, options: list[str]) 
     return True
 
 
+# Options measured to bring a default outside-model build below bp where its aux nets' activations are
+# the excess (docs/benchmarks.md, "Whole-step total relative to bp"; shufflenet_v2_x0_5 and resnet18 at
+# 64 px): InfoPro's decoder upsampling to the image, SLM's replica width and its feature bank's maps.
+REMEDIES = {
+    "infopro": ["method.infopro.recon_at=feature"],
+    "slm": ["method.slm.width=16", "method.slm.bank=false"],
+}
+
+
+def remedies(method_name: str) -> list[str]:
+    """The options of ``REMEDIES`` for a method name (``slm+manpp`` -> SLM's)."""
+    return REMEDIES.get(method_name.split("+")[0], [])
+
+
 def bp_saved_bytes(model: nn.Module, inputs: InputInfo, batch: int) -> int:
     """Bytes ``bp`` saves for backward at ``batch``: the model's plain path (backbone, then head) run once
     on a zero batch of 2 images under saved-tensor hooks, scaled by ``batch / 2`` (saved bytes are linear
@@ -170,7 +184,7 @@ def warn_if_over_bp(
     bp = bp_total_estimate(model, step, inputs, batch)
     if step.peak_total_bytes <= bp:
         return False
-    shrink = " or ".join([*options, "a smaller model.num_blocks"])
+    shrink = " or ".join([*remedies(method_name), *options, "a smaller model.num_blocks"])
     log.warning(
         "%s: the training step holds %.1f MiB, more than bp would (about %.1f MiB for this model, batch "
         "and optimizer): the aux nets' activations or copies outweigh what local learning saves; %s "
