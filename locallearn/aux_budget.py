@@ -15,7 +15,12 @@ copies of "the next layer" copy a stage. There the defaults change, and only the
   budget is split evenly over the cuts, and what a cut leaves unused goes to the later ones.
 
 A width or copy the config gives is kept as given. ``warn_if_large`` says in one line when the aux
-nets hold more parameters than the backbone, naming the options that shrink them.
+nets hold more parameters than the backbone, naming the options that shrink them; ``warn_if_over_bp``
+says in one line when a run's measured whole step holds more than ``bp`` would (``bp_total_estimate``),
+naming the options measured to shrink it (``REMEDIES``). Parameters within budget do not guarantee a
+total below ``bp``'s: the aux nets' activations (InfoPro's decoder at the image size, SLM's replica) and
+on small images the weights' three copies can outweigh what local learning saves
+(docs/benchmarks.md, "Whole-step total relative to bp").
 """
 
 from __future__ import annotations
@@ -133,7 +138,7 @@ def remedies(method_name: str) -> list[str]:
 def bp_saved_bytes(model: nn.Module, inputs: InputInfo, batch: int) -> int:
     """Bytes ``bp`` saves for backward at ``batch``: the model's plain path (backbone, then head) run once
     on a zero batch of 2 images under saved-tensor hooks, scaled by ``batch / 2`` (saved bytes are linear
-    in the batch). BatchNorm statistics are restored afterwards."""
+    in the batch). BatchNorm statistics and the RNG state are restored afterwards."""
     exclude = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     seen: dict[int, int] = {}
 
@@ -149,9 +154,11 @@ def bp_saved_bytes(model: nn.Module, inputs: InputInfo, batch: int) -> int:
     first = next(model.parameters())
     x = torch.zeros(2, inputs.channels, inputs.size, inputs.size, device=first.device, dtype=first.dtype)
     buffers = [b.detach().clone() for b in model.buffers()]
-    try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x)
+    devices = [first.device] if first.device.type == "cuda" else []
+    try:  # the run's RNG stream is left as it was (dropout, stochastic depth draw from it)
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(x)
     finally:
         with torch.no_grad():
             for b, kept in zip(model.buffers(), buffers):
@@ -163,8 +170,9 @@ def bp_total_estimate(model: nn.Module, step: StepMemory, inputs: InputInfo, bat
     """What ``bp`` would hold for the same model, data and optimizer, from a local run's measured step
     without building a second model: the backbone's and head's weights, buffers and gradients, optimizer
     state at the run's own state-per-trainable-byte ratio (SGD momentum: 1, AdamW: 2), and what the
-    plain path saves for backward at ``batch`` (``bp_saved_bytes``). ``bp``'s backward workspace is left
-    out, so this is at or a little below what ``step_memory`` gives ``bp``."""
+    plain path saves for backward at ``batch`` (``bp_saved_bytes``); ``bp``'s backward workspace is left
+    out. Within 2 % of ``step_memory`` on a built ``bp`` (ShuffleNet-v2 x0.5 at 48 and 64 px, ResNet-18
+    at 64 px, batch 32; tests/test_aux_totals.py holds it to 10 %)."""
     own = [*model.backbone.parameters(), *model.head.parameters()]
     weights = sum(p.numel() * p.element_size() for p in own)
     weights += sum(b.numel() * b.element_size() for b in (*model.backbone.buffers(), *model.head.buffers()))

@@ -6,6 +6,7 @@ import logging
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from benchmarks.aux_sizes import measure_build, step_total
 from locallearn import aux_budget, report
@@ -93,8 +94,13 @@ def test_run_warns_once_when_over_bp(method, warns, split, caplog, monkeypatch):
 def test_bp_estimate_matches_a_measured_bp_step(split, bp):
     """The warning's estimate of bp (no bp model built) is within 10 % of bp's measured step."""
     step, model, _ = measure_build(MODEL, "dgl", K, SIZE, CLASSES, backbone=split)
+    buffers = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
     estimate = aux_budget.bp_total_estimate(model, step, Data.info, 32)
     assert abs(estimate - bp) <= 0.1 * bp, (estimate / 2**20, bp / 2**20)
+    # the run goes on as if nothing had run: BN statistics and the RNG stream untouched
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert torch.equal(rng, torch.get_rng_state())
 
 
 @pytest.mark.parametrize(
