@@ -67,6 +67,7 @@ TOTALS = (
     ("torchvision:efficientnet_b0", 64, 4),
     ("torchvision:regnet_x_400mf", 64, 4),
     ("timm:resnet18d", 64, 4),
+    ("torchvision:resnet18", 224, 4),  # the same model at ImageNet size: not a small-image artefact
 )
 TOTAL_CLASSES = 10
 # (model, size, K, method, option): options tried on cells above bp (``--remedies``)
