@@ -15,7 +15,12 @@ copies of "the next layer" copy a stage. There the defaults change, and only the
   budget is split evenly over the cuts, and what a cut leaves unused goes to the later ones.
 
 A width or copy the config gives is kept as given. ``warn_if_large`` says in one line when the aux
-nets hold more parameters than the backbone, naming the options that shrink them.
+nets hold more parameters than the backbone, naming the options that shrink them; ``warn_if_over_bp``
+says in one line when a run's measured whole step holds more than ``bp`` would (``bp_total_estimate``),
+naming the options measured to shrink it (``REMEDIES``). Parameters within budget do not guarantee a
+total below ``bp``'s: the aux nets' activations (InfoPro's decoder at the image size, SLM's replica) and
+on small images the weights' three copies can outweigh what local learning saves
+(docs/benchmarks.md, "Whole-step total relative to bp").
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from locallearn.metrics.step_memory import StepMemory
 from locallearn.types import FeatureInfo, InputInfo
 
 log = logging.getLogger(__name__)
@@ -110,6 +116,90 @@ def warn_if_large(counts: dict[str, int], method_name: str, options: list[str]) 
         aux / 1e6,
         aux / max(backbone, 1),
         backbone / 1e6,
+        shrink,
+    )
+    return True
+
+
+# Options measured to bring a default outside-model build below bp where its aux nets' activations are
+# the excess (docs/benchmarks.md, "Whole-step total relative to bp"; shufflenet_v2_x0_5 and resnet18 at
+# 64 px): InfoPro's decoder upsampling to the image, SLM's replica width and its feature bank's maps.
+REMEDIES = {
+    "infopro": ["method.infopro.recon_at=feature"],
+    "slm": ["method.slm.width=16", "method.slm.bank=false"],
+}
+
+
+def remedies(method_name: str) -> list[str]:
+    """The options of ``REMEDIES`` for a method name (``slm+manpp`` -> SLM's)."""
+    return REMEDIES.get(method_name.split("+")[0], [])
+
+
+def bp_saved_bytes(model: nn.Module, inputs: InputInfo, batch: int) -> int:
+    """Bytes ``bp`` saves for backward at ``batch``: the model's plain path (backbone, then head) run once
+    on a zero batch of 2 images under saved-tensor hooks, scaled by ``batch / 2`` (saved bytes are linear
+    in the batch). BatchNorm statistics and the RNG state are restored afterwards."""
+    exclude = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return t
+        if storage.data_ptr() not in exclude:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    first = next(model.parameters())
+    x = torch.zeros(2, inputs.channels, inputs.size, inputs.size, device=first.device, dtype=first.dtype)
+    buffers = [b.detach().clone() for b in model.buffers()]
+    devices = [first.device] if first.device.type == "cuda" else []
+    try:  # the run's RNG stream is left as it was (dropout, stochastic depth draw from it)
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(x)
+    finally:
+        with torch.no_grad():
+            for b, kept in zip(model.buffers(), buffers):
+                b.copy_(kept)
+    return round(sum(seen.values()) * batch / 2)
+
+
+def bp_total_estimate(model: nn.Module, step: StepMemory, inputs: InputInfo, batch: int) -> int:
+    """What ``bp`` would hold for the same model, data and optimizer, from a local run's measured step
+    without building a second model: the backbone's and head's weights, buffers and gradients, optimizer
+    state at the run's own state-per-trainable-byte ratio (SGD momentum: 1, AdamW: 2), and what the
+    plain path saves for backward at ``batch`` (``bp_saved_bytes``); ``bp``'s backward workspace is left
+    out. Within 2 % of ``step_memory`` on a built ``bp`` (ShuffleNet-v2 x0.5 at 48 and 64 px, ResNet-18
+    at 64 px, batch 32; tests/test_aux_totals.py holds it to 10 %)."""
+    own = [*model.backbone.parameters(), *model.head.parameters()]
+    weights = sum(p.numel() * p.element_size() for p in own)
+    weights += sum(b.numel() * b.element_size() for b in (*model.backbone.buffers(), *model.head.buffers()))
+    grads = sum(p.numel() * p.element_size() for p in own if p.requires_grad)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    state = step.optimizer_state_bytes * grads / trainable if trainable else 0
+    return round(weights + grads + state + bp_saved_bytes(model, inputs, batch))
+
+
+def warn_if_over_bp(
+    model: nn.Module, step: StepMemory, inputs: InputInfo, batch: int, method_name: str, options: list[str]
+) -> bool:
+    """One warning line when a local run's measured whole-step total exceeds ``bp_total_estimate``;
+    True if it warned. ``bp`` runs (one block) are not compared with themselves."""
+    if getattr(model, "num_blocks", 1) < 2:
+        return False
+    bp = bp_total_estimate(model, step, inputs, batch)
+    if step.peak_total_bytes <= bp:
+        return False
+    shrink = " or ".join([*remedies(method_name), *options, "a smaller model.num_blocks"])
+    log.warning(
+        "%s: the training step holds %.1f MiB, more than bp would (about %.1f MiB for this model, batch "
+        "and optimizer): the aux nets' activations or copies outweigh what local learning saves; %s "
+        "makes it smaller",
+        method_name,
+        step.peak_total_bytes / 2**20,
+        bp / 2**20,
         shrink,
     )
     return True

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from locallearn import aux_budget
 from locallearn.engine.block_scores import block_metric, block_values
 from locallearn.engine.optim import StepSchedule, lr_at
 from locallearn.metrics.step_memory import BlockPass, step_memory
@@ -118,6 +119,17 @@ def record_measurements(
     if run.device.type == "cuda":
         run.memory["cuda_max_allocated"] = torch.cuda.max_memory_allocated(run.device)
         run.memory["cuda_max_reserved"] = torch.cuda.max_memory_reserved(run.device)
+    if block_bytes:  # after the CUDA peaks: the estimate's own forward must not count in them
+        method = getattr(run, "method", None)
+        info = getattr(run.train_loader.data, "info", None)
+        # per-rank (pipeline) and all-reduce (ddp) peaks are not comparable with one bp step
+        if run.cfg.engine.mode == "sequential" and method is not None and info is not None:
+            try:
+                aux_budget.warn_if_over_bp(
+                    run.model, step, info, run.memory["batch_size"], method.name, method.shrink_options()
+                )
+            except Exception as e:  # a report must never end a training run
+                log.debug("bp comparison skipped: %s: %s", type(e).__name__, e)
     # the first steps include one-off costs (allocator, memory meter): keep the rest for the median
     times = stats["step_times"]
     run.step_times += times[1:] if len(times) > 1 else times
