@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from locallearn.metrics.memory import saved_storages
 from locallearn.metrics.step_memory import StepMemory
 from locallearn.types import FeatureInfo, InputInfo
 
@@ -140,24 +141,13 @@ def bp_saved_bytes(model: nn.Module, inputs: InputInfo, batch: int) -> int:
     on a zero batch of 2 images under saved-tensor hooks, scaled by ``batch / 2`` (saved bytes are linear
     in the batch). BatchNorm statistics and the RNG state are restored afterwards."""
     exclude = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        try:
-            storage = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return t
-        if storage.data_ptr() not in exclude:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
     first = next(model.parameters())
     x = torch.zeros(2, inputs.channels, inputs.size, inputs.size, device=first.device, dtype=first.dtype)
     buffers = [b.detach().clone() for b in model.buffers()]
     devices = [first.device] if first.device.type == "cuda" else []
     try:  # the run's RNG stream is left as it was (dropout, stochastic depth draw from it)
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with saved_storages(exclude) as seen:
                 model(x)
     finally:
         with torch.no_grad():

@@ -17,6 +17,26 @@ import torch
 from torch import nn
 
 
+@contextmanager
+def saved_storages(exclude: set[int]) -> Iterator[dict[int, int]]:
+    """Within the block, every storage autograd saves for backward, once each: ``{data_ptr: nbytes}``,
+    leaving out the storages in ``exclude`` (parameters and buffers)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. nested, meta)
+            return t
+        ptr = storage.data_ptr()
+        if ptr not in exclude:
+            seen[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
 class ActivationMeter:
     def __init__(self, model: nn.Module) -> None:
         self.exclude = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
@@ -26,19 +46,7 @@ class ActivationMeter:
     def track(self, bank=None) -> Iterator[None]:
         """Count what one block's forward (body + aux) saves for its backward, plus what the batch's
         feature ``bank`` holds once the block has run (its entries stay alive for later blocks)."""
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            try:
-                storage = t.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. nested, meta)
-                return t
-            ptr = storage.data_ptr()
-            if ptr not in self.exclude:
-                seen[ptr] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved_storages(self.exclude) as seen:
             yield
         for _, t in bank.items() if bank is not None else ():
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()

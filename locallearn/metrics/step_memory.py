@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from locallearn.metrics.memory import ActivationMeter
+from locallearn.metrics.memory import ActivationMeter, saved_storages
 
 COMPONENTS = (
     "parameter_bytes",
@@ -331,7 +331,7 @@ def _combine(
 class StepMeter(ActivationMeter):
     """The activation meter's count (the same bytes, the same rules), and per block also the largest
     single saved storage (backward's gradient buffers are of that size) and the feature bank's bytes
-    after the block. Its own hooks: saved-tensor hooks do not nest, so it cannot wrap the meter's."""
+    after the block."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -340,19 +340,7 @@ class StepMeter(ActivationMeter):
 
     @contextmanager
     def track(self, bank=None) -> Iterator[None]:
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            try:
-                storage = t.untyped_storage()
-            except (RuntimeError, NotImplementedError):
-                return t
-            ptr = storage.data_ptr()
-            if ptr not in self.exclude:
-                seen[ptr] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved_storages(self.exclude) as seen:
             yield
         self.largest_bytes.append(max(seen.values(), default=0))
         entries = [t for _, t in bank.items()] if bank is not None else []
