@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from locallearn.engine.sequential import train_step
 from locallearn.metrics.step_memory import StepMemory, StepMeter, block_workspace, step_memory
-from locallearn.split import balanced_cuts
+from locallearn.split import balanced_cuts, layer_activation_bytes
 from locallearn.types import Batch, InputInfo
 
 log = logging.getLogger(__name__)
@@ -175,23 +175,14 @@ def checkpoint_total(bp: StepMemory, num_layers: int) -> tuple[int, int]:
 def layer_live_costs(model: Any, make_batch: Callable[[int], Batch], batch: int) -> list[float]:
     """Per layer of the backbone: its saved bytes at ``batch`` (measured on 2 images, linear) + its gradient
     bytes: what a block made of these layers holds live (the DP's cost, aux nets aside)."""
-    from locallearn.metrics.memory import ActivationMeter
-
     backbone = model.backbone
-    meter = ActivationMeter(backbone)
-    buffers = [b.detach().clone() for b in backbone.buffers()]
-    h = make_batch(2).x
-    for layer in backbone.layers:
-        with meter.track():
-            h = layer(h.detach().requires_grad_())
-    with torch.no_grad():
-        for b, saved in zip(backbone.buffers(), buffers):
-            b.copy_(saved)
+    x = make_batch(2).x
+    saved = layer_activation_bytes(backbone, x.shape[1], x.shape[-1], example=x)
     grads = [
         sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad)
         for layer in backbone.layers
     ]
-    return [a * batch / 2 + g for a, g in zip(meter.block_bytes, grads)]
+    return [a * batch / 2 + g for a, g in zip(saved, grads)]
 
 
 def candidate_ks(num_layers: int) -> list[int]:

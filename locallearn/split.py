@@ -261,15 +261,18 @@ def balanced_cuts(costs: Sequence[float], num_blocks: int) -> list[int]:
     return sorted(cuts)
 
 
-def layer_activation_bytes(backbone, channels: int, size: int, batch: int = 2) -> list[int]:
-    """Bytes each layer saves for backward on a dummy ``batch`` of ``size``x``size`` images (the
-    memory meter's count; linear in the batch size, so the split does not depend on it). Runs in
-    training mode; BN running statistics are restored afterwards."""
+def layer_activation_bytes(
+    backbone, channels: int, size: int, batch: int = 2, example: torch.Tensor | None = None
+) -> list[int]:
+    """Bytes each layer saves for backward on a dummy ``batch`` of ``size``x``size`` images, or on
+    ``example`` (an input batch on the backbone's device) when given (the memory meter's count; linear in
+    the batch size, so the split does not depend on it). Runs in training mode; BN running statistics
+    are restored afterwards."""
     meter = ActivationMeter(backbone)
     was_training = backbone.training
     buffers = [b.detach().clone() for b in backbone.buffers()]
     backbone.train()
-    h = torch.zeros(batch, channels, size, size)
+    h = torch.zeros(batch, channels, size, size) if example is None else example
     for layer in backbone.layers:
         with meter.track():
             h = layer(h.detach().requires_grad_())

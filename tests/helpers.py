@@ -70,3 +70,11 @@ def run_cli(args, capsys, lines: bool = False):
     out = capsys.readouterr()
     err = [line for line in out.err.splitlines() if line.strip()] if lines else out.err
     return code, out.out, err
+
+
+def one_error_line(err: list[str], code: int, expected_code: int = 2) -> str:
+    """The single ``locallearn: error:`` line of a CLI run (``run_cli(..., lines=True)``), after checking the
+    exit code and that no traceback was printed."""
+    errors = [line for line in err if line.startswith("locallearn: error:")]
+    assert code == expected_code and len(errors) == 1 and not any("Traceback" in e for e in err), err
+    return errors[0]

@@ -28,10 +28,7 @@ def run_cli(args, capsys):
     return helpers.run_cli(args, capsys, lines=True)
 
 
-def one_error_line(err, code, expected_code=2):
-    errors = [line for line in err if line.startswith("locallearn: error:")]
-    assert code == expected_code and len(errors) == 1 and not any("Traceback" in e for e in err), err
-    return errors[0]
+one_error_line = helpers.one_error_line
 
 
 # -- 1. non-finite losses ----------------------------------------------------------------------------
