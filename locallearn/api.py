@@ -31,6 +31,7 @@ from locallearn.build import build_model, resolved_method_options
 from locallearn.config import Config, ConfigError, load_config, to_dict
 from locallearn.engine import checkpoint
 from locallearn.engine.errors import check_finite
+from locallearn.engine.sequential import reported_losses
 from locallearn.model import LocalModel
 from locallearn.trainer import Trainer, select_device
 from locallearn.types import Batch, InputInfo
@@ -255,7 +256,7 @@ class LocalTrainer:
         schedule. Returns each block's loss, ``{"block0": ..., "block1": ...}``; a non-finite loss
         raises ``NonFiniteLossError`` naming the block."""
         outs = self.trainer.step(self.batch(x, y))
-        losses = torch.stack([o["loss"].detach().float().cpu() for o in outs])
+        losses = reported_losses(outs)  # MLAAN block 0: the cascaded loss that trains it, as the CLI logs
         check_finite(losses, self.steps)
         self.steps += 1
         return {f"block{k}": float(v) for k, v in enumerate(losses)}

@@ -283,3 +283,15 @@ def test_options_for_a_named_model_are_refused_for_an_object():
         tiny("dgl", 2, options={"model.weights": "DEFAULT"})
     with pytest.raises(locallearn.ConfigError, match="model.kwargs applies"):
         tiny("dgl", 2, options={"model.kwargs": {"depth": 2}})
+
+
+def test_mlaan_block_0_reports_the_loss_that_trains_it_through_wrap():
+    """As in the CLI's logs (issue 28): MLAAN's block 0 has no loss of its own; the cascade trains it."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )  # fmt: skip
+    ll = locallearn.wrap(net, method="mlaan", num_blocks=3, input_size=8, in_chans=1, num_classes=10)
+    losses = ll.step(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+    assert losses["block0"] > 0.1
