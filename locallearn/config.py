@@ -255,6 +255,9 @@ class EngineConfig:
     pipeline_blocks: list[int] | None = (
         None  # blocks per rank, e.g. [3, 1]; None = balanced by the memory meter
     )
+    # pipeline x data parallel (engine/mesh.py): the world's P x R ranks are P stages, each replicated R
+    # times; every replica takes 1/R of each global batch of data.batch_size images
+    replicas: int = 1
     sync_every: int = 1  # momentum aux: ship the next block's first layer backward every N steps ...
     sync_lag: int = 1  # ... and apply the copy made this many steps earlier (deterministic staleness)
     dist_timeout_s: float = 300.0  # a rank silent this long ends the job with an error naming it
@@ -271,6 +274,7 @@ class EngineConfig:
         _choice("engine.compile_region", self.compile_region, ("module", "block"))
         _at_least("engine.threads", self.threads, 1)
         _at_least("engine.pipeline_depth", self.pipeline_depth, 1)
+        _at_least("engine.replicas", self.replicas, 1)
         _at_least("engine.sync_every", self.sync_every, 1)
         _at_least("engine.sync_lag", self.sync_lag, 0)
         _at_least("engine.dist_timeout_s", self.dist_timeout_s, 0, strict=True)
@@ -317,9 +321,14 @@ class Config:
         # the pipeline and DDP drivers sync momentum copies and reduce gradients in their own ways
         if self.model.frozen_blocks and self.engine.mode != "sequential":
             raise ConfigError(f"model.frozen_blocks needs engine.mode=sequential (got {self.engine.mode})")
-        if self.optim.clip_grad_norm is not None and self.engine.mode == "ddp":
+        if self.engine.replicas > 1 and self.engine.mode != "pipeline":
             raise ConfigError(
-                "optim.clip_grad_norm is not supported with engine.mode=ddp (it would clip each rank's shard)"
+                f"engine.replicas={self.engine.replicas} needs engine.mode=pipeline (got {self.engine.mode})"
+            )
+        if self.optim.clip_grad_norm is not None and (self.engine.mode == "ddp" or self.engine.replicas > 1):
+            raise ConfigError(
+                f"optim.clip_grad_norm is not supported with engine.mode={self.engine.mode}"
+                f"{' engine.replicas>1' if self.engine.replicas > 1 else ''} (it would clip each rank's shard)"
             )
 
 

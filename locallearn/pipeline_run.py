@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from locallearn.config import ConfigError, to_dict
 from locallearn.distributed_run import DistributedRun
-from locallearn.engine import checkpoint, distributed, pipeline
+from locallearn.engine import checkpoint, distributed, mesh, pipeline
 from locallearn.engine.block_scores import block_key, block_metric
 from locallearn.report import record_measurements
 from locallearn.rundir import environment
@@ -23,25 +23,39 @@ log = logging.getLogger(__name__)
 
 
 class PipelineRun(DistributedRun):
+    def min_train_batch(self) -> int:
+        replicas = self.cfg.engine.replicas  # 2 images on every replica (batch norm)
+        return 2 * replicas if replicas > 1 else super().min_train_batch()
+
     def setup(self) -> None:
         ctx, e = self.ctx, self.cfg.engine
-        pipeline.check_method(self.method.window, self.model.num_blocks, ctx.world)
+        self.mesh = mesh.make(ctx, e.replicas)  # P stages x R replicas (engine/mesh.py)
+        pipeline.check_method(self.method.window, self.model.num_blocks, self.mesh.stages)
         pipeline.check_model(self.model)
+        if e.replicas > 1 and self.cfg.data.batch_size < self.min_train_batch():
+            raise ConfigError(
+                f"engine.replicas={e.replicas}: data.batch_size={self.cfg.data.batch_size} leaves fewer than 2 "
+                f"images per replica (batch norm needs 2); use >= {self.min_train_batch()}"
+            )
         sizes = self._assignment()
         self.rank_blocks = [list(st.blocks) for st in pipeline.stages(sizes)]
-        self.stage = pipeline.stages(sizes)[ctx.rank]
-        self.pipe = pipeline.Pipe(ctx, e.pipeline_depth, self.train_loader.mean, self.train_loader.std)
-        self.link = pipeline.MomentumLink(ctx, self.model, self.stage, e.sync_every, e.sync_lag)
+        self.stage = pipeline.stages(sizes)[self.mesh.stage]
+        mean, std, stride = self.train_loader.mean, self.train_loader.std, e.replicas
+        self.pipe = pipeline.Pipe(ctx, e.pipeline_depth, mean, std, stride, self.mesh.share)
+        self.link = pipeline.MomentumLink(ctx, self.model, self.stage, e.sync_every, e.sync_lag, stride)
+        self.optimizers = self.mesh.wrap(self.optimizers)
         if ctx.is_main:
-            log.info("pipeline over %d ranks: blocks per rank %s", ctx.world, sizes)
+            log.info(
+                "pipeline over %d stages x %d replicas: blocks per stage %s", self.mesh.stages, stride, sizes
+            )
 
     def _assignment(self) -> list[int]:
-        k, world = self.model.num_blocks, self.ctx.world
+        k, world = self.model.num_blocks, self.mesh.stages
         sizes = self.cfg.engine.pipeline_blocks
         if sizes is not None:
             if len(sizes) != world or sum(sizes) != k or min(sizes) < 1:
                 raise ConfigError(
-                    f"engine.pipeline_blocks={sizes}: need {world} positive entries (one per rank) summing to K={k}"
+                    f"engine.pipeline_blocks={sizes}: need {world} positive entries (one per stage) summing to K={k}"
                 )
             return list(sizes)
         sizes = None
@@ -85,6 +99,7 @@ class PipelineRun(DistributedRun):
             "pipeline": {
                 "rank": self.ctx.rank,
                 "world_size": self.ctx.world,
+                "replicas": self.mesh.replicas,
                 "blocks": [self.stage.blocks.start, self.stage.blocks.stop],
                 "momentum": self.link.state_dict(),
             },
@@ -93,10 +108,16 @@ class PipelineRun(DistributedRun):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         info = state.get("pipeline") or {}
         mine = [self.stage.blocks.start, self.stage.blocks.stop]
-        if info.get("world_size") != self.ctx.world or list(info.get("blocks", [])) != mine:
+        replicas = info.get("replicas", 1)
+        if (
+            info.get("world_size") != self.ctx.world
+            or list(info.get("blocks", [])) != mine
+            or replicas != self.mesh.replicas
+        ):
             raise checkpoint.CheckpointError(
-                f"rank {self.ctx.rank}: the checkpoint was written by {info.get('world_size')} ranks with blocks "
-                f"{info.get('blocks')} on this rank; this job has {self.ctx.world} ranks and blocks {mine}"
+                f"rank {self.ctx.rank}: the checkpoint was written by {info.get('world_size')} ranks ({replicas} "
+                f"replicas) with blocks {info.get('blocks')} on this rank; this job has {self.ctx.world} ranks "
+                f"({self.mesh.replicas} replicas) and blocks {mine}"
             )
         epochs = distributed.all_gather_object(self.ctx, int(state["epoch"]), "comparing checkpoint epochs")
         if len(set(epochs)) != 1:
@@ -159,7 +180,7 @@ class PipelineRun(DistributedRun):
                 self.stage,
                 self.pipe,
                 self.link,
-                self.train_loader if self.stage.first else None,
+                self.mesh.train_batches(self.train_loader) if self.stage.first else None,
                 steps,
                 self.optimizers,
                 self.schedule,
@@ -170,13 +191,16 @@ class PipelineRun(DistributedRun):
                 self.memory_format,
                 bar,
                 clip=self.cfg.optim.clip_grad_norm,
+                after_step=self.mesh.after_step(self.model, self.stage),
             )
         mine = (stats["block_losses"], meter.block_bytes if meter is not None else [])
         gathered = distributed.all_gather_object(self.ctx, mine, "gathering the epoch's losses")
         stats["epoch_time"] = time.perf_counter() - t0  # until the last rank has finished
-        stats["block_losses"] = [loss for losses, _ in gathered for loss in losses]
+        losses = self.mesh.replica_mean([losses for losses, _ in gathered])  # each replica saw a shard
+        stats["block_losses"] = [loss for part in losses for loss in part]
         stats["images"] = len(self.train_loader.data)
-        self.record_epoch(stats, [b for _, bb in gathered for b in bb] if meter is not None else None)
+        block_bytes = [b for _, bb in self.mesh.per_stage(gathered) for b in bb]
+        self.record_epoch(stats, block_bytes if meter is not None else None)
         return stats
 
     def record_epoch(self, stats: dict[str, Any], block_bytes: list[int] | None, meter=None) -> None:
@@ -184,17 +208,19 @@ class PipelineRun(DistributedRun):
         record_measurements(self, stats, block_bytes, None, None, self.rank_blocks)
 
     def evaluate(self) -> dict[str, float]:
+        batches, steps = self.mesh.test_batches(self.test_loader)
         metrics = pipeline.evaluate(
             self.model,
             self.stage,
             self.pipe,
-            self.test_loader if self.stage.first else None,
-            len(self.test_loader),
+            batches if self.stage.first else None,
+            steps,
             self.task,
             self.device,
             self.autocast,
             self.memory_format,
             blocks=self.cfg.log.block_metrics,
+            gather=self.mesh.gather,
         )
         if not self.cfg.log.block_metrics:
             return distributed.broadcast_object(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -57,7 +58,7 @@ class GradAllReduce:
         if grads:
             flat = torch.cat([g.reshape(-1) for g in grads]).mul_(self.share.weight)
             with self.ctx.collective("all-reducing gradients"):
-                dist.all_reduce(flat)
+                dist.all_reduce(flat, group=self.ctx.group)
             offset = 0
             for g in grads:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
@@ -82,7 +83,7 @@ def average_buffers(model: nn.Module, ctx: Context) -> None:
         return
     flat = torch.cat([b.reshape(-1) for b in buffers])
     with ctx.collective("averaging batch-norm statistics"):
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=ctx.group)
     flat.div_(ctx.world)
     offset = 0
     for b in buffers:
@@ -102,10 +103,18 @@ class Shards:
     weight before each step and averages the BN statistics after it (when the next batch is asked for)."""
 
     def __init__(
-        self, loader, ctx: Context, share: Share | None = None, model: nn.Module | None = None
+        self,
+        loader,
+        ctx: Context,
+        share: Share | None = None,
+        model: nn.Module | None = None,
+        train: bool | None = None,
     ) -> None:
+        """``train`` (default: ``model`` given) without ``model``: a training loader whose caller
+        averages the statistics itself (the pipeline mesh averages each stage's own, ``engine/mesh.py``)."""
         self.loader, self.ctx, self.share, self.model = loader, ctx, share, model
-        if model is not None:  # every rank's shard of the last training batch must hold 2 images
+        self.train = model is not None if train is None else train
+        if self.train:  # every rank's shard of the last training batch must hold 2 images
             loader.min_batch = max(getattr(loader, "min_batch", 1), 2 * ctx.world)
 
     @property
@@ -133,7 +142,7 @@ class Shards:
     def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
             part, n = shard(batch, self.ctx.rank, self.ctx.world)
-            if self.model is None:  # evaluation keeps every image; a rank may get none of a batch
+            if not self.train:  # evaluation keeps every image; a rank may get none of a batch
                 if n:
                     yield part
                 continue
@@ -169,14 +178,26 @@ def evaluate(
             x = batch.x.contiguous(memory_format=memory_format)
             output = model(x, batch.bank) if scores is None else scores.forward(x, batch)
         evaluator.update(output, batch)
-    mine = (evaluator.state(), {k: ev.state() for k, ev in scores.evaluators.items()} if scores else {})
-    gathered = distributed.all_gather_object(ctx, mine, "gathering the test metrics")
-    evaluator.merge([head for head, _ in gathered])
+    per_block = scores.evaluators if scores is not None else {}
+    merge_evaluators(
+        evaluator,
+        per_block,
+        task,
+        lambda obj: distributed.all_gather_object(ctx, obj, "gathering the test metrics"),
+    )
     metrics = evaluator.compute()
     if scores is None:
         return metrics
-    # a rank whose shards held no image has no evaluator for a block: merge the ranks that have one
-    for k in sorted({k for _, per_block in gathered for k in per_block}):
-        ev = scores.evaluators.setdefault(k, task.evaluator())
-        ev.merge([per_block[k] for _, per_block in gathered if k in per_block])
     return {**metrics, **scores.compute(metrics)}
+
+
+def merge_evaluators(evaluator, per_block: dict[int, Any], task, gather: Callable[[Any], list]) -> None:
+    """Replace ``evaluator`` and the block evaluators ``per_block`` (block -> evaluator, filled in
+    place) by the merge of every rank's: ``gather(obj)`` returns each rank's ``obj`` in rank order."""
+    mine = (evaluator.state(), {k: ev.state() for k, ev in per_block.items()})
+    gathered = gather(mine)
+    evaluator.merge([head for head, _ in gathered])
+    # a rank whose shards held no image has no evaluator for a block: merge the ranks that have one
+    for k in sorted({k for _, states in gathered for k in states}):
+        ev = per_block.setdefault(k, task.evaluator())
+        ev.merge([states[k] for _, states in gathered if k in states])

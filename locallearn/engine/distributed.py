@@ -11,6 +11,7 @@ stops the remaining workers: no silent hang.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import threading
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,15 +31,32 @@ class DistributedError(RuntimeError):
 
 @dataclass(frozen=True)
 class Context:
+    """A process group seen from one rank. The job's own (``init``) spans every rank; ``subgroup``
+    makes one over some of them (a stage's replicas, ``engine/mesh.py``), where ``rank`` and ``world``
+    count within the group and ``members`` are the group's ranks in the job (errors name those)."""
+
     rank: int
     world: int
     local_rank: int
     device: torch.device
     timeout_s: float
+    group: Any = None  # a torch.distributed group; None = every rank
+    members: tuple[int, ...] | None = None  # the group's ranks in the job, in group order
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return self.members if self.members is not None else tuple(range(self.world))
+
+    def subgroup(self, group: Any, members: list[int]) -> Context:
+        """This rank's view of ``group`` (made by ``dist.new_group`` over ``members``, job ranks)."""
+        me = self.ranks[self.rank]
+        return dataclasses.replace(
+            self, rank=members.index(me), world=len(members), group=group, members=tuple(members)
+        )
 
     def peer(self, rank: int, what: str):
         """Context manager: turn a failed send / receive with ``rank`` into a ``DistributedError``."""
@@ -45,7 +64,8 @@ class Context:
 
     def collective(self, what: str):
         """Context manager: the same for a collective over every rank."""
-        others = [r for r in range(self.world) if r != self.rank]
+        me = self.ranks[self.rank]
+        others = [r for r in self.ranks if r != me]
         if len(others) == 1:
             return _named(f"rank {others[0]}", what, self.timeout_s)
         return _named(lambda: _missing_ranks(self.rank, others), what, self.timeout_s)
@@ -147,15 +167,15 @@ def _named(who, what: str, timeout_s: float) -> Iterator[None]:
 
 
 def broadcast_object(ctx: Context, obj, src: int, what: str):
-    """``obj`` from rank ``src`` on every rank."""
+    """``obj`` from rank ``src`` (counted in ``ctx``'s group) on every rank of the group."""
     box = [obj if ctx.rank == src else None]
     with ctx.collective(what):
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=ctx.ranks[src], group=ctx.group)
     return box[0]
 
 
 def all_gather_object(ctx: Context, obj, what: str) -> list:
     out: list = [None] * ctx.world
     with ctx.collective(what):
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=ctx.group)
     return out

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from locallearn.engine.block_scores import block_key, block_metric
+from locallearn.engine.ddp import Share, merge_evaluators
 from locallearn.engine.distributed import Context, DistributedError
 from locallearn.engine.errors import check_finite
 from locallearn.engine.step import local_step
@@ -157,10 +158,20 @@ class Pipe:
     sequential engine. A small pickled description (batch index, shapes, bank names, and targets that
     are not one tensor, e.g. detection's per-image dicts) goes first, then the tensors themselves."""
 
-    def __init__(self, ctx: Context, depth: int, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        depth: int,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        stride: int = 1,
+        share: Share | None = None,
+    ) -> None:
+        """``stride``: the next stage's rank is this rank + ``stride`` (``engine/mesh.py``: one per
+        replica). ``share``: the shard weight travels with the batch and is set on arrival."""
         if depth < 1:
             raise DistributedError(f"engine.pipeline_depth must be >= 1, got {depth}")
-        self.ctx, self.depth = ctx, depth
+        self.ctx, self.depth, self.stride, self.share = ctx, depth, stride, share
         self.mean, self.std = mean.to(ctx.device), std.to(ctx.device)
         self.inflight: deque[tuple[list, list[torch.Tensor]]] = deque()
 
@@ -178,11 +189,12 @@ class Pipe:
             "targets": None if targets_tensor else move(batch.targets, "cpu"),
             "targets_tensor": targets_tensor,
             "bank": names,
+            "weight": self.share.weight if self.share is not None else None,
         }
         payload = torch.frombuffer(bytearray(pickle.dumps(meta)), dtype=torch.uint8).to(self.ctx.device)
         header = torch.tensor([payload.numel()], dtype=torch.int64, device=self.ctx.device)
         tensors = [header, payload] + [t.contiguous() for t in tensors]
-        peer = self.ctx.rank + 1
+        peer = self.ctx.rank + self.stride
         with self.ctx.peer(peer, f"sending batch {index} forward"):
             works = [dist.isend(t, peer, tag=ACT_TAG) for t in tensors]
         self.inflight.append((works, tensors))  # the tensors stay alive until the send completes
@@ -191,7 +203,7 @@ class Pipe:
 
     def _wait_oldest(self) -> None:
         works, _ = self.inflight.popleft()
-        with self.ctx.peer(self.ctx.rank + 1, "waiting for it to take an activation"):
+        with self.ctx.peer(self.ctx.rank + self.stride, "waiting for it to take an activation"):
             for w in works:
                 w.wait()
 
@@ -200,7 +212,7 @@ class Pipe:
             self._wait_oldest()
 
     def recv(self) -> tuple[int, torch.Tensor, Batch]:
-        peer, device = self.ctx.rank - 1, self.ctx.device
+        peer, device = self.ctx.rank - self.stride, self.ctx.device
         header = torch.empty(1, dtype=torch.int64, device=device)
         with self.ctx.peer(peer, "waiting for the next activation"):
             dist.recv(header, peer, tag=ACT_TAG)
@@ -215,6 +227,8 @@ class Pipe:
         x = tensors.pop(0) if meta["image"] else h
         targets = tensors.pop(0) if meta["targets_tensor"] else move(meta["targets"], device)
         bank = FeatureBank(dict(zip(meta["bank"], tensors)))
+        if self.share is not None:
+            self.share.weight = meta["weight"]
         return meta["index"], h, Batch(x, targets, self.mean, self.std, bank)
 
 
@@ -228,10 +242,14 @@ class MomentumLink:
     ``sender``: this rank's first layer feeds rank r-1's momentum aux. ``replica``: this rank's copy of
     the next rank's first layer, read by its last block's momentum aux."""
 
-    def __init__(self, ctx: Context, model: LocalModel, stage: Stage, every: int, lag: int) -> None:
+    def __init__(
+        self, ctx: Context, model: LocalModel, stage: Stage, every: int, lag: int, stride: int = 1
+    ) -> None:
+        """``stride``: as ``Pipe``'s (the neighbouring stages' ranks are this rank -/+ ``stride``)."""
         if every < 1 or lag < 0:
             raise DistributedError(f"engine.sync_every must be >= 1 and sync_lag >= 0, got {every}, {lag}")
         self.ctx, self.every, self.lag = ctx, every, lag
+        self.prev, self.next = ctx.rank - stride, ctx.rank + stride
         lo, hi = stage.blocks.start, stage.blocks.stop
         self.sender = (
             model.backbone.layers[model.cuts[lo - 1]]
@@ -251,8 +269,8 @@ class MomentumLink:
         """Called after this rank's optimizer steps of global step ``step`` (0-based)."""
         if self.sender is not None and (step + 1) % self.every == 0:
             flat = _flat(self.sender).clone()
-            with self.ctx.peer(self.ctx.rank - 1, "sending the first layer's weights backward"):
-                self.pending_sends.append((dist.isend(flat, self.ctx.rank - 1, tag=PARAM_TAG), flat))
+            with self.ctx.peer(self.prev, "sending the first layer's weights backward"):
+                self.pending_sends.append((dist.isend(flat, self.prev, tag=PARAM_TAG), flat))
             while self.pending_sends and self.pending_sends[0][0].is_completed():
                 self.pending_sends.popleft()
         if self.replica is not None:
@@ -270,16 +288,16 @@ class MomentumLink:
         while self.next_version <= step:
             buf = torch.empty_like(_flat(self.replica))
             with self.ctx.peer(
-                self.ctx.rank + 1, f"waiting for its first layer's weights (step {self.next_version})"
+                self.next, f"waiting for its first layer's weights (step {self.next_version})"
             ):
-                dist.recv(buf, self.ctx.rank + 1, tag=PARAM_TAG)
+                dist.recv(buf, self.next, tag=PARAM_TAG)
             self.queue.append((self.next_version, buf))
             self.next_version += self.every
 
     def finish_epoch(self, last_step: int) -> None:
         """Take every version in flight, so that no send outlives the epoch (and checkpoints are whole)."""
         self.receive_upto(last_step)
-        with self.ctx.peer(self.ctx.rank - 1, "waiting for it to take the first layer's weights"):
+        with self.ctx.peer(self.prev, "waiting for it to take the first layer's weights"):
             while self.pending_sends:
                 self.pending_sends.popleft()[0].wait()
 
@@ -336,8 +354,10 @@ def train_epoch(
     memory_format: torch.memory_format = torch.contiguous_format,
     progress=None,
     clip: float | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> dict:
-    """This rank's share of one epoch. Returns its blocks' mean losses and step times."""
+    """This rank's share of one epoch. Returns its blocks' mean losses and step times.
+    ``after_step``: called after every step (the mesh averages its stage's BN statistics there)."""
     model.train()
     losses = torch.zeros(len(stage.blocks), dtype=torch.float64)
     step_times, n, images = [], 0, 0
@@ -356,6 +376,8 @@ def train_epoch(
         link.after_step(schedule.step_count)
         _sync_local(model, stage)
         schedule.step()
+        if after_step is not None:
+            after_step()
         step_times.append(time.perf_counter() - t0)
         step_losses = torch.stack([o["loss"].detach().float().cpu() for o in outs]).double()
         check_finite(step_losses, i, stage.blocks.start)
@@ -381,11 +403,14 @@ def evaluate(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     memory_format: torch.memory_format = torch.contiguous_format,
     blocks: bool = False,
+    gather: Callable[[Any], list] | None = None,
 ) -> dict[str, float] | None:
     """The plain forward through the pipe; the last rank returns the metrics (others ``None``).
     ``blocks``: each rank also scores its own blocks' aux nets (``engine/block_scores.py``) and every
     rank returns their ``block{k}_{metric}`` (the last rank with the head's metrics); the image then
-    travels with the activation, as in training (an aux may read it: InfoPro's decoder)."""
+    travels with the activation, as in training (an aux may read it: InfoPro's decoder).
+    ``gather``: this stage's replicas each saw part of the test set (``engine/mesh.py``); their
+    evaluators are merged through it as the ddp engine merges its ranks'."""
     model.eval()
     evaluator = task.evaluator()
     scores: dict[int, Any] = {}
@@ -404,6 +429,8 @@ def evaluate(
             continue
         evaluator.update(output, batch)
     pipe.flush()
+    if gather is not None:
+        merge_evaluators(evaluator, scores, task, gather)
     name = block_metric(task)
     mine = {block_key(k, name): ev.compute().get(name) for k, ev in sorted(scores.items())}
     if not stage.last:
