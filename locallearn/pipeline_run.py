@@ -206,6 +206,10 @@ class PipelineRun(DistributedRun):
     def record_epoch(self, stats: dict[str, Any], block_bytes: list[int] | None, meter=None) -> None:
         """Each rank's whole-step memory from its own blocks (the largest rank's is the peak)."""
         record_measurements(self, stats, block_bytes, None, None, self.rank_blocks)
+        if block_bytes and self.mesh.replicas > 1:  # the meter saw one replica's shard
+            shard = -(-self.memory["batch_size"] // self.mesh.replicas)
+            self.memory["batch_size"] = shard
+            self.memory["activation_bytes_per_image"] = self.memory["peak_activation_bytes"] / shard
 
     def evaluate(self) -> dict[str, float]:
         batches, steps = self.mesh.test_batches(self.test_loader)
