@@ -80,6 +80,11 @@ class PipelineRun(DistributedRun):
             if key.startswith(prefixes) or not key.startswith(("backbone.layers.", "auxes."))
         }
 
+    def summary(self) -> dict[str, Any]:
+        out = super().summary()
+        out["engine"]["replicas"] = self.mesh.replicas
+        return out
+
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         keys = self._owned_keys()

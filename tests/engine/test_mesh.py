@@ -7,6 +7,7 @@ resnet20 through the CLI's run: resume exact, evaluation equal to one process, a
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -144,6 +145,8 @@ def test_mesh_run_resumes_exactly_and_evaluates_as_one_process(tmp_path):
     cfg.method.options = {"momentum": {"momentum": 0.8}}
     launch(4, tmp_path, cfg)
     full = rank_states(tmp_path / "full" / "run", 4)
+    summary = json.loads((tmp_path / "full" / "run" / "summary.json").read_text())
+    assert summary["engine"] == {"mode": "pipeline", "world_size": 4, "replicas": 2}
     for p in range(2):
         a, b = full[2 * p]["model"], full[2 * p + 1]["model"]
         assert a.keys() == b.keys() and any("running_mean" in k for k in a)
