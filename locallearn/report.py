@@ -113,6 +113,7 @@ def record_measurements(
             mode=mode if mode in ("pipeline", "ddp") else "sequential",
             group_steps=run.cfg.engine.group_steps,
             rank_blocks=rank_blocks,
+            all_reduce=mode == "ddp" or run.cfg.engine.replicas > 1,  # engine/mesh.py: per stage
         )
         run.memory.update(step.as_dict())
         run.memory["workspace_measured"] = workspace is not None

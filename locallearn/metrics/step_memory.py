@@ -16,9 +16,10 @@ of it, as the engine schedules a step (docs/benchmarks.md, "How memory is measur
   the step's temporaries (a multi-tensor ``foreach`` step copies the gradients once) are the other
   candidate for the peak;
 - ``engine.group_steps``: every block's gradients stay until the end of the batch; window-2 methods
-  (MLAAN) keep block k-1's gradients until block k's backward; ``engine.mode=ddp``: the flat all-reduce
-  buffer of a block's gradients (one more copy of them) during its step; ``engine.mode=pipeline``: each
-  rank holds its own blocks only, and the peak is the largest rank's.
+  (MLAAN) keep block k-1's gradients until block k's backward; ``engine.mode=ddp`` (and the pipeline's
+  replicas, ``engine.replicas > 1``): the flat all-reduce buffer of a block's gradients (one more copy of
+  them) during its step; ``engine.mode=pipeline``: each rank holds its own blocks only, and the peak is
+  the largest rank's.
 
 ``peak_total_bytes`` = resident + the largest block's live part. ``bp`` is one block, so it holds
 everything at once. Saved bytes and workspace scale linearly in the batch; the rest does not depend on
@@ -253,6 +254,7 @@ def step_memory(
     mode: str = "sequential",
     group_steps: bool = False,
     rank_blocks: Sequence[Sequence[int]] | None = None,
+    all_reduce: bool | None = None,
 ) -> StepMemory:
     """The account of one step of ``model`` (a ``LocalModel``) with its per-block ``optimizers``.
 
@@ -260,7 +262,11 @@ def step_memory(
     step runs; ``workspace``: per block, what its forward and backward allocate beyond saved tensors and
     gradients, and what the engine holds from earlier blocks (``block_workspace``; 0 when not measured);
     ``mode``: ``sequential`` | ``pipeline`` | ``ddp``; ``group_steps``: ``engine.group_steps``;
-    ``rank_blocks``: pipeline, the blocks of each rank (default: one rank holding every block)."""
+    ``rank_blocks``: pipeline, the blocks of each rank (default: one rank holding every block);
+    ``all_reduce``: each block's gradients are all-reduced through a flat copy (default: ``mode == "ddp"``;
+    also the pipeline with ``engine.replicas > 1``)."""
+    if all_reduce is None:
+        all_reduce = mode == "ddp"
     if len(activation_bytes) != model.num_blocks or len(optimizers) != model.num_blocks:
         raise ValueError(
             f"{model.num_blocks} blocks but {len(activation_bytes)} activation counts and "
@@ -287,7 +293,7 @@ def step_memory(
                 workspace_bytes=workspace.workspace_bytes[k] + workspace.held_bytes[k] if workspace else 0,
                 step_bytes=optimizer_step_bytes(opt),
                 held_gradient_bytes=held,
-                bucket_bytes=grads[k] if mode == "ddp" else 0,
+                bucket_bytes=grads[k] if all_reduce else 0,
             )
         )
     total_params = sum(b.parameter_bytes for b in blocks) + storage_bytes(rest, seen)

@@ -102,6 +102,10 @@ def test_schedules_sequential_grouped_ddp_pipeline():
     pipe = step_memory(model, opts, acts, mode="pipeline", rank_blocks=[[0, 1], [2, 3]])
     assert len(pipe.rank_peak_bytes) == 2 and pipe.peak_total_bytes == max(pipe.rank_peak_bytes)
     assert pipe.peak_total_bytes < seq.peak_total_bytes
+    # pipeline x replicas (engine.replicas > 1): each rank also holds its block's flat all-reduce copy
+    mesh = step_memory(model, opts, acts, mode="pipeline", rank_blocks=[[0, 1], [2, 3]], all_reduce=True)
+    assert [b.bucket_bytes for b in mesh.blocks] == grads and not any(b.bucket_bytes for b in pipe.blocks)
+    assert mesh.peak_total_bytes >= pipe.peak_total_bytes
     # saved bytes are linear in the batch; weights and optimizer state are not
     double = seq.scaled(2.0)
     assert double.parameter_bytes == seq.parameter_bytes
