@@ -3,7 +3,7 @@
 ``step(batch)`` is one training step of every block (each block's ``local_step``, then the momentum
 aux's EMA sync, then the schedule), ``evaluate(loader)`` the test pass, ``state_dict()`` everything a
 resume needs of the arithmetic. The trainer writes no file and prints nothing: the run
-(``locallearn/run.py``) owns directories, checkpoints and logs, and a Python user may drive a trainer
+(``locallearn/run/``) owns directories, checkpoints and logs, and a Python user may drive a trainer
 from their own loop instead (``locallearn.wrap`` returns one, docs/api.md).
 """
 

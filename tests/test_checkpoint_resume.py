@@ -7,7 +7,7 @@ import torch
 
 from locallearn.config import load_config
 from locallearn.engine import checkpoint
-from locallearn.runner import Run
+from locallearn.run import Run
 
 OVERRIDES = [
     "data.name=digits",

@@ -14,7 +14,9 @@ from locallearn.analysis.runs import load_run
 from locallearn.build import build_backbone, build_model, check_config
 from locallearn.config import ConfigError, load_config, to_dict
 from locallearn.engine import checkpoint
-from locallearn.runner import Run, config_from_checkpoint, evaluate_checkpoint, resume_run
+from locallearn.resume import config_from_checkpoint
+from locallearn.run import Run
+from locallearn.run.launch import evaluate_checkpoint, resume_run
 from locallearn.tasks.base import Task
 from locallearn.tasks.classification import Classification
 from locallearn.tasks.detection import Detection
@@ -201,7 +203,7 @@ def test_resume_eval_and_analysis_do_not_read_the_file_again(tmp_path) -> None:
 @pytest.mark.parametrize("mode", ["pipeline", "ddp"])
 def test_parallel_resume_builds_without_the_file(tmp_path, monkeypatch, mode: str) -> None:
     """``resume_parallel`` (torchrun jobs) asks for a run that will not read ``model.pretrained``."""
-    import locallearn.parallel as parallel
+    import locallearn.run.parallel as parallel
 
     cfg = config(
         "model.backbone=resnet18", f"model.pretrained={tmp_path / 'gone.pth'}", f"engine.mode={mode}"

@@ -17,8 +17,8 @@ from locallearn.data import DataError, load_datasets
 from locallearn.data.loader import ArrayDataset, Loader
 from locallearn.engine import checkpoint, ddp
 from locallearn.engine.errors import DivergedError, NonFiniteLossError, check_finite
-from locallearn.parallel import resume_parallel
-from locallearn.runner import Run
+from locallearn.run import Run
+from locallearn.run.parallel import resume_parallel
 from tests import helpers
 
 TINY = [*helpers.TINY_CLI, "engine.measure_memory=false"]
@@ -235,7 +235,7 @@ def test_pipeline_run_writes_a_merged_checkpoint_that_eval_reads(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent / "engine"))
     from dist_helpers import launch, tiny_config
 
-    from locallearn.runner import evaluate_checkpoint
+    from locallearn.run.launch import evaluate_checkpoint
 
     cfg = tiny_config(tmp_path / "pipe", mode="pipeline", pipeline_blocks=[3, 1])
     cfg.optim.epochs = 1

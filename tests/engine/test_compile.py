@@ -19,7 +19,7 @@ from locallearn.engine.compile import compile_blocks, compile_function, compile_
 from locallearn.engine.sequential import train_step
 from locallearn.engine.step import block_forward, local_step
 from locallearn.model import Body
-from locallearn.runner import Run
+from locallearn.run import Run
 from locallearn.types import Batch, FeatureBank
 
 

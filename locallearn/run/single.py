@@ -1,7 +1,7 @@
 """A training run: the data, a ``Trainer`` over the built model, and everything around the
 arithmetic: the run directory (``config.yaml``, ``metrics.csv``, ``summary.json``, checkpoints, the
-lock), resume, and the epoch loop's logs. Sequential mode here; pipeline / ddp subclass ``Run`` in
-``parallel.py``; ``launch.py`` picks the mode."""
+lock), resume, and the epoch loop's logs. One process (``engine.mode=sequential``) here; pipeline / ddp
+subclass ``Run`` (``distributed.py``, ``pipeline.py``, ``ddp.py``); ``launch.py`` picks the mode."""
 
 from __future__ import annotations
 

@@ -23,12 +23,12 @@ import os
 from pathlib import Path
 
 from locallearn.config import Config, ConfigError
-from locallearn.ddp_run import DDPRun
-from locallearn.distributed_run import DistributedRun
 from locallearn.engine import checkpoint
-from locallearn.pipeline_run import PipelineRun
 from locallearn.resume import config_from_checkpoint, refuse_merged, resume_config
 from locallearn.run import Run
+from locallearn.run.ddp import DDPRun
+from locallearn.run.distributed import DistributedRun
+from locallearn.run.pipeline import PipelineRun
 
 RUNS: dict[str, type[DistributedRun]] = {"pipeline": PipelineRun, "ddp": DDPRun}
 

@@ -1,6 +1,6 @@
 """Entry points above every engine mode: start a run (``make_run``), continue one (``resume_run``),
 evaluate a checkpoint, derive a comparison run. The CLI and Python users call these; the modes
-(``run.py`` sequential, ``parallel.py`` pipeline / ddp) never import this module."""
+(``single.py`` sequential, ``parallel.py`` pipeline / ddp) never import this module."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from locallearn.data.imagefolder import make_loader
 from locallearn.engine import checkpoint
 from locallearn.engine.sequential import evaluate
 from locallearn.lifecycle import check_resumable, eval_checkpoint_path
-from locallearn.parallel import parallel_run, resume_parallel
 from locallearn.resume import config_from_checkpoint, resume_config
-from locallearn.run import Run, check_group_steps
-from locallearn.trainer import select_device
+from locallearn.run.parallel import parallel_run, resume_parallel
+from locallearn.run.single import Run
+from locallearn.trainer import check_group_steps, select_device
 
 
 def make_run(cfg: Config, run_dir: Path | None = None, quiet: bool = False) -> Run:

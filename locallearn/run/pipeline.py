@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 
 from locallearn.config import ConfigError, to_dict
-from locallearn.distributed_run import DistributedRun
 from locallearn.engine import checkpoint, distributed, pipeline
 from locallearn.engine.block_scores import block_key, block_metric
 from locallearn.report import record_measurements
+from locallearn.run.distributed import DistributedRun
 from locallearn.rundir import environment
 from locallearn.types import Batch
 
