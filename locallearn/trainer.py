@@ -118,23 +118,25 @@ class Trainer:
         self.schedule.step()
         return outs
 
+    def epoch_parts(self) -> dict[str, Any]:
+        """What every engine mode's epoch takes from the trainer, by the engine functions' names
+        (``engine.sequential.train_epoch``, ``engine.pipeline.train_epoch``)."""
+        return {
+            "optimizers": self.optimizers,
+            "schedule": self.schedule,
+            "device": self.device,
+            "scalers": self.scalers,
+            "autocast": self.autocast,
+            "memory_format": self.memory_format,
+            "clip": self.optim.clip_grad_norm,
+        }
+
     def train_epoch(
         self, batches: Iterable[Batch], meter: Any = None, progress: Any = None
     ) -> dict[str, Any]:
         """One pass over ``batches`` (``engine/sequential.py``): mean loss per block, step times, images."""
         return train_epoch(
-            self.model,
-            batches,
-            self.optimizers,
-            self.schedule,
-            self.device,
-            self.scalers,
-            self.autocast,
-            meter,
-            self.memory_format,
-            progress,
-            self.grouped,
-            self.optim.clip_grad_norm,
+            self.model, batches, meter=meter, progress=progress, grouped=self.grouped, **self.epoch_parts()
         )
 
     def evaluate(self, batches: Iterable[Batch], task: Any = None, blocks: bool = True) -> dict[str, float]:

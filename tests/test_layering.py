@@ -115,7 +115,7 @@ RUN_LAYER = ("trainer.py", "rundir.py", "resume.py", "lifecycle.py", "engine/seq
 def test_the_run_package_holds_every_mode():
     """The run layer's files live in one package: no module of a mode's run outside it, no alias module."""
     names = {p.name for p in (PKG / RUN_PACKAGE).glob("*.py")}
-    assert {"single.py", "distributed.py", "ddp.py", "pipeline.py", "launch.py"} <= names
+    assert {"single.py", "distributed.py", "ddp.py", "pipeline.py", "launch.py"} == names - {"__init__.py"}
     stray = {"run.py", "runner.py", "launch.py", "parallel.py", "ddp_run.py", "pipeline_run.py",
              "distributed_run.py"} & {p.name for p in PKG.glob("*.py")}  # fmt: skip
     assert not stray, f"run-layer modules outside locallearn/{RUN_PACKAGE}/: {sorted(stray)}"

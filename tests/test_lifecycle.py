@@ -13,7 +13,7 @@ from locallearn.cli import quickstart_base
 from locallearn.config import load_config
 from locallearn.engine import checkpoint, distributed
 from locallearn.run import Run
-from locallearn.run.parallel import resume_parallel
+from locallearn.run.launch import resume_run
 from locallearn.rundir import RunLock
 from tests import helpers
 
@@ -146,7 +146,7 @@ def test_resuming_with_another_number_of_ranks_names_the_run_s(tmp_path, monkeyp
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(checkpoint.CheckpointError, match="this run has 2 ranks .* --nproc-per-node 2"):
-        resume_parallel(tmp_path)
+        resume_run(tmp_path)
 
 
 def test_offline_default_holds_for_any_overrides_without_data_name():

@@ -1,32 +1,77 @@
 """Entry points above every engine mode: start a run (``make_run``), continue one (``resume_run``),
-evaluate a checkpoint, derive a comparison run. The CLI and Python users call these; the modes
-(``single.py`` sequential, ``parallel.py`` pipeline / ddp) never import this module."""
+evaluate a checkpoint, derive a comparison run. The CLI and Python users call these; the modes'
+runs (``single.py``, ``ddp.py``, ``pipeline.py``) never import this module.
+
+Under torchrun every rank builds the whole model from the same seed (identical initial weights, nothing
+to broadcast), loads the data set description, and then trains only its part: its block group
+(pipeline, ``engine/pipeline.py``) or its shard of each batch (ddp, ``engine/ddp.py``). Rank 0 creates
+the run directory and writes ``config.yaml``, ``metrics.csv``, ``summary.json`` and the log; every
+rank has the same history (metrics are broadcast), so any rank could.
+
+Checkpoints: in pipeline mode each rank writes ``checkpoint.rank{r}.pt`` atomically (its blocks, aux
+nets, optimizers, RNG, the momentum versions in flight); a resume checks that all ranks are at the same
+epoch with the same block assignment. At the end of a pipeline run rank 0 gathers every rank's weights
+into an ordinary ``checkpoint.pt`` (marked ``merged_from``), so ``locallearn eval`` and the export work
+as for any run; it is not a resume point. In ddp mode all ranks hold identical state, so rank 0 writes
+the usual ``checkpoint.pt`` and every rank resumes from it.
+
+Every check runs before the run directory exists (``Run.setup``), and rank 0 creates and locks it and
+tells the others (or tells them why it could not), so a refused job leaves nothing behind.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
 from locallearn.build import build_model
-from locallearn.config import Config
+from locallearn.config import Config, ConfigError
 from locallearn.data.datasets import load_data
 from locallearn.data.imagefolder import make_loader
 from locallearn.engine import checkpoint
 from locallearn.engine.sequential import evaluate
 from locallearn.lifecycle import check_resumable, eval_checkpoint_path
-from locallearn.resume import config_from_checkpoint, resume_config
-from locallearn.run.parallel import parallel_run, resume_parallel
+from locallearn.resume import config_from_checkpoint, refuse_merged, resume_config
+from locallearn.run.ddp import DDPRun
+from locallearn.run.distributed import DistributedRun
+from locallearn.run.pipeline import PipelineRun
 from locallearn.run.single import Run
 from locallearn.trainer import check_group_steps, select_device
 
+RUNS: dict[str, type[DistributedRun]] = {"pipeline": PipelineRun, "ddp": DDPRun}  # under torchrun
 
-def make_run(cfg: Config, run_dir: Path | None = None, quiet: bool = False) -> Run:
-    """The run for ``cfg.engine.mode``: sequential (``Run``), pipeline / ddp (under torchrun)."""
+
+def make_run(cfg: Config, run_dir: Path | None = None, quiet: bool = False, load_weights: bool = True) -> Run:
+    """The run for ``cfg.engine.mode``: sequential (``Run``), pipeline / ddp (under torchrun).
+    ``load_weights=False``: a checkpoint is loaded next (resume); ``model.pretrained`` is not read."""
     check_group_steps(cfg)  # before any process group starts
     if cfg.engine.mode == "sequential":
-        return Run(cfg, run_dir, quiet)
-    return parallel_run(cfg, run_dir, quiet)
+        return Run(cfg, run_dir, quiet, load_weights)
+    if cfg.engine.mode not in RUNS:
+        raise ConfigError(
+            f"engine.mode: unknown mode {cfg.engine.mode!r}; choose sequential, {', '.join(RUNS)}"
+        )
+    return RUNS[cfg.engine.mode](cfg, run_dir, quiet, load_weights)
+
+
+def resume_checkpoint(path: Path) -> Path:
+    """The file this process resumes from: ``path`` itself, or in a run directory ``checkpoint.pt``, or a
+    pipeline run's ``checkpoint.rank{RANK}.pt`` (refused unless this job has as many ranks as the run)."""
+    if not path.is_dir():
+        return path
+    ranks = sorted(path.glob("checkpoint.rank*.pt"))
+    if not ranks:
+        return path / "checkpoint.pt"
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if len(ranks) != world:  # every rank sees the same files: all refuse alike
+        raise checkpoint.CheckpointError(
+            f"this run has {len(ranks)} ranks (checkpoint.rank0..{len(ranks) - 1}.pt) and this job "
+            f"{world}: resume it with `torchrun --nproc-per-node {len(ranks)} -m locallearn train "
+            f"--resume {path}`"
+        )
+    return path / f"checkpoint.rank{int(os.environ.get('RANK', 0))}.pt"
 
 
 def resume_run(
@@ -35,9 +80,13 @@ def resume_run(
     """Continue a run of any mode from its directory (or a checkpoint file); ``config_file`` and
     ``overrides`` may change only ``SAFE_ON_RESUME`` keys (more epochs, cadence, device, threads)."""
     check_resumable(path)  # a run killed before its first checkpoint: say so and clean up
-    return resume_parallel(path, quiet, config_file, overrides) or Run.resume(
-        path, quiet, config_file, overrides
-    )
+    ckpt = resume_checkpoint(Path(path))
+    state = checkpoint.load(ckpt)
+    refuse_merged(state, ckpt)
+    cfg = resume_config(config_from_checkpoint(state), config_file, list(overrides), int(state["epoch"]))
+    run = make_run(cfg, run_dir=ckpt.parent, quiet=quiet, load_weights=False)
+    run.load_state_dict(state)
+    return run
 
 
 def resumed_config(path: str | Path, config_file: str | None = None, overrides: list[str] = ()) -> Config:
