@@ -12,9 +12,9 @@ Public API (docs/api.md)::
 from locallearn.api import LocalTrainer, wrap  # noqa: E402
 from locallearn.build import BACKBONES, METHODS, build_backbone, build_method, build_model, trust_modules  # noqa: E402
 from locallearn.config import Config, ConfigError, load_config  # noqa: E402
-from locallearn.launch import evaluate_checkpoint, make_run, resume_run  # noqa: E402
 from locallearn.model import LocalModel  # noqa: E402
 from locallearn.run import Run  # noqa: E402
+from locallearn.run.launch import evaluate_checkpoint, make_run, resume_run  # noqa: E402
 from locallearn.trainer import Trainer  # noqa: E402
 from locallearn.types import Batch, FeatureInfo, InputInfo  # noqa: E402
 from locallearn.version import __version__  # noqa: E402, F401

@@ -184,7 +184,7 @@ def data_label(run) -> str:
 def cmd_train(args: argparse.Namespace) -> None:
     from locallearn.config import dump_yaml, load_config
     from locallearn.data.folder_defaults import folder_defaults
-    from locallearn.launch import comparison_config, make_run, resume_run, resumed_config
+    from locallearn.run.launch import comparison_config, make_run, resume_run, resumed_config
 
     if args.resume and args.print_config:
         print(dump_yaml(resumed_config(args.resume, args.config, args.overrides)), end="")
@@ -233,7 +233,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from locallearn.launch import evaluate_checkpoint
+    from locallearn.run.launch import evaluate_checkpoint
 
     setup_logging()
     result = evaluate_checkpoint(args.checkpoint, args.device)

@@ -143,7 +143,7 @@ def looks_diverged(history: list[dict[str, Any]]) -> str | None:
 
 
 class RunLifecycle:
-    """The part of ``Run`` (``run.py``) that handles a run stopping early or going wrong without a NaN;
+    """The part of ``Run`` (``run/single.py``) that handles a run stopping early or going wrong without a NaN;
     a mixin so that every engine mode gets it. Expects the run's ``run_dir``, ``lock``, ``saved_epoch``,
     ``resumed_at``, ``is_main``, ``history`` and ``warnings`` (``config.config_warnings``)."""
 

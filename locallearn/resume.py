@@ -1,5 +1,5 @@
 """What a checkpoint says about its run: the saved config (in today's keys), and which keys a resume
-may change. Shared by every engine mode's run (``run.py``, ``parallel.py``)."""
+may change. Shared by every engine mode's run (``locallearn/run/``)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 ``step(batch)`` is one training step of every block (each block's ``local_step``, then the momentum
 aux's EMA sync, then the schedule), ``evaluate(loader)`` the test pass, ``state_dict()`` everything a
 resume needs of the arithmetic. The trainer writes no file and prints nothing: the run
-(``locallearn/run.py``) owns directories, checkpoints and logs, and a Python user may drive a trainer
+(``locallearn/run/``) owns directories, checkpoints and logs, and a Python user may drive a trainer
 from their own loop instead (``locallearn.wrap`` returns one, docs/api.md).
 """
 
@@ -118,23 +118,25 @@ class Trainer:
         self.schedule.step()
         return outs
 
+    def epoch_parts(self) -> dict[str, Any]:
+        """What every engine mode's epoch takes from the trainer, by the engine functions' names
+        (``engine.sequential.train_epoch``, ``engine.pipeline.train_epoch``)."""
+        return {
+            "optimizers": self.optimizers,
+            "schedule": self.schedule,
+            "device": self.device,
+            "scalers": self.scalers,
+            "autocast": self.autocast,
+            "memory_format": self.memory_format,
+            "clip": self.optim.clip_grad_norm,
+        }
+
     def train_epoch(
         self, batches: Iterable[Batch], meter: Any = None, progress: Any = None
     ) -> dict[str, Any]:
         """One pass over ``batches`` (``engine/sequential.py``): mean loss per block, step times, images."""
         return train_epoch(
-            self.model,
-            batches,
-            self.optimizers,
-            self.schedule,
-            self.device,
-            self.scalers,
-            self.autocast,
-            meter,
-            self.memory_format,
-            progress,
-            self.grouped,
-            self.optim.clip_grad_norm,
+            self.model, batches, meter=meter, progress=progress, grouped=self.grouped, **self.epoch_parts()
         )
 
     def evaluate(self, batches: Iterable[Batch], task: Any = None, blocks: bool = True) -> dict[str, float]:

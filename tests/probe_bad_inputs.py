@@ -115,7 +115,7 @@ def finished_run(d: Path) -> None:
             for i in range(3):
                 Image.fromarray(np.full((8, 8, 3), 100 * c + i, np.uint8)).save(folder / f"{i}.png")
     from locallearn.config import load_config
-    from locallearn.runner import Run
+    from locallearn.run import Run
 
     model = [
         "model.backbone=torchvision:resnet18",

@@ -7,7 +7,8 @@ import torch
 
 from locallearn.config import load_config
 from locallearn.engine import checkpoint
-from locallearn.runner import Run
+from locallearn.run import Run
+from locallearn.run.launch import resume_run
 
 OVERRIDES = [
     "data.name=digits",
@@ -36,7 +37,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     interrupted = make_run(tmp_path, "interrupted")
     interrupted.fit(stop_after=1)
     del interrupted
-    resumed = Run.resume(tmp_path / "interrupted", quiet=True)
+    resumed = resume_run(tmp_path / "interrupted", quiet=True)
     assert resumed.epoch == 1
     summary = resumed.fit()
     assert summary["epochs"] == 2

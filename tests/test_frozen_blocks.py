@@ -93,7 +93,7 @@ def test_frozen_blocks_with_grouped_steps():
 
 
 def test_the_bp_comparison_of_a_frozen_run_has_nothing_to_freeze():
-    from locallearn.launch import comparison_config
+    from locallearn.run.launch import comparison_config
 
     cfg = load_config(None, ["model.num_blocks=4", "model.frozen_blocks=2", "compare=[bp,dgl]"])
     assert comparison_config(cfg, "bp").model.frozen_blocks == 0  # K=1: the head's block only

@@ -1,6 +1,6 @@
 """Dependencies point one way (DESIGN.md): types is a leaf; plug-ins see only types and base contracts;
 the engine never imports a method, task or backbone; only build.py wires plug-ins together (the CLI,
-the runner and the benchmarks sit on top and may name them); no module imports itself through others
+the API and the benchmarks sit on top and may name them); no module imports itself through others
 (no import circles, lazy imports inside functions included); the trainer writes no file and prints
 nothing (DESIGN.md, "Layers of a run")."""
 
@@ -106,9 +106,19 @@ def test_no_import_circles():
     assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
 
 
-RUN_LAYER = ("trainer.py", "run.py", "rundir.py", "resume.py", "launch.py", "parallel.py", "runner.py",
-             "distributed_run.py", "pipeline_run.py", "ddp_run.py", "engine/sequential.py",
-             "api.py", "watch.py", "report.py")  # fmt: skip
+RUN_PACKAGE = "run"  # the run in every engine mode, one file per mode (locallearn/run/__init__.py)
+RUN_LAYER = ("trainer.py", "rundir.py", "resume.py", "lifecycle.py", "engine/sequential.py", "api.py",
+             "watch.py", "report.py",
+             *sorted(str(p.relative_to(PKG)) for p in (PKG / RUN_PACKAGE).glob("*.py")))  # fmt: skip
+
+
+def test_the_run_package_holds_every_mode():
+    """The run layer's files live in one package: no module of a mode's run outside it, no alias module."""
+    names = {p.name for p in (PKG / RUN_PACKAGE).glob("*.py")}
+    assert {"single.py", "distributed.py", "ddp.py", "pipeline.py", "launch.py"} == names - {"__init__.py"}
+    stray = {"run.py", "runner.py", "launch.py", "parallel.py", "ddp_run.py", "pipeline_run.py",
+             "distributed_run.py"} & {p.name for p in PKG.glob("*.py")}  # fmt: skip
+    assert not stray, f"run-layer modules outside locallearn/{RUN_PACKAGE}/: {sorted(stray)}"
 
 
 @pytest.mark.parametrize("name", RUN_LAYER)
@@ -124,9 +134,9 @@ def test_the_trainer_writes_no_file_and_prints_nothing():
             name = ast.unparse(node.func)
             banned = ("print", "open", "logging", "checkpoint.save", "torch.save", "write_text", "tqdm")
             assert not any(name == b or name.endswith("." + b) or name.startswith(b) for b in banned), name
-    assert not {"locallearn.run", "locallearn.rundir", "locallearn.launch"} & runtime_imports(
-        PKG / "trainer.py"
-    )
+    imported = runtime_imports(PKG / "trainer.py")
+    assert not {m for m in imported if m == "locallearn.run" or m.startswith("locallearn.run.")}
+    assert "locallearn.rundir" not in imported
 
 
 def test_types_is_a_leaf():
@@ -161,7 +171,6 @@ def test_only_build_wires_plugins():
         if rel.parts[0] in (*PLUGIN_FAMILIES, "bench") or rel.name in (
             "build.py",
             "cli.py",
-            "runner.py",
             "api.py",
         ):
             continue

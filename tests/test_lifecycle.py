@@ -9,11 +9,12 @@ import sys
 
 import pytest
 
-from locallearn import runner
 from locallearn.cli import quickstart_base
 from locallearn.config import load_config
 from locallearn.engine import checkpoint, distributed
-from locallearn.parallel import resume_parallel
+from locallearn.run import Run
+from locallearn.run.launch import resume_run
+from locallearn.rundir import RunLock
 from tests import helpers
 
 TINY = [*helpers.TINY_CLI, "method.name=dgl", "engine.measure_memory=false"]
@@ -105,11 +106,11 @@ def test_ctrl_c_says_truthfully_whether_a_checkpoint_exists(tmp_path, capsys, mo
             raise KeyboardInterrupt
         return real(self)
 
-    real = runner.Run.train_one_epoch
-    monkeypatch.setattr(runner.Run, "train_one_epoch", interrupt)
+    real = Run.train_one_epoch
+    monkeypatch.setattr(Run, "train_one_epoch", interrupt)
     code, _, err = run_cli(["train", *TINY, "optim.epochs=2", f"out_dir={tmp_path}", "name=a"], capsys)
     assert code == 130 and "epoch 1 is saved" in error_line(err)
-    monkeypatch.setattr(runner.Run, "train_one_epoch", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(Run, "train_one_epoch", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
     code, _, err = run_cli(["train", *TINY, f"out_dir={tmp_path}", "name=b"], capsys)
     line = error_line(err)
     assert code == 130 and "before the first checkpoint" in line and "checkpoint.pt" not in line
@@ -145,7 +146,7 @@ def test_resuming_with_another_number_of_ranks_names_the_run_s(tmp_path, monkeyp
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(checkpoint.CheckpointError, match="this run has 2 ranks .* --nproc-per-node 2"):
-        resume_parallel(tmp_path)
+        resume_run(tmp_path)
 
 
 def test_offline_default_holds_for_any_overrides_without_data_name():
@@ -158,7 +159,7 @@ def test_offline_default_holds_for_any_overrides_without_data_name():
 
 
 def test_pid_check_of_the_lock_is_per_host(tmp_path):
-    lock = runner.RunLock(tmp_path)
+    lock = RunLock(tmp_path)
     assert lock._holder_alive(f"{os.getppid()} {socket.gethostname()}")
     assert lock._holder_alive("1 some-other-host")  # cannot tell: assume alive
     assert not lock._holder_alive("garbage")
@@ -198,7 +199,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tmp_pa
     def bad_image(self):
         raise DataError(f"cannot read image {str(tmp_path / 'x.jpg')!r}")
 
-    monkeypatch.setattr(runner.Run, "train_one_epoch", bad_image)
+    monkeypatch.setattr(Run, "train_one_epoch", bad_image)
     code, _, err = run_cli(["train", *TINY, f"out_dir={tmp_path / 'out'}", "name=r"], capsys)
     assert code == 2 and "x.jpg" in error_line(err)
     assert list((tmp_path / "out").iterdir()) == []  # not even config.yaml and train.log
@@ -206,7 +207,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tmp_pa
     # an epoch saved, then a failure: the run is resumable, its directory stays
     monkeypatch.undo()
     calls = []
-    original = runner.Run.train_one_epoch
+    original = Run.train_one_epoch
 
     def fail_second(self):
         calls.append(1)
@@ -214,7 +215,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tmp_pa
             raise DataError("image 2 cannot be read")
         return original(self)
 
-    monkeypatch.setattr(runner.Run, "train_one_epoch", fail_second)
+    monkeypatch.setattr(Run, "train_one_epoch", fail_second)
     args = ["train", *TINY, "optim.epochs=2", f"out_dir={tmp_path / 'out'}", "name=s"]
     code, _, err = run_cli(args, capsys)
     assert code == 2 and checkpoint.load(tmp_path / "out" / "s" / "checkpoint.pt")["epoch"] == 1
@@ -272,13 +273,13 @@ def test_ctrl_c_under_torchrun_gives_the_torchrun_command():
     from pathlib import Path
     from types import SimpleNamespace
 
-    from locallearn.distributed_run import DistributedRun
+    from locallearn.run.distributed import DistributedRun
 
     run = SimpleNamespace(
         ctx=SimpleNamespace(world=3), run_dir=Path("runs/r"), saved_epoch=2, removed_dir=False
     )
     run.resume_command = lambda: DistributedRun.resume_command(run)
-    message = runner.Run.interrupted_message(run)
+    message = Run.interrupted_message(run)
     assert "epoch 2 is saved" in message
     assert "(continue with: torchrun --nproc-per-node 3 -m locallearn train --resume runs/r)" in message
 

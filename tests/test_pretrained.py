@@ -14,7 +14,9 @@ from locallearn.analysis.runs import load_run
 from locallearn.build import build_backbone, build_model, check_config
 from locallearn.config import ConfigError, load_config, to_dict
 from locallearn.engine import checkpoint
-from locallearn.runner import Run, config_from_checkpoint, evaluate_checkpoint, resume_run
+from locallearn.resume import config_from_checkpoint
+from locallearn.run import Run
+from locallearn.run.launch import evaluate_checkpoint, resume_run
 from locallearn.tasks.base import Task
 from locallearn.tasks.classification import Classification
 from locallearn.tasks.detection import Detection
@@ -200,8 +202,8 @@ def test_resume_eval_and_analysis_do_not_read_the_file_again(tmp_path) -> None:
 
 @pytest.mark.parametrize("mode", ["pipeline", "ddp"])
 def test_parallel_resume_builds_without_the_file(tmp_path, monkeypatch, mode: str) -> None:
-    """``resume_parallel`` (torchrun jobs) asks for a run that will not read ``model.pretrained``."""
-    import locallearn.parallel as parallel
+    """``resume_run`` asks a torchrun mode's run for one that will not read ``model.pretrained``."""
+    from locallearn.run import launch
 
     cfg = config(
         "model.backbone=resnet18", f"model.pretrained={tmp_path / 'gone.pth'}", f"engine.mode={mode}"
@@ -213,12 +215,12 @@ def test_parallel_resume_builds_without_the_file(tmp_path, monkeypatch, mode: st
         def load_state_dict(self, state) -> None:
             calls.append(("loaded", state["epoch"]))
 
-    def fake_parallel_run(cfg, run_dir=None, quiet=False, load_weights=True):
+    def fake_run(cfg, run_dir=None, quiet=False, load_weights=True):
         calls.append(("built", cfg.engine.mode, load_weights))
         return Stub()
 
-    monkeypatch.setattr(parallel, "parallel_run", fake_parallel_run)
-    parallel.resume_parallel(tmp_path / "run", quiet=True)
+    monkeypatch.setitem(launch.RUNS, mode, fake_run)
+    resume_run(tmp_path / "run", quiet=True)
     assert calls == [("built", mode, False), ("loaded", 1)]
 
 

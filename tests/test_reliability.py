@@ -17,8 +17,8 @@ from locallearn.data import DataError, load_datasets
 from locallearn.data.loader import ArrayDataset, Loader
 from locallearn.engine import checkpoint, ddp
 from locallearn.engine.errors import DivergedError, NonFiniteLossError, check_finite
-from locallearn.parallel import resume_parallel
-from locallearn.runner import Run
+from locallearn.run import Run
+from locallearn.run.launch import resume_run
 from tests import helpers
 
 TINY = [*helpers.TINY_CLI, "engine.measure_memory=false"]
@@ -84,7 +84,7 @@ def test_one_image_last_batch_trains_without_error_or_nan(tmp_path, capsys, meth
     assert any("drops the last training batch (1 image" in line for line in err)
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["train_images"] == 65 and np.isfinite(summary["final"])
-    run = Run.resume(tmp_path / "r", quiet=True)
+    run = resume_run(tmp_path / "r", quiet=True)
     assert all(torch.isfinite(v).all() for v in run.model.state_dict().values() if v.is_floating_point())
 
 
@@ -235,7 +235,7 @@ def test_pipeline_run_writes_a_merged_checkpoint_that_eval_reads(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent / "engine"))
     from dist_helpers import launch, tiny_config
 
-    from locallearn.runner import evaluate_checkpoint
+    from locallearn.run.launch import evaluate_checkpoint
 
     cfg = tiny_config(tmp_path / "pipe", mode="pipeline", pipeline_blocks=[3, 1])
     cfg.optim.epochs = 1
@@ -255,7 +255,7 @@ def test_pipeline_run_writes_a_merged_checkpoint_that_eval_reads(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert result["top1"] == pytest.approx(summary["final"])
     with pytest.raises(checkpoint.CheckpointError, match="merged copy"):
-        resume_parallel(run_dir / "checkpoint.pt")
+        resume_run(run_dir / "checkpoint.pt")
 
 
 # -- 6. issue 22: one line and the documented exit code for what the probe found ---------------------

@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from locallearn import runner
 from locallearn.config import load_config
 from locallearn.engine import checkpoint
-from locallearn.runner import Run
+from locallearn.run import Run
 from tests import helpers
 
 TINY = [*helpers.TINY_CLI, "method.name=dgl", "engine.measure_memory=false"]
@@ -83,8 +82,8 @@ def test_sigterm_during_an_epoch_is_handled_as_ctrl_c(tmp_path, capsys, monkeypa
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self)
 
-    real = runner.Run.train_one_epoch
-    monkeypatch.setattr(runner.Run, "train_one_epoch", terminate)
+    real = Run.train_one_epoch
+    monkeypatch.setattr(Run, "train_one_epoch", terminate)
     code, _, err = run_cli(["train", *TINY, "optim.epochs=3", f"out_dir={tmp_path}", "name=a"], capsys)
     line = one_error_line(err, code, 143)
     assert "terminated (SIGTERM); epoch 1 is saved" in line and "--resume" in line

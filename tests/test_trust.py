@@ -11,8 +11,8 @@ from torch import nn
 from locallearn.backbones.sources import runs_code, trust_modules, untrusted
 from locallearn.cli import main
 from locallearn.engine import checkpoint
-from locallearn.launch import evaluate_checkpoint
 from locallearn.resume import config_from_checkpoint
+from locallearn.run.launch import evaluate_checkpoint
 from tests.helpers import TINY_CLI
 
 SPEC = "tests.test_trust:gray_net"

@@ -2,7 +2,7 @@
 third panel with each block's own test metric at the last epoch (``test_block{k}_{metric}``: the aux of
 block k scored as a predictor of the task) when the runs scored their blocks.
 
-Reads only the per-epoch table every run writes (runner.py), so it works on unfinished runs too and
+Reads only the per-epoch table every run writes (run/single.py), so it works on unfinished runs too and
 builds no model.
 """
 

@@ -1,7 +1,7 @@
 """What every analysis shares: a trained model rebuilt from its run directory, the images the runs are
 compared on, pooled per-layer features, and the CSV + figure writers.
 
-Analyses never retrain: a run directory holds the resolved config and ``checkpoint.pt`` (runner.py),
+Analyses never retrain: a run directory holds the resolved config and ``checkpoint.pt`` (run/single.py),
 which is all it takes to rebuild the exact ``LocalModel``.
 """
 
@@ -23,7 +23,8 @@ from locallearn.data import load_datasets
 from locallearn.data.imagefolder import make_loader
 from locallearn.engine import checkpoint
 from locallearn.model import LocalModel
-from locallearn.runner import config_from_checkpoint, select_device
+from locallearn.resume import config_from_checkpoint
+from locallearn.trainer import select_device
 from locallearn.types import Batch
 
 

@@ -96,7 +96,7 @@ def overrides(
 def train_one(job: tuple[str, list[str]]) -> dict[str, Any]:
     """One run in a worker process: its summary (labelled with the method spec) plus the history."""
     from locallearn.config import load_config
-    from locallearn.runner import Run
+    from locallearn.run import Run
 
     label, args = job
     run = Run(load_config(None, args), quiet=True)

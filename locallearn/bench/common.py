@@ -28,7 +28,7 @@ from locallearn.engine.sequential import train_step
 from locallearn.engine.step import checkpointed_step
 from locallearn.metrics.step_memory import BlockPass, StepMemory, block_workspace, step_memory
 from locallearn.model import LocalModel
-from locallearn.runner import git_revision
+from locallearn.rundir import git_revision
 from locallearn.types import Batch, InputInfo
 
 CHECKPOINT = "checkpoint"  # pseudo-method: bp with torch.utils.checkpoint over ~sqrt(K) segments

@@ -36,7 +36,7 @@ from locallearn.metrics.memory import ActivationMeter
 from locallearn.types import Batch, InputInfo
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-DENSE_METHODS = ["bp", "dgl", "slm", "dgl+manpp", "dgl+manpp[momentum.recompute=true]", "slm+manpp"]
+DENSE_METHODS = ["bp", "dgl", "slm", "dgl+manpp", "dgl+manpp[momentum.recompute=false]", "slm+manpp"]
 
 
 def unit_cuts(stages: list[int], by_stage: bool) -> list[int]:

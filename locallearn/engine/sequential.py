@@ -119,7 +119,7 @@ def train_epoch(
         losses += step_losses
         n_batches += 1
         seen += len(batch)
-        if progress is not None:  # run.py's watch.Progress: a bar, or log lines off a terminal
+        if progress is not None:  # the run's watch.Progress: a bar, or log lines off a terminal
             progress.step(step_losses.tolist(), len(batch), lr)
     return {
         "block_losses": (losses / max(n_batches, 1)).tolist(),

@@ -16,7 +16,7 @@ from locallearn.config import Config, from_dict, to_dict
 # Ranks fork from a server that has imported torch and locallearn once (a spawn costs seconds per rank
 # on a loaded machine) and has never run an OpenMP region (forking after one can hang).
 CTX = mp.get_context("forkserver")
-CTX.set_forkserver_preload(["torch", "locallearn.parallel", "dist_helpers"])
+CTX.set_forkserver_preload(["torch", "locallearn.run.launch", "dist_helpers"])
 
 
 def free_port() -> int:
@@ -44,11 +44,10 @@ def tiny_config(out_dir: Path, **engine) -> Config:
 def _worker(rank: int, world: int, port: int, cfg: dict | None, resume: str | None, stop_after, errors: str):
     _env(rank, world, port)
     from locallearn.engine.distributed import DistributedError
-    from locallearn.parallel import resume_parallel
-    from locallearn.runner import make_run
+    from locallearn.run.launch import make_run, resume_run
 
     try:
-        run = resume_parallel(resume, quiet=True) if resume else make_run(from_dict(Config, cfg), quiet=True)
+        run = resume_run(resume, quiet=True) if resume else make_run(from_dict(Config, cfg), quiet=True)
         run.fit(stop_after)
         torch.save(run.model.state_dict(), Path(errors, f"state.rank{rank}.pt"))
     except DistributedError as e:

@@ -19,7 +19,8 @@ from locallearn.engine.compile import compile_blocks, compile_function, compile_
 from locallearn.engine.sequential import train_step
 from locallearn.engine.step import block_forward, local_step
 from locallearn.model import Body
-from locallearn.runner import Run
+from locallearn.run import Run
+from locallearn.run.launch import resume_run
 from locallearn.types import Batch, FeatureBank
 
 
@@ -295,7 +296,7 @@ def test_compiled_run_checkpoints_and_resumes_uncompiled(tmp_path, region):
     assert is_compiled(compiled.model.auxes[0]) == (region == "module")
     compiled.fit(stop_after=1)
     assert compiled.memory["peak_activation_bytes"] > 0
-    resumed = Run.resume(tmp_path / "compiled", quiet=True, overrides=["engine.compile=false"])
+    resumed = resume_run(tmp_path / "compiled", quiet=True, overrides=["engine.compile=false"])
     assert not is_compiled(resumed.model.body(0))
     resumed.fit()
     a, b = straight.model.state_dict(), resumed.model.state_dict()

@@ -23,9 +23,9 @@ from locallearn.backbones.base import Backbone
 from locallearn.config import ConfigError
 from locallearn.engine import checkpoint, mesh, pipeline
 from locallearn.engine.distributed import Context, DistributedError
-from locallearn.launch import evaluate_checkpoint
 from locallearn.methods.man import MomentumAux, MomentumConfig
 from locallearn.model import LocalModel
+from locallearn.run.launch import evaluate_checkpoint
 from locallearn.types import Batch, FeatureInfo
 
 SIZES = [2, 2]  # blocks per stage

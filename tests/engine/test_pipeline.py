@@ -16,7 +16,7 @@ from locallearn.data import load_datasets
 from locallearn.engine import checkpoint
 from locallearn.engine.distributed import DistributedError
 from locallearn.engine.pipeline import check_method, partition
-from locallearn.runner import Run
+from locallearn.run import Run
 
 
 def sequential_state(cfg) -> dict[str, torch.Tensor]:

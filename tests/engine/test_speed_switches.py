@@ -12,7 +12,7 @@ from locallearn.config import ConfigError
 from locallearn.engine.optim import GroupedOptimizer, StepSchedule, build_optimizer, group_optimizers
 from locallearn.engine.sequential import train_step
 from locallearn.engine.step import step_grouped
-from locallearn.runner import check_group_steps
+from locallearn.trainer import check_group_steps
 from tests.helpers import make_batch, make_config, make_model
 
 ADAMW = {"optim.name": "adamw", "optim.lr": 1e-3, "optim.weight_decay": 0.05}

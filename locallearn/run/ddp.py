@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from locallearn.config import ConfigError
-from locallearn.distributed_run import DistributedRun
 from locallearn.engine import ddp
+from locallearn.run.distributed import DistributedRun
 
 
 class DDPRun(DistributedRun):

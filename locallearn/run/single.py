@@ -1,7 +1,7 @@
 """A training run: the data, a ``Trainer`` over the built model, and everything around the
 arithmetic: the run directory (``config.yaml``, ``metrics.csv``, ``summary.json``, checkpoints, the
-lock), resume, and the epoch loop's logs. Sequential mode here; pipeline / ddp subclass ``Run`` in
-``parallel.py``; ``launch.py`` picks the mode."""
+lock), resume, and the epoch loop's logs. One process (``engine.mode=sequential``) here; pipeline / ddp
+subclass ``Run`` (``distributed.py``, ``pipeline.py``, ``ddp.py``); ``launch.py`` picks the mode."""
 
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ from locallearn.report import (
     record_measurements,
     run_summary,
 )
-from locallearn.resume import config_from_checkpoint, refuse_merged, resume_config
 from locallearn.rundir import RunLock, environment, fresh_run_dir, write_metrics
 from locallearn.trainer import Trainer, autocast_factory, check_group_steps, select_device
 from locallearn.watch import Progress, TensorBoard, tensorboard_writer_class
@@ -190,19 +189,6 @@ class Run(RunLifecycle):
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.saved_epoch = self.resumed_at = self.epoch
 
-    @classmethod
-    def resume(
-        cls, path: str | Path, quiet: bool = False, config_file: str | None = None, overrides: list[str] = ()
-    ) -> Run:
-        path = Path(path)
-        ckpt = path / "checkpoint.pt" if path.is_dir() else path
-        state = checkpoint.load(ckpt)
-        refuse_merged(state, ckpt)
-        cfg = resume_config(config_from_checkpoint(state), config_file, list(overrides), int(state["epoch"]))
-        run = cls(cfg, run_dir=ckpt.parent, quiet=quiet, load_weights=False)
-        run.load_state_dict(state)
-        return run
-
     # -- training ----------------------------------------------------------------------------
     def measure_memory(self) -> StepMeter | None:
         if not self.cfg.engine.measure_memory or self.memory:
@@ -251,10 +237,19 @@ class Run(RunLifecycle):
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         with self.progress_bar(len(self.train_loader)) as bar:
-            stats = self.trainer.train_epoch(self.train_loader, meter, bar)
-        stats["epoch_time"] = time.perf_counter() - t0
-        self.record_epoch(stats, meter.block_bytes if meter is not None else None, meter)
+            stats = self.train_steps(meter, bar)
+        block_bytes = self.gather_epoch(stats, meter)
+        stats["epoch_time"] = time.perf_counter() - t0  # until the last rank has finished
+        self.record_epoch(stats, block_bytes, meter)
         return stats
+
+    def train_steps(self, meter: StepMeter | None, bar: Progress) -> dict[str, Any]:
+        """The epoch's steps (the trainer's; a pipeline rank trains its own blocks)."""
+        return self.trainer.train_epoch(self.train_loader, meter, bar)
+
+    def gather_epoch(self, stats: dict[str, Any], meter: StepMeter | None) -> list[int] | None:
+        """The epoch's block bytes; a mode whose ranks each saw part of the model merges theirs here."""
+        return meter.block_bytes if meter is not None else None
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train to ``optim.epochs`` (or only up to epoch ``stop_after``), checkpointing as configured."""

@@ -1,5 +1,5 @@
 """The part of a pipeline or ddp run every rank shares: the process group, the rank's device, rank 0
-owning the run directory (``parallel.py`` says how the modes divide the work)."""
+owning the run directory (``launch.py`` says how the modes divide the work)."""
 
 from __future__ import annotations
 

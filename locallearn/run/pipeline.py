@@ -5,17 +5,16 @@ merges every rank's weights into an ordinary ``checkpoint.pt`` for eval and expo
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from locallearn.config import ConfigError, to_dict
-from locallearn.distributed_run import DistributedRun
 from locallearn.engine import checkpoint, distributed, mesh, pipeline
 from locallearn.engine.block_scores import block_key, block_metric
 from locallearn.report import record_measurements
+from locallearn.run.distributed import DistributedRun
 from locallearn.rundir import environment
 from locallearn.types import Batch
 
@@ -87,28 +86,19 @@ class PipelineRun(DistributedRun):
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The run's checkpoint with this rank's blocks only, and what the pipeline adds."""
         keys = self._owned_keys()
-        return {
-            "config": to_dict(self.cfg),
-            "model": {k: v for k, v in self.model.state_dict().items() if k in keys},
-            "optimizers": {k: self.optimizers[k].state_dict() for k in self.stage.blocks},
-            "schedule": self.schedule.state_dict(),
-            "scalers": None,
-            "rng": checkpoint.rng_state(),
-            "epoch": self.epoch,
-            "history": self.history,
-            "memory": self.memory,
-            "step_times": self.step_times,
-            "skipped_steps": self.skipped_steps,
-            "environment": environment(),
-            "pipeline": {
-                "rank": self.ctx.rank,
-                "world_size": self.ctx.world,
-                "replicas": self.mesh.replicas,
-                "blocks": [self.stage.blocks.start, self.stage.blocks.stop],
-                "momentum": self.link.state_dict(),
-            },
+        state = super().state_dict()
+        state["model"] = {k: v for k, v in state["model"].items() if k in keys}
+        state["optimizers"] = {k: self.optimizers[k].state_dict() for k in self.stage.blocks}
+        state["pipeline"] = {
+            "rank": self.ctx.rank,
+            "world_size": self.ctx.world,
+            "replicas": self.mesh.replicas,
+            "blocks": [self.stage.blocks.start, self.stage.blocks.stop],
+            "momentum": self.link.state_dict(),
         }
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         info = state.get("pipeline") or {}
@@ -172,41 +162,30 @@ class PipelineRun(DistributedRun):
         checkpoint.save(self.run_dir / "checkpoint.pt", state)
 
     # -- training ----------------------------------------------------------------------------
-    def train_one_epoch(self) -> dict[str, Any]:
-        self.train_loader.set_epoch(self.epoch)
-        meter = self.measure_memory()
-        steps = len(self.train_loader)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        t0 = time.perf_counter()
-        with self.progress_bar(steps) as bar:
-            stats = pipeline.train_epoch(
-                self.model,
-                self.stage,
-                self.pipe,
-                self.link,
-                self.mesh.train_batches(self.train_loader) if self.stage.first else None,
-                steps,
-                self.optimizers,
-                self.schedule,
-                self.device,
-                self.scalers,
-                self.autocast,
-                meter,
-                self.memory_format,
-                bar,
-                clip=self.cfg.optim.clip_grad_norm,
-                after_step=self.mesh.after_step(self.model, self.stage),
-            )
+    def train_steps(self, meter, bar) -> dict[str, Any]:
+        """This rank's blocks over the epoch; only the first rank reads the data."""
+        return pipeline.train_epoch(
+            self.model,
+            self.stage,
+            self.pipe,
+            self.link,
+            self.mesh.train_batches(self.train_loader) if self.stage.first else None,
+            len(self.train_loader),
+            meter=meter,
+            progress=bar,
+            after_step=self.mesh.after_step(self.model, self.stage),
+            **self.trainer.epoch_parts(),
+        )
+
+    def gather_epoch(self, stats: dict[str, Any], meter) -> list[int] | None:
+        """Every stage's block losses (the mean over its replicas, each saw a shard) and block bytes
+        (its first replica's), in block order."""
         mine = (stats["block_losses"], meter.block_bytes if meter is not None else [])
         gathered = distributed.all_gather_object(self.ctx, mine, "gathering the epoch's losses")
-        stats["epoch_time"] = time.perf_counter() - t0  # until the last rank has finished
-        losses = self.mesh.replica_mean([losses for losses, _ in gathered])  # each replica saw a shard
+        losses = self.mesh.replica_mean([losses for losses, _ in gathered])
         stats["block_losses"] = [loss for part in losses for loss in part]
         stats["images"] = len(self.train_loader.data)
-        block_bytes = [b for _, bb in self.mesh.per_stage(gathered) for b in bb]
-        self.record_epoch(stats, block_bytes if meter is not None else None)
-        return stats
+        return [b for _, bb in self.mesh.per_stage(gathered) for b in bb] if meter is not None else None
 
     def record_epoch(self, stats: dict[str, Any], block_bytes: list[int] | None, meter=None) -> None:
         """Each rank's whole-step memory from its own blocks (the largest rank's is the peak)."""
