@@ -79,14 +79,19 @@ def test_wrapped_module_keeps_aux_within_backbone():
     assert counts["aux"] <= counts["backbone"]
 
 
-def test_momentum_copies_the_first_unit_and_tracks_it_by_name():
-    """On an outside model LB and EMA copy the next stage's first unit; the EMA follows the live
-    unit's weights (matched by name inside the whole live layer)."""
+def test_momentum_copies_the_first_op_and_tracks_it_by_name():
+    """On an outside model LB and EMA copy the next stage's first op (a depthwise conv and its BN on
+    ShuffleNet); the EMA follows the live op's weights (matched by name inside the whole live layer)."""
     model = build("torchvision:shufflenet_v2_x0_5", "dgl+manpp", 3, 64, 4, "method.momentum.momentum=0.0")
     aux, layer = model.auxes[1], model.backbone.layers[model.cuts[1]]
     ema = dict(aux.ema.named_parameters())
     live = dict(layer.named_parameters())
     assert 0 < len(ema) < len(live) and set(ema) <= set(live)
+    assert sorted(ema) == [
+        "stage4.0.branch1.0.weight",
+        "stage4.0.branch1.1.bias",
+        "stage4.0.branch1.1.weight",
+    ]
     model.sync_momentum()  # momentum 0: the EMA becomes the live unit
     assert all(torch.equal(p, live[n]) for n, p in ema.items())
 
@@ -101,6 +106,33 @@ def test_first_unit_of_a_resnet_stage():
     x = torch.randn(2, 128, 4, 4)
     bb.eval()
     assert unit(x).shape == bb.layers[3](x).shape
+
+
+@pytest.mark.parametrize(
+    "spec,layer,first",
+    [
+        ("torchvision:resnet18", 4, "layer4.0.conv1.weight"),  # a BasicBlock the tracer kept whole
+        ("torchvision:mobilenet_v3_small", 2, "features.2.block.0.0.weight"),  # a conv-BN-act Sequential
+        ("timm:resnet18d", 3, "layer3.0.conv1.weight"),
+    ],
+)
+def test_first_op_of_a_stage_is_its_first_conv_norm_act(spec, layer, first):
+    """``first_op`` opens the containers the tracer kept whole down to the first conv, keeps its norm
+    and activation, shares the live weights under their names, and equals the live layer's own first
+    conv-BN-ReLU (eval mode)."""
+    from locallearn.backbones.graph_split import first_op
+
+    bb = external.from_spec(spec, 10, 3, 32)
+    live = dict(bb.layers[layer].named_parameters())
+    op = first_op(bb.layers[layer])
+    names = [n for n, _ in op.named_parameters()]
+    assert names[0] == first and len(names) == 3  # conv weight, BN weight and bias
+    assert all(live[n] is p for n, p in op.named_parameters())
+    conv = bb.layers[layer].get_submodule(first.removesuffix(".weight"))
+    x = torch.randn(2, conv.in_channels, 8, 8)
+    bb.eval()
+    y = op(x)
+    assert y.shape[1] == conv.out_channels and y.min() >= 0 or spec.endswith("small")
 
 
 def test_a_given_width_wins_on_an_outside_model():
