@@ -84,6 +84,10 @@ REMEDY_ROWS = (
     ("torchvision:shufflenet_v2_x0_5", 64, 3, "mlaan", "method.mlaan.width=16"),
     ("torchvision:shufflenet_v2_x0_5", 64, 3, "mlaan", "method.mlaan.chain_depth=1"),
     ("torchvision:resnet18", 64, 4, "mlaan", "method.mlaan.ema=false"),
+    ("torchvision:resnet18", 224, 4, "slm", "method.slm.width=16"),
+    ("torchvision:resnet18", 224, 4, "slm+manpp", "method.slm.width=16"),
+    ("torchvision:resnet18", 224, 4, "slm+manpp", "method.slm.bank=false"),
+    ("torchvision:resnet18", 224, 4, "mlaan", "method.mlaan.ema=false"),
 )
 TOTAL_BATCH = 32  # the batch for "whole-step total below bp's"
 FIT_BATCHES = (2, 4)  # measured; saved bytes and workspace are affine in the batch (bench.common.whole_step)
