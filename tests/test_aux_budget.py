@@ -198,3 +198,37 @@ def test_bad_size_options_are_one_line_config_errors(option):
     method = {"momentum": "dgl+manpp", "mlaan": "mlaan", "dgl": "dgl", "slm": "slm"}[option.split(".")[1]]
     with pytest.raises(ConfigError, match=option.split("=")[0].removeprefix("method.")):
         check_config(load_config(None, [f"method.name={method}", option]))
+
+
+@pytest.mark.parametrize(
+    "copy,op_out,dense,expect",
+    [
+        ("auto", (64, 8), False, "op"),  # no larger than the unit's output: the op
+        ("auto", (512, 8), False, "unit"),  # an expanding op (inverted residual): the unit
+        ("op", (512, 8), False, "op"),
+        ("unit", (64, 8), False, "unit"),
+        ("layer", (64, 8), False, "layer"),
+        ("auto", (64, 8), True, "unit"),  # a dense task: no op at another stride than its layer
+    ],
+)
+def test_copy_source_picks_op_unit_or_layer(copy, op_out, dense, expect):
+    """``AuxContext.copy_source`` on an outside model (a ``unit_of`` given): the rule of ``copy=auto``."""
+    from types import SimpleNamespace
+
+    from locallearn.methods.base import AuxContext
+    from locallearn.types import FeatureInfo
+
+    pieces = {"op": nn.Identity(), "unit": nn.Identity(), "layer": nn.Identity()}
+    outs = {"op": FeatureInfo(*op_out, "NCHW"), "unit": FeatureInfo(256, 16, "NCHW")}
+    ctx = AuxContext(
+        k=0,
+        num_blocks=2,
+        feature=FeatureInfo(32, 8, "NCHW"),
+        inputs=inputs(64),
+        task=SimpleNamespace(dense=dense),
+        next_layers=[pieces["layer"]],
+        next_features=[FeatureInfo(256, 16, "NCHW")],
+        init_weights=lambda m: None,
+        unit_of=lambda layer, feature, part: (pieces[part], outs[part]),
+    )
+    assert ctx.copy_source(0, copy)[0] is pieces[expect]

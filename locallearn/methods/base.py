@@ -144,7 +144,10 @@ class AuxContext:
         found = {}
         for part in ("unit",) if copy == "unit" else ("op", "unit"):
             piece = self.unit_of(layer, feature, part)
-            if piece is not None and not (chained and piece[1] != out):
+            # a dense task's local heads name maps by their stride (C3, C4): an op at another stride
+            # than its layer's output (a Bottleneck's 1x1 conv) would hand them the wrong level
+            same = chained or (part == "op" and self.task.dense)
+            if piece is not None and not (same and piece[1] != out):
                 found[part] = piece
         if copy == "auto" and len(found) == 2 and elements(found["op"][1]) > elements(found["unit"][1]):
             del found["op"]
