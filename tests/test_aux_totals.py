@@ -77,7 +77,8 @@ def test_papers_decoder_exceeds_bp(split, bp):
     [
         ("dgl", (), None),
         ("infopro", ("method.infopro.recon_at=input",), "method.infopro.recon_at=feature"),
-        ("mlaan", (), "no option of this method"),
+        ("mlaan", (), "method.mlaan.ema=false"),
+        ("mlaan", ("method.mlaan.ema=false",), "no option of this method"),  # nothing left to name
     ],
 )
 def test_run_warns_once_when_over_bp(method, extra, says, split, caplog, monkeypatch):
@@ -145,7 +146,8 @@ def test_bp_estimate_matches_a_measured_bp_step(split, bp):
         ),
         ("dgl+manpp", ("method.momentum.copy=unit",), False, ["method.dgl.width=16"]),  # no ops to copy
         ("slm+man", ("method.slm.width=16",), True, ["method.slm.bank=false"]),
-        ("mlaan", (), True, []),
+        ("mlaan", (), True, ["method.mlaan.ema=false"]),
+        ("mlaan", ("method.mlaan.ema=false",), True, []),
     ],
 )
 def test_remedies_name_only_what_changes_the_build(method, extra, outside, named):
