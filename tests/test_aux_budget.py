@@ -232,3 +232,14 @@ def test_copy_source_picks_op_unit_or_layer(copy, op_out, dense, expect):
         unit_of=lambda layer, feature, part: (pieces[part], outs[part]),
     )
     assert ctx.copy_source(0, copy)[0] is pieces[expect]
+
+
+def test_slm_banks_no_stem_map_on_an_outside_model(shufflenet):
+    """SLM on an outside model reads banked maps from C2 (stride 4) on, as an FPN does: the stem's map
+    (C1, half the image size) banked for its aux nets was held the whole step (ResNet-18 at 224 px:
+    1.04x bp's total). The listed backbones keep the bank as it was (``PAPER_AUX`` above)."""
+    from locallearn.methods.slm import SLMAux
+
+    model = build("torchvision:shufflenet_v2_x0_5", "slm", 3, 64, 4, bb=shufflenet)
+    reads = {name for aux in model.auxes for m in aux.modules() if isinstance(m, SLMAux) for name in m.reads}
+    assert reads and "C1" not in reads

@@ -135,12 +135,20 @@ def downsized_replica(ctx: AuxContext, width: int) -> tuple[list[nn.Module], Fea
     return units, dataclasses.replace(last, num_chs=chs)
 
 
+# On outside models the bank starts at stride 4 (C2), as an FPN's levels do: the stem's map at half the
+# image size (C1) is the largest a backbone makes, and banking it for the aux nets to read held it for
+# the whole step (ResNet-18 at 224 px: 98 MiB at batch 32, SLM's whole step 1.04x bp's).
+OUTSIDE_MIN_REDUCTION = 4
+
+
 def banked_levels(ctx: AuxContext) -> list[str]:
-    """The stage-end maps written before this cut, shallower than the aux's own input."""
+    """The stage-end maps written before this cut, shallower than the aux's own input (from C2 on
+    outside models: ``OUTSIDE_MIN_REDUCTION``)."""
+    least = OUTSIDE_MIN_REDUCTION if ctx.outside else 1
     return [
         name
         for name, f in ctx.bank.items()
-        if name.startswith("C") and f.fmt == "NCHW" and f.reduction < ctx.feature.reduction
+        if name.startswith("C") and f.fmt == "NCHW" and least <= f.reduction < ctx.feature.reduction
     ]
 
 
