@@ -17,7 +17,8 @@ copies of "the next layer" copy a stage. There the defaults change, and only the
   every aux is first built at the narrowest width, which gives what cannot shrink (copies, heads); the
   rest of the budget is split evenly over the cuts, and what a cut leaves unused goes to the later ones;
 - InfoPro reconstructs at the map's size (``recon_at: auto``), not through a decoder upsampled to the
-  image, whose maps alone outweighed what local learning saves.
+  image, whose maps alone outweighed what local learning saves; SLM's bank starts at C2
+  (``slm.OUTSIDE_MIN_REDUCTION``): the stem's half-size map banked for it was held all step.
 
 A width, copy or ``recon_at`` the config gives is kept as given. ``warn_if_large`` says in one line when the aux
 nets hold more parameters than the backbone, naming the options that shrink them; ``warn_if_over_bp``
