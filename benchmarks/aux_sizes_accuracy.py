@@ -13,7 +13,7 @@ to the backbone: ``locallearn/aux_budget.py``) and the papers' sizes on the same
 ``--defaults`` checks the outside-model defaults chosen for the whole step below ``bp``'s (issue 26):
 torchvision's ResNet-18 (residual units, so a copy of the next layer's first op differs from a copy of
 its first unit) on the same digits at 24 px for 2 epochs, each method by default and with the values those
-defaults replaced (``method.momentum.copy=unit``, ``method.infopro.recon_at=input``).
+defaults replaced (``method.momentum.copy=unit``, ``method.infopro.recon_at=input``, SLM's bank from C1).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models import resnet18
 
 import locallearn
+from locallearn.methods import slm
 
 OUT = Path(__file__).resolve().parent / "results" / "aux_sizes_accuracy.md"
 DEFAULTS_OUT = OUT.with_name("aux_defaults_accuracy.md")
@@ -124,8 +125,12 @@ def defaults() -> None:
         ("dgl+manpp", {"method.momentum.copy": "unit"}, "`method.momentum.copy=unit` (before)"),
         ("infopro+manpp", {}, "default: first op, `recon_at=feature`"),
         ("infopro+manpp", BEFORE, "`copy=unit`, `recon_at=input` (before)"),
+        ("slm", {}, "default: bank from C2"),
+        ("slm", {"bank from C1": True}, "bank from C1 (before)"),
     ]
     for method, options, kind in rows:
+        # the bank's first level is a constant, not an option: put back the one it replaced here
+        slm.OUTSIDE_MIN_REDUCTION = 1 if options.pop("bank from C1", False) else 4
         results = [run(method, False, s, resnet18, DEFAULTS_SIZE, options, DEFAULTS_EPOCHS) for s in SEEDS]
         tops = [r[0] for r in results]
         counts = results[0][1]
