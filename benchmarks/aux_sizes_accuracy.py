@@ -8,10 +8,17 @@ to the backbone: ``locallearn/aux_budget.py``) and the papers' sizes on the same
 (``method.<base>.width`` large enough to change nothing, ``method.momentum.copy=layer``).
 
     python benchmarks/aux_sizes_accuracy.py    # writes benchmarks/results/aux_sizes_accuracy.md
+    python benchmarks/aux_sizes_accuracy.py --defaults   # writes .../aux_defaults_accuracy.md
+
+``--defaults`` checks the outside-model defaults chosen for the whole step below ``bp``'s (issue 26):
+torchvision's ResNet-18 (residual units, so a copy of the next layer's first op differs from a copy of
+its first unit) on the same digits at 24 px for 2 epochs, each method by default and with the values those
+defaults replaced (``method.momentum.copy=unit``, ``method.infopro.recon_at=input``, SLM's bank from C1).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -20,10 +27,15 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchvision.models import resnet18
 
 import locallearn
+from locallearn.methods import slm
 
 OUT = Path(__file__).resolve().parent / "results" / "aux_sizes_accuracy.md"
+DEFAULTS_OUT = OUT.with_name("aux_defaults_accuracy.md")
+DEFAULTS_SIZE, DEFAULTS_EPOCHS = 24, 2  # short: ResNet-18 on one shared CPU thread
+BEFORE = {"method.momentum.copy": "unit", "method.infopro.recon_at": "input"}  # the replaced defaults
 EPOCHS, SIZE, K, SEEDS = 3, 16, 3, (0, 1)
 PAPER = {"width": 1 << 20}  # larger than any channel count: the papers' widths
 
@@ -49,10 +61,10 @@ class WideTail(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def data() -> tuple[DataLoader, DataLoader]:
+def data(size: int = SIZE) -> tuple[DataLoader, DataLoader]:
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).div(16).unsqueeze(1)
-    x = F.interpolate(x, size=SIZE, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
     x = (x - 0.5) / 0.25
     y = torch.tensor(digits.target)
     g = torch.Generator().manual_seed(0)
@@ -62,39 +74,85 @@ def data() -> tuple[DataLoader, DataLoader]:
     return train, DataLoader(TensorDataset(x[1500:], y[1500:]), batch_size=512)
 
 
-def run(method: str, paper: bool, seed: int) -> tuple[float, dict[str, int], float]:
-    train, test = data()
+def run(
+    method: str,
+    paper: bool,
+    seed: int,
+    model=WideTail,
+    size: int = SIZE,
+    options: dict | None = None,
+    epochs: int = EPOCHS,
+) -> tuple[float, dict[str, int], float]:
+    train, test = data(size)
     base = method.partition("+")[0]
-    options = {}
+    options = dict(options or {})
     if paper and base != "bp":
         options[f"method.{base}.width"] = PAPER["width"]
     if paper and "+" in method:
         options["method.momentum.copy"] = "layer"
     torch.manual_seed(seed)
     ll = locallearn.wrap(
-        WideTail(),
+        model(num_classes=10),
         method=method,
         num_blocks=1 if method == "bp" else K,
-        input_size=SIZE,
+        input_size=size,
         mean=(0.5,) * 3,
         std=(0.25,) * 3,
         lr=0.05,
-        epochs=EPOCHS,
+        epochs=epochs,
         steps_per_epoch=len(train),
         device="cpu",
         seed=seed,
         options=options,
     )
     start = time.perf_counter()
-    for _ in range(EPOCHS):
+    for _ in range(epochs):
         ll.train()
         for xb, yb in train:
             ll.step(xb, yb)
     return ll.evaluate(test)["top1"], ll.model.parameter_counts(), time.perf_counter() - start
 
 
+def defaults() -> None:
+    """``--defaults``: ResNet-18 by default and with the values the outside-model defaults replaced."""
+    lines = [
+        "| method | build | aux / backbone | test top1 (seeds " + ", ".join(map(str, SEEDS)) + ") | mean |",
+        "|---|---|---:|---|---:|",
+    ]
+    rows = [
+        ("bp", {}, "—"),
+        ("dgl+manpp", {}, "default: copy of the next layer's first op"),
+        ("dgl+manpp", {"method.momentum.copy": "unit"}, "`method.momentum.copy=unit` (before)"),
+        ("infopro+manpp", {}, "default: first op, `recon_at=feature`"),
+        ("infopro+manpp", BEFORE, "`copy=unit`, `recon_at=input` (before)"),
+        ("slm", {}, "default: bank from C2"),
+        ("slm", {"bank from C1": True}, "bank from C1 (before)"),
+    ]
+    for method, options, kind in rows:
+        # the bank's first level is a constant, not an option: put back the one it replaced here
+        slm.OUTSIDE_MIN_REDUCTION = 1 if options.pop("bank from C1", False) else 4
+        results = [run(method, False, s, resnet18, DEFAULTS_SIZE, options, DEFAULTS_EPOCHS) for s in SEEDS]
+        tops = [r[0] for r in results]
+        counts = results[0][1]
+        lines.append(
+            f"| {method} | {kind} | {counts['aux'] / counts['backbone']:.2f} | "
+            f"{', '.join(f'{t:.1f}' for t in tops)} | {sum(tops) / len(tops):.1f} |"
+        )
+        print(lines[-1], flush=True)
+    note = (
+        f"\ntorchvision ResNet-18 (`locallearn.wrap`) on digits at {DEFAULTS_SIZE} px, K={K}, {DEFAULTS_EPOCHS} epochs, "
+        "batch 64, SGD lr 0.05, 1 CPU thread. Produced by `python benchmarks/aux_sizes_accuracy.py --defaults`.\n"
+    )
+    DEFAULTS_OUT.parent.mkdir(parents=True, exist_ok=True)
+    DEFAULTS_OUT.write_text("\n".join(lines) + "\n" + note)
+    print(DEFAULTS_OUT.read_text())  # a script, not library code
+
+
 def main() -> None:
     torch.set_num_threads(1)
+    if "--defaults" in sys.argv[1:]:
+        defaults()
+        return
     lines = [
         "| method | aux nets | aux / backbone | test top1 (seeds "
         + ", ".join(map(str, SEEDS))

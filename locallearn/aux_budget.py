@@ -7,17 +7,23 @@ build aux nets many times the backbone: DGL's ``mlp-sr`` head flattens a 2x2xC m
 ``Linear(4C, 4C)`` x 3 (quadratic in C), and an outside model's layer is a whole stage, so MAN's two
 copies of "the next layer" copy a stage. There the defaults change, and only there:
 
-- methods that copy later layers (MAN / MAN++, MLAAN, SLM) copy the layer's first unit, as the papers
-  copy one residual unit of their backbones (``copy: auto``; ``AuxContext.copy_source``);
-- methods with a ``width`` option (DGL, InfoPro, PredSim, AugLocal; 0 = auto) get the widest width
-  of ``LADDER`` whose aux fits its share of ``AUX_SHARE`` x the backbone's parameters: every aux is
-  first built at the narrowest width, which gives what cannot shrink (copies, heads); the rest of the
-  budget is split evenly over the cuts, and what a cut leaves unused goes to the later ones.
+- MAN / MAN++ copy the next layer's first op (its first unit's conv-norm-activation) and MLAAN starts
+  its chain with one, where the papers copy one residual unit of their backbones (``copy: auto``;
+  ``AuxContext.copy_source``): on small images every copied weight costs weight, gradient and
+  momentum, and a unit copy kept ResNet-18's whole step above ``bp``'s; SLM's replica, chained, copies
+  the first unit;
+- methods with a ``width`` option (DGL, InfoPro, PredSim, AugLocal, SLM, MLAAN; 0 = auto) get the
+  widest width of ``LADDER`` whose aux fits its share of ``AUX_SHARE`` x the backbone's parameters:
+  every aux is first built at the narrowest width, which gives what cannot shrink (copies, heads); the
+  rest of the budget is split evenly over the cuts, and what a cut leaves unused goes to the later ones;
+- InfoPro reconstructs at the map's size (``recon_at: auto``), not through a decoder upsampled to the
+  image, whose maps alone outweighed what local learning saves; SLM's bank starts at C2
+  (``slm.OUTSIDE_MIN_REDUCTION``): the stem's half-size map banked for it was held all step.
 
-A width or copy the config gives is kept as given. ``warn_if_large`` says in one line when the aux
+A width, copy or ``recon_at`` the config gives is kept as given. ``warn_if_large`` says in one line when the aux
 nets hold more parameters than the backbone, naming the options that shrink them; ``warn_if_over_bp``
 says in one line when a run's measured whole step holds more than ``bp`` would (``bp_total_estimate``),
-naming the options measured to shrink it (``REMEDIES``). Parameters within budget do not guarantee a
+naming only the options that shrink it for that method (``REMEDIES``). Parameters within budget do not guarantee a
 total below ``bp``'s: the aux nets' activations (InfoPro's decoder at the image size, SLM's replica) and
 on small images the weights' three copies can outweigh what local learning saves
 (docs/benchmarks.md, "Whole-step total relative to bp").
@@ -49,17 +55,24 @@ def count(module: nn.Module) -> int:
 
 
 def unit_finder(
-    inputs: InputInfo, first_unit: Callable[[nn.Module], nn.Module | None]
-) -> Callable[[nn.Module, FeatureInfo], tuple[nn.Module, FeatureInfo] | None]:
-    """``AuxContext.unit_of`` for an outside model's layers: ``first_unit(layer)`` (build.py passes
-    the splitter's) and its output's FeatureInfo, measured by running the unit once on a zero map in
-    eval mode (the live layer's BatchNorm statistics are left as they were)."""
-    found: dict[int, tuple[nn.Module, FeatureInfo] | None] = {}
+    inputs: InputInfo,
+    first_unit: Callable[[nn.Module], nn.Module | None],
+    first_op: Callable[[nn.Module], nn.Module | None] | None = None,
+) -> Callable[[nn.Module, FeatureInfo, str], tuple[nn.Module, FeatureInfo] | None]:
+    """``AuxContext.unit_of`` for an outside model's layers: ``unit_of(layer, feature, part)`` is
+    ``first_unit(layer)`` (part ``unit``) or ``first_op(layer)`` (part ``op``; build.py passes the
+    splitter's) and its output's FeatureInfo, measured by running the piece once on a zero map in eval
+    mode (the live layer's BatchNorm statistics are left as they were)."""
+    finders = {"unit": first_unit, "op": first_op}
+    found: dict[tuple[int, str], tuple[nn.Module, FeatureInfo] | None] = {}
 
-    def unit_of(layer: nn.Module, feature: FeatureInfo) -> tuple[nn.Module, FeatureInfo] | None:
-        if id(layer) in found:
-            return found[id(layer)]
-        unit = first_unit(layer) if feature.fmt == "NCHW" else None
+    def unit_of(
+        layer: nn.Module, feature: FeatureInfo, part: str = "unit"
+    ) -> tuple[nn.Module, FeatureInfo] | None:
+        if (id(layer), part) in found:
+            return found[id(layer), part]
+        finder = finders[part]
+        unit = finder(layer) if finder is not None and feature.fmt == "NCHW" else None
         result = None
         if unit is not None:
             side = max(1, inputs.size // feature.reduction)
@@ -74,7 +87,7 @@ def unit_finder(
             if len(shape) == 4:
                 out = FeatureInfo(shape[1], max(1, round(inputs.size / shape[2])), "NCHW", feature.stage)
                 result = (unit, out)
-        found[id(layer)] = result
+        found[id(layer), part] = result
         return result
 
     return unit_of
@@ -122,18 +135,48 @@ def warn_if_large(counts: dict[str, int], method_name: str, options: list[str]) 
     return True
 
 
-# Options measured to bring a default outside-model build below bp where its aux nets' activations are
-# the excess (docs/benchmarks.md, "Whole-step total relative to bp"; shufflenet_v2_x0_5 and resnet18 at
-# 64 px): InfoPro's decoder upsampling to the image, SLM's replica width and its feature bank's maps.
+# Options that shrink a step above bp, per base method: measured to bring cells below bp
+# (docs/benchmarks.md, "Whole-step total relative to bp"; ``benchmarks/aux_sizes.py --remedies``) or,
+# for the widths, the narrowest aux. Fewer blocks is named for none (measured: no help). MLAAN's cascade
+# holds two blocks' activations at once: only dropping its EMA copy shrinks its step (ResNet-18 at 64 px
+# 1.00 -> 0.96x bp, at 224 px 1.10 -> 1.07x), its width and chain depth do not.
 REMEDIES = {
-    "infopro": ["method.infopro.recon_at=feature"],
+    "dgl": ["method.dgl.width=16"],
+    "predsim": ["method.predsim.width=16"],
+    "auglocal": ["method.auglocal.width=16"],
+    "infopro": ["method.infopro.recon_at=feature", "method.infopro.width=16"],
     "slm": ["method.slm.width=16", "method.slm.bank=false"],
+    "mlaan": ["method.mlaan.ema=false"],
 }
+# MAN / MAN++: a copy of the next layer's first op instead of its first unit or the whole layer
+# (outside models only: the listed backbones' layers are single units; ResNet-18 at 64 px, dgl+man).
+MOMENTUM_REMEDIES = ["method.momentum.copy=op"]
+# what an ``auto`` value is on (outside models, the listed backbones)
+AUTO = {"recon_at": ("feature", "input"), "copy": ("op", "layer")}
 
 
-def remedies(method_name: str) -> list[str]:
-    """The options of ``REMEDIES`` for a method name (``slm+manpp`` -> SLM's)."""
-    return REMEDIES.get(method_name.split("+")[0], [])
+def remedies(method: object, outside: bool) -> list[str]:
+    """The options of ``REMEDIES`` that would change ``method``'s build (one already in effect helps
+    nothing and is left out); ``method`` is a built Method (``+man`` wrappers: their base's and
+    ``MOMENTUM_REMEDIES`` on outside models)."""
+    base = getattr(method, "base", method)
+    configs = {base.name: getattr(base, "cfg", None)}
+    names = list(REMEDIES.get(base.name, []))
+    if base is not method:
+        configs["momentum"] = getattr(method, "cfg", None)
+        names += MOMENTUM_REMEDIES if outside else []
+    kept = []
+    for option in names:
+        key, value = option.split("=")
+        section, field = key.split(".")[1:]
+        current = str(getattr(configs.get(section), field, "")).lower()
+        if current == "auto" and field in AUTO:
+            current = AUTO[field][0 if outside else 1]
+        if field == "width" and current not in ("", "0") and int(current) <= int(value):
+            continue  # already this narrow
+        if current != value:
+            kept.append(option)
+    return kept
 
 
 def bp_saved_bytes(model: nn.Module, inputs: InputInfo, batch: int) -> int:
@@ -175,21 +218,26 @@ def bp_total_estimate(model: nn.Module, step: StepMemory, inputs: InputInfo, bat
 def warn_if_over_bp(
     model: nn.Module, step: StepMemory, inputs: InputInfo, batch: int, method_name: str, options: list[str]
 ) -> bool:
-    """One warning line when a local run's measured whole-step total exceeds ``bp_total_estimate``;
-    True if it warned. ``bp`` runs (one block) are not compared with themselves."""
+    """One warning line when a local run's measured whole-step total exceeds ``bp_total_estimate``,
+    naming ``options`` (``remedies``: only those that shrink it for this method); True if it warned.
+    ``bp`` runs (one block) are not compared with themselves."""
     if getattr(model, "num_blocks", 1) < 2:
         return False
     bp = bp_total_estimate(model, step, inputs, batch)
     if step.peak_total_bytes <= bp:
         return False
-    shrink = " or ".join([*remedies(method_name), *options, "a smaller model.num_blocks"])
+    if options:
+        advice = " or ".join(options) + " makes it smaller"
+    else:
+        advice = (
+            "no option of this method was measured to shrink it enough (docs/benchmarks.md); bp holds less"
+        )
     log.warning(
         "%s: the training step holds %.1f MiB, more than bp would (about %.1f MiB for this model, batch "
-        "and optimizer): the aux nets' activations or copies outweigh what local learning saves; %s "
-        "makes it smaller",
+        "and optimizer): the aux nets' activations or copies outweigh what local learning saves; %s",
         method_name,
         step.peak_total_bytes / 2**20,
         bp / 2**20,
-        shrink,
+        advice,
     )
     return True

@@ -355,7 +355,7 @@ def build_model(
     task.setup(info[-1], {name: f for name, (_, f) in levels.items()})
     # an outside model: its aux nets are sized to it (aux_budget); the listed backbones keep the papers'
     outside = isinstance(backbone, external.ExternalBackbone)
-    unit_of = aux_budget.unit_finder(inputs, external.first_unit) if outside else None
+    unit_of = aux_budget.unit_finder(inputs, external.first_unit, external.first_op) if outside else None
     contexts = [
         AuxContext(
             k=k,

@@ -126,8 +126,11 @@ def record_measurements(
         # per-rank (pipeline) and all-reduce (ddp) peaks are not comparable with one bp step
         if run.cfg.engine.mode == "sequential" and method is not None and info is not None:
             try:
+                # an outside model's backbone keeps its source model's head (backbones/external.py)
+                outside = callable(getattr(run.model.backbone, "source_head", None))
+                options = aux_budget.remedies(method, outside)
                 aux_budget.warn_if_over_bp(
-                    run.model, step, info, run.memory["batch_size"], method.name, method.shrink_options()
+                    run.model, step, info, run.memory["batch_size"], method.name, options
                 )
             except Exception as e:  # a report must never end a training run
                 log.debug("bp comparison skipped: %s: %s", type(e).__name__, e)

@@ -79,14 +79,19 @@ def test_wrapped_module_keeps_aux_within_backbone():
     assert counts["aux"] <= counts["backbone"]
 
 
-def test_momentum_copies_the_first_unit_and_tracks_it_by_name():
-    """On an outside model LB and EMA copy the next stage's first unit; the EMA follows the live
-    unit's weights (matched by name inside the whole live layer)."""
+def test_momentum_copies_the_first_op_and_tracks_it_by_name():
+    """On an outside model LB and EMA copy the next stage's first op (a depthwise conv and its BN on
+    ShuffleNet); the EMA follows the live op's weights (matched by name inside the whole live layer)."""
     model = build("torchvision:shufflenet_v2_x0_5", "dgl+manpp", 3, 64, 4, "method.momentum.momentum=0.0")
     aux, layer = model.auxes[1], model.backbone.layers[model.cuts[1]]
     ema = dict(aux.ema.named_parameters())
     live = dict(layer.named_parameters())
     assert 0 < len(ema) < len(live) and set(ema) <= set(live)
+    assert sorted(ema) == [
+        "stage4.0.branch1.0.weight",
+        "stage4.0.branch1.1.bias",
+        "stage4.0.branch1.1.weight",
+    ]
     model.sync_momentum()  # momentum 0: the EMA becomes the live unit
     assert all(torch.equal(p, live[n]) for n, p in ema.items())
 
@@ -101,6 +106,33 @@ def test_first_unit_of_a_resnet_stage():
     x = torch.randn(2, 128, 4, 4)
     bb.eval()
     assert unit(x).shape == bb.layers[3](x).shape
+
+
+@pytest.mark.parametrize(
+    "spec,layer,first",
+    [
+        ("torchvision:resnet18", 4, "layer4.0.conv1.weight"),  # a BasicBlock the tracer kept whole
+        ("torchvision:mobilenet_v3_small", 2, "features.2.block.0.0.weight"),  # a conv-BN-act Sequential
+        ("timm:resnet18d", 3, "layer3.0.conv1.weight"),
+    ],
+)
+def test_first_op_of_a_stage_is_its_first_conv_norm_act(spec, layer, first):
+    """``first_op`` opens the containers the tracer kept whole down to the first conv, keeps its norm
+    and activation, shares the live weights under their names, and equals the live layer's own first
+    conv-BN-ReLU (eval mode)."""
+    from locallearn.backbones.graph_split import first_op
+
+    bb = external.from_spec(spec, 10, 3, 32)
+    live = dict(bb.layers[layer].named_parameters())
+    op = first_op(bb.layers[layer])
+    names = [n for n, _ in op.named_parameters()]
+    assert names[0] == first and len(names) == 3  # conv weight, BN weight and bias
+    assert all(live[n] is p for n, p in op.named_parameters())
+    conv = bb.layers[layer].get_submodule(first.removesuffix(".weight"))
+    x = torch.randn(2, conv.in_channels, 8, 8)
+    bb.eval()
+    y = op(x)
+    assert y.shape[1] == conv.out_channels and y.min() >= 0 or spec.endswith("small")
 
 
 def test_a_given_width_wins_on_an_outside_model():
@@ -166,3 +198,48 @@ def test_bad_size_options_are_one_line_config_errors(option):
     method = {"momentum": "dgl+manpp", "mlaan": "mlaan", "dgl": "dgl", "slm": "slm"}[option.split(".")[1]]
     with pytest.raises(ConfigError, match=option.split("=")[0].removeprefix("method.")):
         check_config(load_config(None, [f"method.name={method}", option]))
+
+
+@pytest.mark.parametrize(
+    "copy,op_out,dense,expect",
+    [
+        ("auto", (64, 8), False, "op"),  # no larger than the unit's output: the op
+        ("auto", (512, 8), False, "unit"),  # an expanding op (inverted residual): the unit
+        ("op", (512, 8), False, "op"),
+        ("unit", (64, 8), False, "unit"),
+        ("layer", (64, 8), False, "layer"),
+        ("auto", (64, 8), True, "unit"),  # a dense task: no op at another stride than its layer
+    ],
+)
+def test_copy_source_picks_op_unit_or_layer(copy, op_out, dense, expect):
+    """``AuxContext.copy_source`` on an outside model (a ``unit_of`` given): the rule of ``copy=auto``."""
+    from types import SimpleNamespace
+
+    from locallearn.methods.base import AuxContext
+    from locallearn.types import FeatureInfo
+
+    pieces = {"op": nn.Identity(), "unit": nn.Identity(), "layer": nn.Identity()}
+    outs = {"op": FeatureInfo(*op_out, "NCHW"), "unit": FeatureInfo(256, 16, "NCHW")}
+    ctx = AuxContext(
+        k=0,
+        num_blocks=2,
+        feature=FeatureInfo(32, 8, "NCHW"),
+        inputs=inputs(64),
+        task=SimpleNamespace(dense=dense),
+        next_layers=[pieces["layer"]],
+        next_features=[FeatureInfo(256, 16, "NCHW")],
+        init_weights=lambda m: None,
+        unit_of=lambda layer, feature, part: (pieces[part], outs[part]),
+    )
+    assert ctx.copy_source(0, copy)[0] is pieces[expect]
+
+
+def test_slm_banks_no_stem_map_on_an_outside_model(shufflenet):
+    """SLM on an outside model reads banked maps from C2 (stride 4) on, as an FPN does: the stem's map
+    (C1, half the image size) banked for its aux nets was held the whole step (ResNet-18 at 224 px:
+    1.04x bp's total). The listed backbones keep the bank as it was (``PAPER_AUX`` above)."""
+    from locallearn.methods.slm import SLMAux
+
+    model = build("torchvision:shufflenet_v2_x0_5", "slm", 3, 64, 4, bb=shufflenet)
+    reads = {name for aux in model.auxes for m in aux.modules() if isinstance(m, SLMAux) for name in m.reads}
+    assert reads and "C1" not in reads

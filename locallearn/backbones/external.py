@@ -28,7 +28,7 @@ from torch import nn
 
 from locallearn.backbones import graph_split as gs
 from locallearn.backbones.base import Backbone
-from locallearn.backbones.graph_split import ModePair, SplitError, first_unit
+from locallearn.backbones.graph_split import ModePair, SplitError, first_op, first_unit
 from locallearn.backbones.sources import check_spec, is_spec, source_model
 from locallearn.types import FeatureInfo
 
@@ -38,6 +38,7 @@ __all__ = [
     "SplitError",
     "check_spec",
     "check_split",
+    "first_op",
     "first_unit",
     "from_module",
     "from_spec",

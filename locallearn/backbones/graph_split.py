@@ -382,6 +382,136 @@ def _prefix(gm: fx.GraphModule, at: int) -> fx.GraphModule:
     return _segment(gm, seg, source, out)
 
 
+# what may follow a layer's first weighted module in its first op: normalisations, activations and
+# the identities timm leaves in their place (drop_block, aa)
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+_ACTS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.PReLU,
+    nn.Identity,
+)
+_ACT_FNS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.silu,
+            torch.nn.functional.gelu, torch.nn.functional.hardswish, torch.nn.functional.leaky_relu}  # fmt: skip
+
+
+def _op_end(gm: fx.GraphModule) -> int | None:
+    """Where the first op of a traced layer ends: its first module with weights (not a normalisation),
+    then the normalisations and activations that read only it in a row (conv-BN-ReLU); None when the
+    layer has no such module or that op is the whole layer."""
+    nodes = list(gm.graph.nodes)
+    end = next(i for i, n in enumerate(nodes) if n.op == "output")
+    compute = _compute(nodes[:end])
+    for at, i in enumerate(compute):
+        node = nodes[i]
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, _NORMS) or not any(True for _ in module.parameters()):
+            continue
+        last = i
+        for j in compute[at + 1 :]:
+            after = nodes[j]
+            if after.all_input_nodes != [nodes[last]] or len(nodes[last].users) != 1:
+                break
+            follows = after.op == "call_function" and after.target in _ACT_FNS
+            if after.op == "call_module":
+                follows = isinstance(gm.get_submodule(str(after.target)), (*_NORMS, *_ACTS))
+            if not follows:
+                break
+            last = j
+        return None if last == compute[-1] else last
+    return None
+
+
+def _upto(gm: fx.GraphModule, at: int) -> fx.GraphModule:
+    """The piece of ``gm`` that computes node ``at`` from the input (only what it depends on)."""
+    nodes = list(gm.graph.nodes)
+    needed, todo = set(), [nodes[at]]
+    while todo:
+        node = todo.pop()
+        if node not in needed:
+            needed.add(node)
+            todo.extend(node.all_input_nodes)
+    source = next(n for n in nodes if n.op == "placeholder")
+    seg = [n for n in nodes[: at + 1] if n in needed and n.op != "placeholder"]
+    return _segment(gm, seg, source, nodes[at])
+
+
+def _inlined(gm: fx.GraphModule, depth: int = 4) -> fx.GraphModule | None:
+    """``gm`` with its first weighted module opened up while it is a container the tracer kept whole
+    (torchvision's BasicBlock, a conv-norm-activation Sequential): that module's traced graph put in
+    its place, its modules called by their full names in ``gm`` (same weights, same parameter names).
+    None when it cannot be traced."""
+    nodes = list(gm.graph.nodes)
+    for node in nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, _NORMS) or not any(True for _ in module.parameters()):
+            continue
+        if not any(True for _ in module.children()):
+            return gm
+        if depth == 0 or node.kwargs:
+            return None
+        try:
+            inner = fx.symbolic_trace(module)
+        except Exception:  # untraceable code: no op copy, the caller falls back to the unit
+            return None
+        places = [n for n in inner.graph.nodes if n.op == "placeholder"]
+        if len(places) != len(node.args):
+            return None
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for n in nodes:
+            if n is not node:
+                env[n] = graph.node_copy(n, env.__getitem__)
+                continue
+            inner_env = dict(zip(places, (env[a] for a in node.args)))
+            for m in inner.graph.nodes:
+                if m.op == "placeholder":
+                    continue
+                if m.op == "output":
+                    env[n] = inner_env[m.args[0]]
+                    break
+                copied = graph.node_copy(m, inner_env.__getitem__)
+                if m.op in ("call_module", "get_attr"):
+                    copied.target = f"{node.target}.{m.target}"
+                inner_env[m] = copied
+        return _inlined(fx.GraphModule(gm, graph), depth - 1)
+    return None
+
+
+def first_op(layer: nn.Module) -> nn.Module | None:
+    """The first op of a traced layer (a whole stage cut out of an outside model): its first module
+    with weights and the normalisation and activation right after it (ResNet: ``layer3.0.conv1``,
+    ``bn1``, ``relu``), sharing the layer's weights and parameter names as ``first_unit`` does. None
+    when the layer is not traced or is that one op."""
+    if isinstance(layer, ModePair):
+        train, evaluate = _inlined(layer.train_graph), _inlined(layer.eval_graph)
+        if train is None or evaluate is None:
+            return None
+        at = _op_end(train)
+        if at is None:
+            return None
+        name = list(train.graph.nodes)[at].name
+        other = [n.name for n in evaluate.graph.nodes]
+        if name not in other:
+            return None
+        return ModePair(_upto(train, at), _upto(evaluate, other.index(name)))
+    if isinstance(layer, fx.GraphModule):
+        inlined = _inlined(layer)
+        at = None if inlined is None else _op_end(inlined)
+        return None if at is None else _upto(inlined, at)
+    return None
+
+
 def first_unit(layer: nn.Module) -> nn.Module | None:
     """The first unit of a traced layer (a whole stage cut out of an outside model): its operations up
     to the next module with weights (ResNet: ``layer3.0``; ShuffleNet: ``stage4.0``; conv-BN-ReLU),

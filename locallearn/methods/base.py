@@ -97,13 +97,20 @@ class AuxContext:
     # ``aux_budget``): the widest channels an aux may build fresh, chosen so the aux nets fit the
     # backbone's size; None = the method's own (the papers') widths, as on the listed backbones.
     width: int | None = None
-    # Outside models only: ``unit_of(layer, its input)`` = the layer's first unit and what it outputs,
-    # or None. There a layer is a whole stage; the papers copy one unit (a residual block) of the
-    # next layer. None on the listed backbones, whose layers are units already.
-    unit_of: Callable[[nn.Module, FeatureInfo], tuple[nn.Module, FeatureInfo] | None] | None = None
+    # Outside models only: ``unit_of(layer, its input, part)`` = the layer's first unit (part "unit")
+    # or its first op (part "op": the first unit's leading conv-norm-activation) and what it outputs,
+    # or None. There a layer is a whole stage; the papers copy one unit (a residual block) of the next
+    # layer. None on the listed backbones, whose layers are units already.
+    unit_of: Callable[[nn.Module, FeatureInfo, str], tuple[nn.Module, FeatureInfo] | None] | None = None
 
     def __post_init__(self) -> None:
         self.init_weights = sparing_task_parts(self.init_weights)
+
+    @property
+    def outside(self) -> bool:
+        """Whether the backbone comes from outside the papers' tables (build.py gives only those a
+        ``unit_of``): methods whose ``auto`` options differ there read this."""
+        return self.unit_of is not None
 
     def with_feature(self, feature: FeatureInfo) -> AuxContext:
         """The context of an aux that is fed another feature (e.g. the next layer's output)."""
@@ -122,23 +129,39 @@ class AuxContext:
     def copy_source(self, j: int, copy: str, chained: bool = False) -> tuple[nn.Module, FeatureInfo]:
         """What a method copies for later layer ``j`` (index into ``next_layers``) and what the copy
         outputs. ``copy``: ``layer`` = the whole layer; ``unit`` = its first unit where ``unit_of``
-        knows one (outside models), ``auto`` = ``unit`` there and ``layer`` elsewhere. ``chained``: a
-        copy of layer j+1 reads this copy's output, so a unit that outputs another shape than its
-        layer (ShuffleNet's last stage ends in a 1x1 conv to 1024) is not used."""
-        if copy not in ("auto", "layer", "unit"):
-            raise ValueError(f"copy must be 'auto', 'layer' or 'unit', got {copy!r}")
+        knows one (outside models); ``op`` = its first op there (the first unit's conv-norm-activation),
+        else its first unit; ``auto`` = on outside models the op where its output is no larger than the
+        unit's (an inverted residual's first op expands: the aux behind it would run on a map several
+        times the unit's), else the unit, and ``layer`` elsewhere. ``chained``: a copy of layer j+1
+        reads this copy's output, so a piece that outputs another shape than its layer (an op;
+        ShuffleNet's last stage ends in a 1x1 conv to 1024) is not used."""
+        if copy not in ("auto", "layer", "unit", "op"):
+            raise ValueError(f"copy must be 'auto', 'layer', 'unit' or 'op', got {copy!r}")
         layer, out = self.next_layers[j], self.next_features[j]
         if copy == "layer" or self.unit_of is None:
             return layer, out
-        found = self.unit_of(layer, self.feature if j == 0 else self.next_features[j - 1])
-        if found is None or (chained and found[1] != out):
-            return layer, out
-        return found
+        feature = self.feature if j == 0 else self.next_features[j - 1]
+        found = {}
+        for part in ("unit",) if copy == "unit" else ("op", "unit"):
+            piece = self.unit_of(layer, feature, part)
+            # a dense task's local heads name maps by their stride (C3, C4): an op at another stride
+            # than its layer's output (a Bottleneck's 1x1 conv) would hand them the wrong level
+            same = chained or (part == "op" and self.task.dense)
+            if piece is not None and not (same and piece[1] != out):
+                found[part] = piece
+        if copy == "auto" and len(found) == 2 and elements(found["op"][1]) > elements(found["unit"][1]):
+            del found["op"]
+        return next(iter(found.values()), (layer, out))
 
     def spatial(self, feature: FeatureInfo | None = None) -> int:
         """Side length of the feature map (input size / reduction)."""
         f = feature or self.feature
         return max(1, self.inputs.size // f.reduction)
+
+
+def elements(feature: FeatureInfo) -> float:
+    """Values per image of a map, relative to the input's pixel count (channels / reduction squared)."""
+    return feature.num_chs / feature.reduction**2
 
 
 class Method:

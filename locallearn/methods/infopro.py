@@ -15,10 +15,13 @@ know, stride 2 while the map is larger than 8x8), BN, ReLU, GAP, then Y linear l
 the official ``tau / base_tau`` factor, both 0.07; one view; anchors without a positive contribute 0)
 or the task's local head for ``cross_entropy``.
 
-``recon_at`` (ours, not the papers'): ``input`` (default) reconstructs at the image size as the papers
-do; ``feature`` drops the decoder's upsampling and reconstructs the image area-downsampled to the cut's
+``recon_at`` (ours, not the papers'): ``input`` reconstructs at the image size as the papers do;
+``feature`` drops the decoder's upsampling and reconstructs the image area-downsampled to the cut's
 map size, computed once per batch and size (``infopro_recon.py``): a cheaper decoder (issue 13) whose
 loss is still the mean BCE over pixels, with an accuracy check in ``benchmarks/results/infopro_recon*.md``.
+``auto`` (default) is ``input`` on the papers' listed backbones and ``feature`` on outside models, where
+the decoder's full-size maps alone outweighed what local learning saves (issue 26:
+``benchmarks/aux_sizes.py --totals``).
 
 Deviations from the official code: lambda is interpolated by block index also where MAN/MAN++ use the
 stage index (PRIOR_ART §6.4); the decoder's sigmoid + BCE is computed as BCE-with-logits (the same
@@ -60,8 +63,9 @@ class InfoProConfig:
     ixx_2: float = 0.2
     ixy_2: float = 0.5
     heads: str = "auto"  # cifar (§2.2) | imagenet (§2.7) | auto: imagenet above 64 channels / on tokens
-    # ours: "input" = decode at the image size (the papers); "feature" = at the map's size, vs a downsampled image
-    recon_at: str = "input"
+    # ours: "input" = decode at the image size (the papers); "feature" = at the map's size, vs a downsampled
+    # image; "auto" = "input" on the listed backbones, "feature" on outside models (module docstring)
+    recon_at: str = "auto"
     # ours: the widest channels the decoder and classifier build (0 = auto: the papers' widths on the
     # listed backbones, a width that fits the backbone's size on outside models, build.py)
     width: int = 0
@@ -173,8 +177,15 @@ class DenseClassifier(nn.Module):
         return self.head({self.level: h})
 
 
+def recon_at(cfg: InfoProConfig, ctx: AuxContext) -> str:
+    """``cfg.recon_at`` with ``auto`` resolved for this backbone (module docstring)."""
+    if cfg.recon_at == "auto":
+        return "feature" if ctx.outside else "input"
+    return cfg.recon_at
+
+
 def decoder(ctx: AuxContext, cfg: InfoProConfig, wide: bool) -> nn.Module:
-    upsample = cfg.recon_at == "input"
+    upsample = recon_at(cfg, ctx) == "input"
     if wide:
         width = cfg.width or ctx.width
         return ImageNetDecoder(ctx.feature.num_chs, ctx.inputs.channels, ctx.inputs.size, upsample, width)
@@ -186,10 +197,10 @@ class InfoProAux(nn.Module):
         super().__init__()
         if cfg.loss not in ("contrast", "cross_entropy"):
             raise ValueError(f"infopro loss must be 'contrast' or 'cross_entropy', got {cfg.loss!r}")
-        if cfg.recon_at not in ("input", "feature"):
-            raise ValueError(f"infopro recon_at must be 'input' or 'feature', got {cfg.recon_at!r}")
+        if cfg.recon_at not in ("auto", "input", "feature"):
+            raise ValueError(f"infopro recon_at must be 'auto', 'input' or 'feature', got {cfg.recon_at!r}")
         # recon_at=feature: the image downsampled to the map's size, shared by the blocks of one method
-        self.targets = (targets or ReconTargets()) if cfg.recon_at == "feature" else None
+        self.targets = (targets or ReconTargets()) if recon_at(cfg, ctx) == "feature" else None
         wide = is_wide(ctx, cfg.heads)
         if ctx.feature.fmt != "NCHW" and not wide:
             raise ValueError("infopro's CIFAR heads need NCHW feature maps; use heads='imagenet' or 'auto'")

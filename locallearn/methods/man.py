@@ -25,7 +25,10 @@ is one fused ``torch._foreach_lerp_`` over all parameters; the EMA copy takes no
 (``requires_grad=False``) and is excluded from the optimizer; EMA momentum defaults to 0.995 (the
 README value) instead of the CIFAR argparse default 1.0, which freezes the EMA (PRIOR_ART §6.4).
 On a model from outside the papers' tables, whose layers are whole stages, LB and EMA copy the first
-unit of layer n (``copy: auto``; the EMA then follows it by parameter name; ``aux_budget.py``).
+op of layer n: its first unit's leading conv-norm-activation (``copy: auto``; the EMA then follows it
+by parameter name; ``aux_budget.py``). A copy of the whole first unit (``copy: unit``) kept ResNet-18's
+whole step above ``bp``'s at 64 and 224 px: on small images every copied weight costs weight, gradient
+and momentum, and the copies of ``layer4.0`` alone hold a third of the backbone.
 """
 
 from __future__ import annotations
@@ -64,12 +67,13 @@ class MomentumConfig:
     grouped: bool = False
     # ours: what LB and EMA copy. "layer" = the next layer (the papers: one residual unit of their
     # backbones); "unit" = its first unit (an outside model's layer is a whole stage: two copies of
-    # ResNet-50's layer4 alone outweigh the backbone); "auto" = "unit" on outside models only.
+    # ResNet-50's layer4 alone outweigh the backbone); "op" = that unit's first conv-norm-activation;
+    # "auto" = "op" on outside models only (module docstring).
     copy: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.copy not in ("auto", "layer", "unit"):
-            raise ValueError(f"momentum.copy must be 'auto', 'layer' or 'unit', got {self.copy!r}")
+        if self.copy not in ("auto", "layer", "unit", "op"):
+            raise ValueError(f"momentum.copy must be 'auto', 'layer', 'unit' or 'op', got {self.copy!r}")
 
 
 class MomentumAux(nn.Module):
@@ -178,7 +182,7 @@ class Momentum(Method):
     def build_aux(self, k: int, ctx: AuxContext) -> nn.Module:
         # The fused copies stand in for layer n, so the base aux sees the network from after layer n
         # (AugLocal samples and SLM replicates the layers behind it, not layer n again).
-        # A copy of the layer's first unit (outside models) feeds the base aux that unit's output; a
+        # A copy of the layer's first op or unit (outside models) feeds the base aux its output; a
         # base aux that runs copies of later layers on it (SLM) then needs the layer's own output.
         chained = self.base.replicates_later(ctx) and len(ctx.next_layers) > 1
         source, out = ctx.copy_source(0, self.cfg.copy, chained=chained)

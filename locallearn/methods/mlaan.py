@@ -58,7 +58,9 @@ class MLAANConfig:
     ema: bool = True  # LAM's EMA copy on the chain's first layer
     official_chains: bool = True  # configAuxPlus_new.py's lists for the paper's cells (OFFICIAL_CHAINS)
     # ours: "layer" = the chain copies whole layers (the paper); "unit" = each layer's first unit (an
-    # outside model's layer is a whole stage); "auto" = "unit" on outside models only
+    # outside model's layer is a whole stage); "op" = the chain's first copy (and EMA) is the first
+    # unit's conv-norm-activation where what follows it is fresh units (else as "unit");
+    # "auto" = "op" on outside models only
     copy: str = "auto"
     # ours: the heads' rank: GAP -> Linear(C, width) -> the task's local head where C > width (0 =
     # auto: the paper's GAP -> local head on the listed backbones, a width sized to the backbone on
@@ -68,8 +70,8 @@ class MLAANConfig:
     width: int = 0
 
     def __post_init__(self) -> None:
-        if self.copy not in ("auto", "layer", "unit"):
-            raise ValueError(f"mlaan.copy must be 'auto', 'layer' or 'unit', got {self.copy!r}")
+        if self.copy not in ("auto", "layer", "unit", "op"):
+            raise ValueError(f"mlaan.copy must be 'auto', 'layer', 'unit' or 'op', got {self.copy!r}")
         if self.width < 0:
             raise ValueError(f"mlaan.width must be >= 0 (0 = auto), got {self.width}")
 
@@ -218,8 +220,13 @@ class MLAANAux(nn.Module):
         pools = chain_pools(ctx.feature, ctx.next_features, self.chain_layers)
         self.pools = nn.ModuleList(nn.MaxPool2d(f) if f > 1 else nn.Identity() for f in pools)
         n = len(self.chain_layers)
-        # a unit (outside models) stands in for its layer where the next copy reads what it outputs
-        sources = [ctx.copy_source(j, cfg.copy, chained=i < n - 1) for i, j in enumerate(self.chain_layers)]
+        # a unit or op (outside models) stands in for its layer where the next copy reads what it
+        # outputs; fresh units past the first (outside models, width auto) read any shape
+        fresh = bool(ctx.width and not cfg.width)
+        sources = [
+            ctx.copy_source(j, cfg.copy, chained=i < n - 1 and not fresh)
+            for i, j in enumerate(self.chain_layers)
+        ]
         self.aug = nn.ModuleList(copy.deepcopy(m) for m, _ in sources[:1])
         out = sources[0][1]
         for (module, feature), j in zip(sources[1:], self.chain_layers[1:]):

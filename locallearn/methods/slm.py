@@ -135,12 +135,20 @@ def downsized_replica(ctx: AuxContext, width: int) -> tuple[list[nn.Module], Fea
     return units, dataclasses.replace(last, num_chs=chs)
 
 
+# On outside models the bank starts at stride 4 (C2), as an FPN's levels do: the stem's map at half the
+# image size (C1) is the largest a backbone makes, and banking it for the aux nets to read held it for
+# the whole step (ResNet-18 at 224 px: 98 MiB at batch 32, SLM's whole step 1.04x bp's).
+OUTSIDE_MIN_REDUCTION = 4
+
+
 def banked_levels(ctx: AuxContext) -> list[str]:
-    """The stage-end maps written before this cut, shallower than the aux's own input."""
+    """The stage-end maps written before this cut, shallower than the aux's own input (from C2 on
+    outside models: ``OUTSIDE_MIN_REDUCTION``)."""
+    least = OUTSIDE_MIN_REDUCTION if ctx.outside else 1
     return [
         name
         for name, f in ctx.bank.items()
-        if name.startswith("C") and f.fmt == "NCHW" and f.reduction < ctx.feature.reduction
+        if name.startswith("C") and f.fmt == "NCHW" and least <= f.reduction < ctx.feature.reduction
     ]
 
 
@@ -170,7 +178,10 @@ class SLMAux(nn.Module):
     def forward(self, h: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         a = self.replica(h)
         for name, conv in zip(self.reads, self.project):
-            a = a + F.adaptive_avg_pool2d(conv(batch.bank.read(name)), a.shape[-2:])
+            # pooled before the 1x1 projection, not after: the same sum (each pooled value is a mean,
+            # and an affine map commutes with a mean), without a full-size map of the replica's width
+            # saved for backward (on ResNet-18 at 64 px, 64 MiB at batch 32 for the last cut's aux)
+            a = a + conv(F.adaptive_avg_pool2d(batch.bank.read(name), a.shape[-2:]))
         output = self.head(a)
         out = {"task": self.task.loss(output, batch), "output": output}
         loss = out["task"]

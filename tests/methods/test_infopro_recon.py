@@ -187,7 +187,7 @@ def test_imagenet_decoder_has_no_resize_at_feature_resolution(bce_calls):
 
 
 def test_bad_recon_at_is_a_clear_error():
-    with pytest.raises(ValueError, match="recon_at must be 'input' or 'feature', got 'full'"):
+    with pytest.raises(ValueError, match="recon_at must be 'auto', 'input' or 'feature', got 'full'"):
         make_model("infopro", "resnet20", 4, **{"method.infopro.recon_at": "full"})
 
 
