@@ -88,7 +88,8 @@ def test_run_warns_once_when_over_bp(method, extra, says, split, caplog, monkeyp
     cfg = load_config(None, [f"method.name={method}", *extra])
     run = SimpleNamespace(
         cfg=SimpleNamespace(
-            data=SimpleNamespace(batch_size=32), engine=SimpleNamespace(mode="sequential", group_steps=False)
+            data=SimpleNamespace(batch_size=32),
+            engine=SimpleNamespace(mode="sequential", group_steps=False, replicas=1),
         ),
         train_loader=SimpleNamespace(data=Data()),
         model=model,
