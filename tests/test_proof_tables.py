@@ -35,7 +35,8 @@ def log(tmp_path, name: str, *lines: str):
 def test_tables_come_from_the_printed_lines_and_merge_across_runs(repo, capsys) -> None:
     seg = log(
         repo, "seg.log",
-        report("segmentation", "dgl", 0, "mIoU", 31.25, 20, frozen=9.7, margin=10, at_init=1.2, steps=150),
+        report("segmentation", "dgl", 0, "mIoU", 31.25, 20, frozen=9.7, margin=10, at_init=1.2, steps=150,
+               blocks="12.0 31.2", blocks_at_init="0.3 1.2"),
         report("segmentation", "dgl", 1, "mIoU", 29.0, 20, frozen=11.0, margin=10, at_init=1.3, steps=150),
     )  # fmt: skip
     det = log(
@@ -47,8 +48,11 @@ def test_tables_come_from_the_printed_lines_and_merge_across_runs(repo, capsys) 
     assert proof_tables.main(["--from-log", str(det)]) == 0  # another run adds its task, keeps the others
     md = (repo / "benchmarks" / "results" / "proofs.md").read_text()
     assert md.index("## segmentation") > md.index("## detection")  # the fixed task order
-    assert "| `dgl` | mIoU | 31.2 | 29.0 | 9.7 / 11.0 | >= 20 | 10 | 1.2 / 1.3 | 150 |" in md
-    assert "| `retinanet dgl K=16` | AP50 | 55.0 | — | 20.0 | >= 40 | 15 | — | — |" in md
+    assert (
+        "| `dgl` | mIoU | 31.2 | 29.0 | 9.7 / 11.0 | >= 20 | 10 | 1.2 / 1.3 | 150 | 12.0 31.2 (0.3 1.2) |"
+        in md
+    )
+    assert "| `retinanet dgl K=16` | AP50 | 55.0 | — | 20.0 | >= 40 | 15 | — | — | — |" in md
     readme = (repo / "README.md").read_text()
     assert "old" not in readme and "55.0" in readme and "31.2" in readme and readme.endswith("end\n")
     seg_page = (repo / "docs" / "seg.md").read_text()
