@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
 
 from benchmarks import proof_tables, update_readme
-from tests.proof_report import report
+from tests import proof_report
+
+
+def report(*args, **kwargs) -> str:
+    """A PROOF line as a proof test prints it, kept off stdout: a run of the proof tables over these tests
+    must not find made-up results."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return proof_report.report(*args, **kwargs)
 
 
 @pytest.fixture
@@ -73,3 +82,16 @@ def test_a_log_without_proof_lines_stops_with_one_line(repo) -> None:
     empty = log(repo, "empty.log")
     with pytest.raises(SystemExit, match="no PROOF line found"):
         proof_tables.main(["--from-log", str(empty)])
+
+
+def test_the_given_tests_run_with_their_output_shown(repo, capsys) -> None:
+    # a stand-in proof test: the script runs pytest -s over it (slow ones too) and reads its PROOF line
+    (repo / "docs" / "seg.md").unlink()  # a block with no results yet stops update_readme ("run it first")
+    line = report("super_resolution", "slm", 1, "dB", 0.5, 0.3)
+    (repo / "test_fake_proof.py").write_text(
+        f"import pytest\n\n\n@pytest.mark.slow\ndef test_it():\n    print({line!r})\n"
+    )
+    assert proof_tables.main(["test_fake_proof.py", "--log", str(repo / "run.log")]) == 0
+    assert "| `slm` | dB | — | 0.50 |" in (repo / "benchmarks" / "results" / "proofs.md").read_text()
+    assert "1 passed" in (repo / "run.log").read_text()
+    capsys.readouterr()  # the echoed output stays here, not on a proof run's stdout
