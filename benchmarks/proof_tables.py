@@ -93,6 +93,13 @@ def number(v: float | None, digits: int = 1) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
+def distinct(by_seed: dict[int, dict], field: str) -> str:
+    """A setting of the test (bar, margin) as its seeds printed it: one value, or each distinct one in seed
+    order where a seed ran under another (an earlier version of the test)."""
+    values = list(dict.fromkeys(r.get(field) for _, r in sorted(by_seed.items())))
+    return " / ".join("—" if v is None else f"{v:g}" for v in values)
+
+
 def blocks(record: dict) -> str:
     """Each block's own score (its aux's; the last is the head's), and at init where printed."""
     if not record.get("blocks"):
@@ -129,8 +136,8 @@ def table(records: list[dict]) -> str:
             first["metric"],
             *(number(by_seed[s]["value"], digits) if s in by_seed else "—" for s in seeds),
             " / ".join(number(v, digits) for v in frozen) if any(v is not None for v in frozen) else "—",
-            f">= {first['bar']:g}",
-            f"{first['margin']:g}" if first.get("margin") is not None else "—",
+            ">= " + distinct(by_seed, "bar"),
+            distinct(by_seed, "margin"),
             " / ".join(number(v, digits) for v in inits) if any(v is not None for v in inits) else "—",
             str(first.get("steps", "—")),
             blocks(first),

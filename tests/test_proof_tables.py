@@ -95,3 +95,9 @@ def test_the_given_tests_run_with_their_output_shown(repo, capsys) -> None:
     assert "| `slm` | dB | — | 0.50 |" in (repo / "benchmarks" / "results" / "proofs.md").read_text()
     assert "1 passed" in (repo / "run.log").read_text()
     capsys.readouterr()  # the echoed output stays here, not on a proof run's stdout
+
+
+def test_a_setting_that_changed_between_seeds_shows_each_value() -> None:
+    by_seed = {1: {"bar": 18.0, "margin": None}, 0: {"bar": 30.0, "margin": None}}
+    assert proof_tables.distinct(by_seed, "bar") == "30 / 18"  # seed order
+    assert proof_tables.distinct(by_seed, "margin") == "—"
