@@ -2,7 +2,7 @@
 table, person) under every method the segmentation configs ship, plus DGL.
 
 Scaling against the shipped configs (``configs/segmentation/deeplabv3_r50_*``): same optimizer kind
-(SGD, momentum 0.9, weight decay 1e-4, Nesterov off as in every shipped segmentation config; with
+(SGD, momentum 0.9, weight decay 1e-4, Nesterov off as in the shipped Cityscapes configs; with
 Nesterov on, DGL's loss spiked at step 99 and it ended predicting one class, mIoU 6.7), same init, same head (torchvision's ASPP ``DeepLabHead``), same InfoPro aux (ImageNet decoder heads, 5 * reconstruction + 0.75 * CE; MAN++
 momentum 0.995). Smaller: ResNet-20 (16-32-64 channels, output stride 4) instead of the dilated
 ResNet-50 (output stride 8): a stride-32 ResNet-18 leaves a 4x5 logit map on the photo at this scale,
