@@ -324,8 +324,8 @@ def load_datasets(
     scenes=None,
 ) -> tuple[ArrayDataset, ArrayDataset]:
     """(train, test) of dataset ``name``; ``image_size``, ``mean`` and ``std`` reach the folder
-    readers (``SIZED``); other datasets refuse ``mean`` / ``std`` (detection reads ``image_size``
-    itself). ``task`` and ``scenes`` (a ``ScenesConfig``; None: its defaults) reach ``TASKED`` readers:
+    readers (``SIZED``); other datasets refuse ``mean`` / ``std``, and ``image_size`` unless they are
+    detection data (whose ``min_size`` the run sets from it; digit_scenes' size is ``data.scenes.size``). ``task`` and ``scenes`` (a ``ScenesConfig``; None: its defaults) reach ``TASKED`` readers:
     digit_scenes as detection data (the default) or as segmentation data."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
@@ -335,10 +335,20 @@ def load_datasets(
         if name in SIZED:
             return DATASETS[name](root, download, image_size, mean, std)
         if name in TASKED:
-            return DATASETS[name](root, download, scenes, task)
-        return DATASETS[name](root, download)
+            splits = DATASETS[name](root, download, scenes, task)
+        else:
+            splits = DATASETS[name](root, download)
     except ValueError as e:  # ArrayDataset's own checks on a reader without a _dataset() wrapper
         raise DataError(f"{name}: {e}") from None
+    if image_size is not None and not hasattr(splits[0], "min_size"):  # detection data's resize target
+        raise DataError(
+            f"data.image_size applies to {', '.join(SIZED)} and detection data, not {name}{_as(task)}"
+        )
+    return splits
+
+
+def _as(task: str | None) -> str:
+    return f" as {task} data" if task else ""
 
 
 def load_data(data, task: str | None = None) -> tuple:

@@ -12,6 +12,7 @@ import pytest
 
 from locallearn.config import ConfigError, ScenesConfig, load_config
 from locallearn.data import load_datasets
+from locallearn.data.errors import DataError
 from locallearn.data.scenes import generate
 from tests import helpers
 
@@ -142,3 +143,14 @@ def test_bad_options_stop_with_one_line(tmp_path, capsys, override) -> None:
 def test_bad_options_are_config_errors_in_python() -> None:
     with pytest.raises(ConfigError, match="max_digit"):
         load_config(None, ["data.scenes.max_digit=10", "data.scenes.min_digit=12"])
+
+
+def test_image_size_is_refused_where_no_reader_takes_it(tmp_path, capsys) -> None:
+    # segmentation scenes are data.scenes.size px; data.image_size used to be ignored there without a word
+    with pytest.raises(DataError, match="not digit_scenes as segmentation data"):
+        load_datasets("digit_scenes", image_size=64, task="segmentation", scenes=SMALL)
+    detection, _ = load_datasets("digit_scenes", image_size=64, task="detection", scenes=SMALL)
+    assert detection.min_size  # the run's resize target
+    args = ["train", *TINY, *CASES["deeplabv3"], "data.image_size=64", f"out_dir={tmp_path / 'runs'}"]
+    code, _, err = helpers.run_cli(args, capsys, lines=True)
+    assert code != 0 and len(err) == 1 and "data.image_size applies to" in err[0], err
