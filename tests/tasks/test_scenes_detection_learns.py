@@ -64,15 +64,21 @@ class Case:
     early: tuple[int, ...]  # the blocks whose own AP50 must rise (their aux predicts boxes)
 
 
+# bars from the measured runs (docs/detection.md "Learning proof"), a little under the lower seed's value
 CASES = {
+    # measured AP50 5.7 / 4.7 (seeds 0 / 1), frozen 4.3 / 0.6; early blocks' gains >= 1.5
     "retinanet-dgl+manpp": Case({"method.name": "dgl+manpp", **MANPP_AUX}, 3.0, 1.0, 1.0, 200, 3, (0, 1, 2)),
+    # measured AP50 54.2 (seed 0), frozen 24.4; early blocks' gains 20.4 / 9.5 / 20.4
     "yolov1-slm": Case(
-        {"method.name": "slm", "model.backbone": "resnet20", **YOLO}, 3.0, 1.0, 1.0, 200, 3, (0, 1, 2)
+        {"method.name": "slm", "model.backbone": "resnet20", **YOLO}, 35.0, 15.0, 5.0, 200, 3, (0, 1, 2)
     ),
-    "yolov1-slm-k16": Case({"method.name": "slm", **YOLO, **K16}, 3.0, 1.0, 1.0, 200, 15, (0, 4, 8)),
+    "yolov1-slm-k16": Case({"method.name": "slm", **YOLO, **K16}, 35.0, 15.0, 5.0, 200, 15, (0, 4, 8)),
     "retinanet-dgl+man": Case({"method.name": "dgl+man", **MANPP_AUX}, 3.0, 1.0, 1.0, 200, 3, (0, 1, 2)),
 }
 SEEDS = (0, 1)
+# the cases whose bars were set from measured runs (docs/detection.md "Learning proof"); the others run with
+# ``python -m tests.tasks.test_scenes_detection_learns NAME SEED`` until they are measured
+PROVEN = ["retinanet-dgl+manpp", "yolov1-slm", "retinanet-dgl+man"]
 
 
 @dataclass
@@ -158,7 +164,7 @@ def proof_failures(case: Case, normal: Result, frozen: Result) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", PROVEN)
 def test_detection_learns_held_out_digits_and_beats_the_frozen_control(name: str, seed: int) -> None:
     case = CASES[name]
     normal = train(case.overrides, case.steps, seed=seed)
@@ -212,3 +218,20 @@ def test_the_tiny_proof_fails_when_block_0_does_not_step() -> None:
     r = train(TINY, TINY_STEPS, frozen=1)
     print(f"tiny, block 0 frozen: held-out loss per block {blocks_line(r, 'loss')}")
     assert any(f.startswith("block 0") for f in tiny_failures(r))
+
+
+if __name__ == "__main__":
+    # One case's trained run and its frozen control, printed as the slow test prints them (any case, also
+    # those not yet in the slow suite), e.g. python -m tests.tasks.test_scenes_detection_learns yolov1-slm-k16 0
+    import sys
+
+    name, seed = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    case = CASES[name]
+    normal = train(case.overrides, case.steps, seed=seed)
+    frozen = train(case.overrides, case.steps, frozen=case.frozen, seed=seed)
+    report(
+        "detection", name, seed, "AP50", normal.final["AP50"], case.bar, frozen=frozen.final["AP50"],
+        margin=case.margin, at_init=normal.at_init["AP50"], steps=case.steps, blocks=blocks_line(normal),
+        frozen_blocks=blocks_line(frozen),
+    )  # fmt: skip
+    print(proof_failures(case, normal, frozen) or "the proof holds")
