@@ -106,13 +106,15 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
-def setup_logging(run_dir: Path | None = None, verbose: bool = True) -> None:
+def setup_logging(run_dir: Path | None = None, verbose: bool = True, main_rank: bool = True) -> None:
+    """``main_rank=False`` (torchrun ranks other than 0): errors only on the console; the warnings every rank
+    raises alike (config, aux sizes) are rank 0's to print, once, not once per rank."""
     root = logging.getLogger("locallearn")
     root.setLevel(logging.INFO)
     root.handlers.clear()
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(message)s"))
-    console.setLevel(logging.INFO if verbose else logging.WARNING)
+    console.setLevel(logging.INFO if verbose else logging.WARNING if main_rank else logging.ERROR)
     root.addHandler(console)
     if run_dir is not None:
         fh = logging.FileHandler(run_dir / "train.log")
@@ -191,10 +193,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     # the console from the start: what loading the data logs (folder classes, sizes) is shown too;
     # under torchrun only rank 0 speaks. The run's own log file joins once the run directory exists.
-    setup_logging(verbose=os.environ.get("RANK", "0") == "0")
+    main = os.environ.get("RANK", "0") == "0"
+    setup_logging(verbose=main, main_rank=main)
     if args.resume:
         run = resume_run(args.resume, config_file=args.config, overrides=args.overrides)
-        setup_logging(run.run_dir if run.is_main else None, verbose=run.is_main)  # torchrun: rank 0 speaks
+        setup_logging(
+            run.run_dir if run.is_main else None, verbose=run.is_main, main_rank=run.is_main
+        )  # torchrun: rank 0 speaks
         summaries = [fit(run)]
         if run.is_main:
             print_table(summaries)
@@ -213,7 +218,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     summaries = []
     for c in configs:
         run = make_run(c)
-        setup_logging(run.run_dir if run.is_main else None, verbose=run.is_main)
+        setup_logging(run.run_dir if run.is_main else None, verbose=run.is_main, main_rank=run.is_main)
         if defaults_note:
             log.info(defaults_note)
         n = run.model.frozen_blocks
