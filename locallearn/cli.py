@@ -163,9 +163,11 @@ def print_table(summaries: list[dict]) -> None:
         )
     if summaries:
         s = summaries[0]
+        # torchrun: the memory (and this batch) is one rank's; data.batch_size is the global batch
+        per_rank = " per rank" if s.get("engine", {}).get("world_size", 1) > 1 else ""
         print(
             f"\n{s['dataset']}, {s['train_images']} training images, {s['epochs']} epochs, "
-            f"batch {s['memory'].get('batch_size', '?')}, device {s['device']}. "
+            f"batch {s['memory'].get('batch_size', '?')}{per_rank}, device {s['device']}. "
             "Peak train memory = weights + optimizer state + the largest block's gradients, saved "
             "activations and backward workspace; peak act. mem = bytes saved for backward, largest block "
             "(docs/benchmarks.md)."
