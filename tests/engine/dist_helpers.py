@@ -110,3 +110,25 @@ def _call(rank: int, world: int, port: int, fn, *args) -> None:
         fn(ctx, *args)
     finally:
         distributed.shutdown()
+
+
+class RandomBatches:
+    """``count`` global batches of ``size`` random 1-channel 8x8 images with 10 classes (seed 1), a loader
+    stand-in for the data-parallel and mesh tests (their shards are uneven when ``size`` does not divide)."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.count, self.batch_size, self.data = count, size, range(count * size)
+
+    def __iter__(self):
+        from locallearn.types import Batch
+
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(self.count):
+            x = torch.randn(self.batch_size, 1, 8, 8, generator=gen)
+            yield Batch(x, torch.randint(0, 10, (self.batch_size,), generator=gen))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def set_epoch(self, epoch: int) -> None:
+        pass

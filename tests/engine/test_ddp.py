@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_helpers import launch, run_function, tiny_config
+from dist_helpers import RandomBatches, launch, run_function, tiny_config
 from torch import nn
 
 from locallearn.backbones.base import Backbone
@@ -36,22 +36,9 @@ def bn_free_model() -> LocalModel:
     return LocalModel(Backbone(layers, info, 1), [1], [Aux(6), Aux(6)])
 
 
-class Batches:
+def Batches():  # noqa: N802 (stands where the class stood)
     """Four global batches of 10 random 8x8 images (uneven shards for 3 ranks: 3/3/4)."""
-
-    data = range(40)
-    batch_size = 10
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(4):
-            yield Batch(torch.randn(10, 1, 8, 8, generator=gen), torch.randint(0, 10, (10,), generator=gen))
-
-    def __len__(self):
-        return 4
-
-    def set_epoch(self, epoch):
-        pass
+    return RandomBatches(4, 10)
 
 
 class NoSchedule:
