@@ -6,14 +6,15 @@ hand; the listed backbones are built on the meta device (same shapes, no weights
     python benchmarks/aux_sizes.py --totals   # whole-step total / bp: benchmarks/results/aux_totals.md + docs
     python benchmarks/aux_sizes.py --remedies # options tried on the cells above bp: aux_remedies.md + docs
 
-The second table runs one training step per cell at batches 2 and 4 on random data (CPU) and
-extrapolates to batch 32 (``step_total``); it takes a few minutes.
+The second table runs one training step per cell at batches 2 and 4 on random data (CPU), extrapolates
+the saved bytes to batch 32 and measures backward's workspace at 32 (``step_total``); a few minutes.
 
 Parameters count the backbone with its classifier, and all aux parameters (frozen EMA copies included).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
 import re
@@ -80,17 +81,21 @@ REMEDY_ROWS = (
     ("torchvision:resnet18", 64, 4, "infopro+manpp", "method.momentum.copy=unit"),
     ("torchvision:resnet18", 64, 4, "slm", "method.slm.width=16"),
     ("torchvision:shufflenet_v2_x0_5", 64, 3, "slm+manpp", "method.slm.bank=false"),
+    ("torchvision:shufflenet_v2_x0_5", 64, 3, "mlaan", "method.mlaan.recompute=false"),
+    ("torchvision:mobilenet_v3_small", 64, 3, "mlaan", "method.mlaan.recompute=false"),
     ("torchvision:shufflenet_v2_x0_5", 64, 3, "mlaan", "method.mlaan.ema=false"),
-    ("torchvision:shufflenet_v2_x0_5", 64, 3, "mlaan", "method.mlaan.width=16"),
-    ("torchvision:shufflenet_v2_x0_5", 64, 3, "mlaan", "method.mlaan.chain_depth=1"),
-    ("torchvision:resnet18", 64, 4, "mlaan", "method.mlaan.ema=false"),
+    ("torchvision:resnet18", 64, 4, "mlaan", "method.mlaan.recompute=false"),
     ("torchvision:resnet18", 224, 4, "slm", "method.slm.width=16"),
     ("torchvision:resnet18", 224, 4, "slm+manpp", "method.slm.width=16"),
     ("torchvision:resnet18", 224, 4, "slm+manpp", "method.slm.bank=false"),
+    ("torchvision:resnet18", 224, 4, "mlaan", "method.mlaan.recompute=false"),
     ("torchvision:resnet18", 224, 4, "mlaan", "method.mlaan.ema=false"),
 )
 TOTAL_BATCH = 32  # the issue's batch for "whole-step total below bp's"
-FIT_BATCHES = (2, 4)  # measured; saved bytes and workspace are affine in the batch (bench.common.whole_step)
+FIT_BATCHES = (2, 4)  # the meter's saved bytes, measured here, are linear in the batch: extrapolated
+# Backward's workspace is not affine at small batches (a fixed part wins below ~8 images, then the
+# largest live tensors grow with the batch; with MLAAN's recompute the peak moves to block k-1's
+# recomputation): measured at the table's batch itself (``whole_step`` with batches (at,))
 
 
 def measure_build(
@@ -105,8 +110,8 @@ def measure_build(
 ) -> tuple[StepMemory, LocalModel, list[torch.optim.Optimizer]]:
     """The whole step (``metrics.step_memory``) of ``method``'s default build at batch ``at``,
     with the default optimizer (SGD, momentum 0.9, nesterov): one training step at each of ``FIT_BATCHES``
-    under the step meter gives each block's saved bytes, ``bench.common.whole_step`` measures backward's
-    workspace at the same batches, and both are extrapolated affinely to ``at``. ``backbone``: an already
+    under the step meter gives each block's saved bytes (extrapolated linearly to ``at``), and
+    ``bench.common.whole_step`` measures backward's workspace at ``at`` itself. ``backbone``: an already
     split model (``external.from_spec``), deep-copied so each build trains its own. ``bp`` is K = 1.
     Returns the step, the model and its optimizers."""
     overrides = [f"model.backbone={model}", f"method.name={method}"]
@@ -130,8 +135,8 @@ def measure_build(
     per_block = [
         saved[a][i] + (saved[b][i] - saved[a][i]) / (b - a) * (at - a) for i in range(net.num_blocks)
     ]
-    total = whole_step(
-        net, opts, per_block, FIT_BATCHES, at,
+    total = whole_step(  # backward's workspace measured at ``at`` itself (see WORKSPACE_BATCHES)
+        net, opts, per_block, (at,), at,
         make_batch=lambda n: synthetic_batch(n, inputs, classes), group_steps=cfg.engine.group_steps,
     )  # fmt: skip
     return total, net, opts
@@ -213,7 +218,8 @@ def totals_table() -> str:
         f"\nCells: whole-step peak total (`locallearn.metrics.step_memory`: weights, buffers, gradients, "
         f"SGD momentum state, saved activations and backward's workspace, as the sequential engine "
         f"schedules them) of each method's default build over `bp`'s, at batch {TOTAL_BATCH} "
-        f"(measured at batches {FIT_BATCHES[0]} and {FIT_BATCHES[1]}, extrapolated affinely), "
+        f"(saved bytes measured at batches {FIT_BATCHES[0]} and {FIT_BATCHES[1]} and extrapolated, backward's "
+        f"workspace measured at {TOTAL_BATCH}), "
         f"{TOTAL_CLASSES} classes, float32. **Bold**: above `bp` ({len(over)} of "
         f"{len(TOTALS) * len(METHODS)} cells). Produced by `python benchmarks/aux_sizes.py --totals`.\n"
     )
@@ -259,10 +265,17 @@ def write(name: str, out: Path, text: str) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--totals", action="store_true", help="whole-step total / bp per outside model")
+    which.add_argument("--remedies", action="store_true", help="options tried on the cells above bp")
+    args = parser.parse_args()
     logging.disable(logging.WARNING)  # the build's own warning for each cell over 1.0
-    if "--totals" in sys.argv[1:]:
+    if args.totals:
         write("aux_totals", TOTALS_OUT, totals_table())
-    elif "--remedies" in sys.argv[1:]:
+    elif args.remedies:
         write("aux_remedies", OUT.with_name("aux_remedies.md"), remedies_table())
     else:
         write("aux_sizes", OUT, table())

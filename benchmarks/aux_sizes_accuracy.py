@@ -9,11 +9,13 @@ to the backbone: ``locallearn/aux_budget.py``) and the papers' sizes on the same
 
     python benchmarks/aux_sizes_accuracy.py    # writes benchmarks/results/aux_sizes_accuracy.md
     python benchmarks/aux_sizes_accuracy.py --defaults   # writes .../aux_defaults_accuracy.md
+    python benchmarks/aux_sizes_accuracy.py --defaults --only mlaan   # rerun these rows, keep the rest
 
 ``--defaults`` checks the outside-model defaults chosen for the whole step below ``bp``'s (issue 26):
 torchvision's ResNet-18 (residual units, so a copy of the next layer's first op differs from a copy of
 its first unit) on the same digits at 24 px for 2 epochs, each method by default and with the values those
-defaults replaced (``method.momentum.copy=unit``, ``method.infopro.recon_at=input``, SLM's bank from C1).
+defaults replaced (``method.momentum.copy=unit``, ``method.infopro.recon_at=input``, SLM's bank from C1,
+``method.mlaan.recompute=false``).
 """
 
 from __future__ import annotations
@@ -127,8 +129,22 @@ def defaults() -> None:
         ("infopro+manpp", BEFORE, "`copy=unit`, `recon_at=input` (before)"),
         ("slm", {}, "default: bank from C2"),
         ("slm", {"bank from C1": True}, "bank from C1 (before)"),
+        ("mlaan", {}, "default: `recompute` (block k-1 recomputed in backward)"),
+        ("mlaan", {"method.mlaan.recompute": False}, "`method.mlaan.recompute=false`"),
     ]
+    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
+    if only:  # rerun these methods' rows; the others are kept from the results file
+        kept = {}
+        if DEFAULTS_OUT.exists():
+            for line in DEFAULTS_OUT.read_text().splitlines():
+                cells = line.split(" | ")
+                if line.startswith("| ") and len(cells) > 2:
+                    kept[cells[0][2:], cells[1]] = line
     for method, options, kind in rows:
+        if only and method not in only:
+            if (method, kind) in kept:
+                lines.append(kept[method, kind])
+            continue
         # the bank's first level is a constant, not an option: put back the one it replaced here
         slm.OUTSIDE_MIN_REDUCTION = 1 if options.pop("bank from C1", False) else 4
         results = [run(method, False, s, resnet18, DEFAULTS_SIZE, options, DEFAULTS_EPOCHS) for s in SEEDS]

@@ -93,7 +93,7 @@ def wrap(
     (``{"method.momentum.momentum": 0.99, "optim.nesterov": False, "engine.channels_last": True}``).
     ``seed``: seeds torch before the model's aux nets are built (None: leave the RNG alone).
     ``memory_budget`` (``"8GiB"``, bytes) with ``batch_size`` (the batch your loader yields): plan K, the cuts
-    and ``momentum.recompute`` so that a training step at that batch fits (``locallearn.plan``); the plan is
+    and recomputation (``momentum.recompute``, ``mlaan.recompute``) so that a training step at that batch fits (``locallearn.plan``); the plan is
     logged and ``trainer.config`` holds it. ``num_blocks`` is then the largest K you accept."""
     if memory_budget is not None:
         return _wrap_for_budget(locals())
@@ -162,7 +162,7 @@ def wrap(
 
 def _wrap_for_budget(args: dict[str, Any]) -> LocalTrainer:
     """``wrap(..., memory_budget=)``: the planner's search with ``wrap`` itself as the builder."""
-    from locallearn.plan import parse_bytes, plan, synthetic
+    from locallearn.plan import parse_bytes, plan, recompute_option, synthetic
 
     budget_text, batch_size = args.pop("memory_budget"), args.pop("batch_size")
     if batch_size is None:
@@ -174,13 +174,14 @@ def _wrap_for_budget(args: dict[str, Any]) -> LocalTrainer:
     max_k = args.pop("num_blocks")
     options = dict(args.pop("options") or {})
     method = args.pop("method")
-    has_momentum = "+man" in method
+    option = recompute_option(method)
 
     def build(k: int, cuts: list[int] | None, recompute: bool):
         extra = {"model.split": "cuts", "model.cuts": cuts} if cuts else {}
-        if has_momentum and k > 1:
-            extra["method.momentum.recompute"] = recompute
-        t = wrap(**args, method=method if k > 1 else "bp", num_blocks=k, options={**options, **extra})
+        if option and k > 1:
+            extra[option] = recompute
+        given = options if k > 1 else {o: v for o, v in options.items() if not o.startswith("method.")}
+        t = wrap(**args, method=method if k > 1 else "bp", num_blocks=k, options={**given, **extra})
         return t.model, t.trainer.optimizers, t.config.engine.group_steps
 
     # the candidates are trained for a few steps while measured: an nn.Module's own weights (shared with
@@ -198,7 +199,7 @@ def _wrap_for_budget(args: dict[str, Any]) -> LocalTrainer:
         )
     make = synthetic(InputInfo(args["in_chans"], args["input_size"], tuple(args["mean"]), tuple(args["std"])),
                      num_classes, select_device(args["device"]))  # fmt: skip
-    result = plan(build, make, budget, batch_size, batch_size, None, None, has_momentum, dry_run=False,
+    result = plan(build, make, budget, batch_size, batch_size, None, None, option, dry_run=False,
                   device=select_device(args["device"]), max_blocks=max_k)  # fmt: skip
     if user_model is not None:
         user_model.load_state_dict(kept)
@@ -206,8 +207,8 @@ def _wrap_for_budget(args: dict[str, Any]) -> LocalTrainer:
         raise ConfigError(f"wrap(memory_budget={budget_text!r}): {result.needed}")
     log.info("memory_budget %s at batch %d: %s", budget_text, batch_size, " ".join(result.overrides))
     extra = {"model.split": "cuts", "model.cuts": result.cuts} if result.num_blocks > 1 else {}
-    if result.recompute:
-        extra["method.momentum.recompute"] = True
+    if result.recompute is not None:  # as measured (an auto default may differ)
+        extra[option] = result.recompute
     return wrap(**args, method=method, num_blocks=result.num_blocks, options={**options, **extra})
 
 

@@ -138,21 +138,22 @@ def warn_if_large(counts: dict[str, int], method_name: str, options: list[str]) 
 # Options that shrink a step above bp, per base method: measured to bring cells below bp
 # (docs/benchmarks.md, "Whole-step total relative to bp"; ``benchmarks/aux_sizes.py --remedies``) or,
 # for the widths, the narrowest aux. Fewer blocks is named for none (measured: no help). MLAAN's cascade
-# holds two blocks' activations at once: only dropping its EMA copy shrinks its step (ResNet-18 at 64 px
-# 1.00 -> 0.96x bp, at 224 px 1.10 -> 1.07x), its width and chain depth do not.
+# holds two blocks' activations at once unless block k-1's are recomputed (``recompute``, on by default
+# for outside models); dropping its EMA copy shrinks the step a little more; its width and chain depth
+# do not.
 REMEDIES = {
     "dgl": ["method.dgl.width=16"],
     "predsim": ["method.predsim.width=16"],
     "auglocal": ["method.auglocal.width=16"],
     "infopro": ["method.infopro.recon_at=feature", "method.infopro.width=16"],
     "slm": ["method.slm.width=16", "method.slm.bank=false"],
-    "mlaan": ["method.mlaan.ema=false"],
+    "mlaan": ["method.mlaan.recompute=true", "method.mlaan.ema=false"],
 }
 # MAN / MAN++: a copy of the next layer's first op instead of its first unit or the whole layer
 # (outside models only: the listed backbones' layers are single units; ResNet-18 at 64 px, dgl+man).
 MOMENTUM_REMEDIES = ["method.momentum.copy=op"]
 # what an ``auto`` value is on (outside models, the listed backbones)
-AUTO = {"recon_at": ("feature", "input"), "copy": ("op", "layer")}
+AUTO = {"recon_at": ("feature", "input"), "copy": ("op", "layer"), "recompute": ("true", "false")}
 
 
 def remedies(method: object, outside: bool) -> list[str]:
@@ -170,7 +171,7 @@ def remedies(method: object, outside: bool) -> list[str]:
         key, value = option.split("=")
         section, field = key.split(".")[1:]
         current = str(getattr(configs.get(section), field, "")).lower()
-        if current == "auto" and field in AUTO:
+        if current in ("auto", "none") and field in AUTO:  # None: auto for a bool option
             current = AUTO[field][0 if outside else 1]
         if field == "width" and current not in ("", "0") and int(current) <= int(value):
             continue  # already this narrow

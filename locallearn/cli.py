@@ -455,8 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_export)
     pl = sub.add_parser(
         "plan",
-        help="choose K, cuts, momentum.recompute and the batch that fit a memory budget",
-        description="Plan a run for a memory budget: the smallest K (and its cuts, momentum.recompute, the largest "
+        help="choose K, cuts, recomputation and the batch that fit a memory budget",
+        description="Plan a run for a memory budget: the smallest K (and its cuts, momentum.recompute or mlaan.recompute, the largest "
         "batch when data.batch_size is not given) whose whole training step fits, next to bp and activation "
         "checkpointing, confirmed by one measured step. Prints the overrides to train it with.",
     )

@@ -1,4 +1,4 @@
-"""The memory planner: the smallest K, its cuts, ``momentum.recompute`` and the largest batch that fit a budget.
+"""The memory planner: the smallest K, its cuts, recomputation and the largest batch that fit a budget.
 
 ``locallearn plan --memory 8GiB [key=value ...]`` and ``locallearn.wrap(..., memory_budget="8GiB")``. The model
 is the one ``metrics.step_memory`` accounts (weights and optimizer state resident; one block's gradients, saved
@@ -8,10 +8,13 @@ activations and backward workspace live at a time). The search:
   its gradient bytes; for each K, the cuts that minimise the largest block's live bytes (an exact dynamic
   programme over the backbone's layers, ``split.balanced_cuts``);
 - each candidate (K, cuts, recompute) is built as it would train and measured at two small batches (the meter's
-  saved bytes, the allocator's workspace), its whole step extrapolated to any batch (affine in the batch);
+  saved bytes, the allocator's workspace), its whole step extrapolated to any batch (affine in the batch); one
+  that fits by that is measured again with the workspace at the batch itself (``Candidate.measured_at``: the
+  workspace is not affine at small batches), which must fit too;
 - batches from the one given (kept as it is) or from the config's down by halves when none is given (the largest
-  that fits); K from 2 upwards (K costs accuracy: the smallest that fits wins); ``momentum.recompute`` only
-  where the method has momentum copies and K alone does not fit;
+  that fits); K from 2 upwards (K costs accuracy: the smallest that fits wins); recomputation
+  (``recompute_option``: MAN/MAN++'s ``momentum.recompute``, MLAAN's ``mlaan.recompute``) only where the
+  method has it and K alone does not fit;
 - the chosen plan is confirmed by one real training step at its batch on the planning device
   (``step_memory.allocated_peak``: the CPU allocator's records, or ``torch.cuda.max_memory_allocated``).
 
@@ -21,6 +24,7 @@ model.split=cuts model.cuts=[..] data.batch_size=..``) that ``locallearn train``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -73,6 +77,7 @@ class Candidate:
     flops_per_image: float | None = None
     model: Any = None
     optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
+    exact: dict[int, StepMemory] = field(default_factory=dict)  # ``measured_at``'s
 
     def at(self, batch: int) -> StepMemory:
         (b1, s1), (b2, s2) = sorted(self.small.items())
@@ -85,6 +90,18 @@ class Candidate:
 
     def total(self, batch: int) -> int:
         return self.at(batch).peak_total_bytes
+
+    def measured_at(self, batch: int, make_batch: Callable[[int], Batch], autocast=nullcontext) -> StepMemory:
+        """The step at ``batch`` with backward's workspace measured there (``block_workspace``) instead of
+        extrapolated: it is not affine at the fit batches (a fixed part wins below ~8 images; with MLAAN's
+        recompute the peak moves to block k-1's recomputation as the batch grows). Saved bytes are linear."""
+        if batch not in self.exact:
+            work = block_workspace(self.model, make_batch(batch), autocast)
+            acts = [b.activation_bytes for b in self.at(batch).blocks]
+            self.exact[batch] = self.at(batch).with_saved(
+                acts, [w + h for w, h in zip(work.workspace_bytes, work.held_bytes)]
+            )
+        return self.exact[batch]
 
 
 def measure(
@@ -124,8 +141,8 @@ class Plan:
     batch_size: int
     num_blocks: int
     cuts: list[int]
-    recompute: bool | None  # None: the method has no momentum copies
-    peak_total_bytes: int  # the account, extrapolated from the fit batches
+    recompute: bool | None  # None: the method has nothing to recompute (``recompute_option``)
+    peak_total_bytes: int  # the account at batch_size (saved bytes extrapolated, workspace measured there)
     bp_peak_total_bytes: int
     checkpoint_peak_total_bytes: int
     checkpoint_segments: int
@@ -133,14 +150,15 @@ class Plan:
     bp_flops_per_step: float | None = None
     measured_peak_total_bytes: int | None = None
     needed: str = ""  # when nothing fits: what would
+    recompute_option: str = "method.momentum.recompute"  # the option ``recompute`` sets
 
     @property
     def overrides(self) -> list[str]:
         out = [f"model.num_blocks={self.num_blocks}"]
         if self.num_blocks > 1:
             out += ["model.split=cuts", f"model.cuts=[{','.join(map(str, self.cuts))}]"]
-        if self.recompute:
-            out.append("method.momentum.recompute=true")
+        if self.recompute is not None:  # as measured: an auto default may differ from it
+            out.append(f"{self.recompute_option}={str(self.recompute).lower()}")
         return out + [f"data.batch_size={self.batch_size}"]
 
     def as_json(self) -> dict[str, Any]:
@@ -194,6 +212,15 @@ def candidate_ks(num_layers: int) -> list[int]:
     return sorted({*ks, num_layers})
 
 
+def recompute_option(method_name: str) -> str | None:
+    """The option by which ``method_name`` trades one more forward for memory (None: it has none)."""
+    if "+man" in method_name:
+        return "method.momentum.recompute"  # the LB / EMA copies
+    if method_name == "mlaan":
+        return "method.mlaan.recompute"  # block k-1 in the cascade
+    return None
+
+
 def plan(
     build: Build,
     make_batch: Callable[[int], Batch],
@@ -202,7 +229,7 @@ def plan(
     default_batch: int,
     num_blocks: int | None = None,
     cuts: list[int] | None = None,
-    has_momentum: bool = False,
+    option: str | None = None,
     recompute: bool | None = None,
     autocast: Callable[[], Any] = nullcontext,
     dry_run: bool = True,
@@ -210,7 +237,9 @@ def plan(
     max_blocks: int | None = None,
 ) -> Plan:
     """Search (module docstring); ``num_blocks`` / ``cuts`` / ``recompute`` given by the user are kept;
-    ``max_blocks`` bounds the K tried."""
+    ``option``: the method's ``recompute_option`` (None: nothing to recompute); ``max_blocks`` bounds
+    the K tried."""
+    has_recompute = option is not None
     bp = measure(build, make_batch, 1, None, False, autocast)
     num_layers = len(bp.model.backbone)
     batches = [batch_size] if batch_size else _halvings(default_batch)
@@ -219,7 +248,7 @@ def plan(
         if num_blocks
         else [k for k in candidate_ks(num_layers) if k <= (max_blocks or num_layers)]
     )
-    recomputes = [recompute] if recompute is not None else ([False, True] if has_momentum else [False])
+    recomputes = [recompute] if recompute is not None else ([False, True] if has_recompute else [False])
     measured: dict[tuple, Candidate] = {}
     costs_at_default = layer_live_costs(bp.model, make_batch, batches[0])
     chosen = None
@@ -237,7 +266,10 @@ def plan(
                         measured[key] = measure(build, make_batch, k, k_cuts, rc, autocast)
                     options.append((measured[key], rc))
             for cand, rc in options:
-                if cand.total(batch) <= budget:
+                # the extrapolation rules out; what passes it is confirmed with the workspace at ``batch``
+                if cand.total(batch) > budget:
+                    continue
+                if cand.measured_at(batch, make_batch, autocast).peak_total_bytes <= budget:
                     chosen = (cand, rc, batch)
                     break
             if chosen:
@@ -245,23 +277,27 @@ def plan(
         if chosen:
             break
     bp_batch = chosen[2] if chosen else batches[-1]
-    bp_total = bp.total(bp_batch)
-    ckpt, segments = checkpoint_total(bp.at(bp_batch), num_layers)
+    bp_step = bp.measured_at(bp_batch, make_batch, autocast)
+    bp_total = bp_step.peak_total_bytes
+    ckpt, segments = checkpoint_total(bp_step, num_layers)
     if chosen is None:
         best = min(measured.values() or [bp], key=lambda c: c.total(batches[-1]))
         need = best.total(batches[-1])
         return Plan(
-            False, budget, batches[-1], best.num_blocks, best.cuts, best.recompute if has_momentum else None,
+            False, budget, batches[-1], best.num_blocks, best.cuts, best.recompute if has_recompute else None,
             need, bp_total, ckpt, segments,
             needed=f"nothing fits {fmt(budget)}: the smallest plan (K={best.num_blocks}, batch {batches[-1]}"
-            f"{', momentum.recompute' if best.recompute else ''}) needs {fmt(need)}",
+            f"{', ' + option.removeprefix('method.') if best.recompute else ''}) needs {fmt(need)}",
+            recompute_option=option or "",
         )  # fmt: skip
     cand, rc, batch = chosen
     out = Plan(
-        True, budget, batch, cand.num_blocks, cand.cuts, rc if has_momentum else None, cand.total(batch),
+        True, budget, batch, cand.num_blocks, cand.cuts, rc if has_recompute else None,
+        cand.measured_at(batch, make_batch, autocast).peak_total_bytes,
         bp_total, ckpt, segments,
         flops_per_step=cand.flops_per_image * batch if cand.flops_per_image else None,
         bp_flops_per_step=bp.flops_per_image * batch if bp.flops_per_image else None,
+        recompute_option=option or "",
     )  # fmt: skip
     if dry_run:
         for other in (bp, *measured.values()):  # the allocator's count must see the chosen model only
@@ -331,7 +367,7 @@ def table(p: Plan) -> list[str]:
         ("bp", 1, "-", p.bp_peak_total_bytes, p.bp_flops_per_step),
         (f"checkpoint ({p.checkpoint_segments} segments, estimate)", 1, "-", p.checkpoint_peak_total_bytes,
          p.bp_flops_per_step * 4 / 3 if p.bp_flops_per_step else None),
-        ("plan" + (" + momentum.recompute" if p.recompute else ""), p.num_blocks, " ".join(map(str, p.cuts)) or "-",
+        ("plan" + (" + " + p.recompute_option.removeprefix("method.") if p.recompute else ""), p.num_blocks, " ".join(map(str, p.cuts)) or "-",
          p.peak_total_bytes, p.flops_per_step),
     ]  # fmt: skip
     lines = [f"{'':<34} {'K':>3} {'peak train mem':>15} {'GFLOP/step':>11}  cuts"]
@@ -390,9 +426,9 @@ def plan_config(
     inputs, classes = data_shape(cfg)
     device = select_device(cfg.engine.device)
     autocast = autocast_factory(cfg.engine.amp, device)
-    has_momentum = "+man" in cfg.method.name
+    option = recompute_option(cfg.method.name)
     fixed = [o for o in overrides if not o.startswith(("model.num_blocks=", "model.cuts=", "model.split=",
-                                                       "data.batch_size=", "method.momentum.recompute="))]  # fmt: skip
+                                                       "data.batch_size=", f"{option}="))]  # fmt: skip
 
     def build(k: int, cuts: list[int] | None, recompute: bool):
         extra = [f"model.num_blocks={k}"]
@@ -400,9 +436,11 @@ def plan_config(
             extra += ["method.name=bp", "model.split=even", "model.cuts=null"]
         else:
             extra += ["model.split=cuts", f"model.cuts=[{','.join(map(str, cuts))}]"]
-            if has_momentum:
-                extra.append(f"method.momentum.recompute={str(recompute).lower()}")
+            if option:
+                extra.append(f"{option}={str(recompute).lower()}")
         c = load_config(None, [*fixed, *extra], base=base)
+        if k == 1:  # bp takes no method options (the method's own, from the overrides or the config)
+            c = dataclasses.replace(c, method=dataclasses.replace(c.method, options={}))
         try:
             model, _, _ = build_model(c, inputs, classes)
         except ValueError as e:
@@ -413,10 +451,10 @@ def plan_config(
 
     cuts = [int(c) for c in given["model.cuts"]] if given.get("model.cuts") else None
     k = int(given["model.num_blocks"]) if "model.num_blocks" in given else (len(cuts) + 1 if cuts else None)
-    rc = given.get("method.momentum.recompute")
+    rc = given.get(option) if option else None
     result = plan(
         build, synthetic(inputs, classes, device), budget,
         int(given["data.batch_size"]) if "data.batch_size" in given else None, cfg.data.batch_size,
-        k, cuts, has_momentum, None if rc is None else bool(rc), autocast, dry_run, device,
+        k, cuts, option, None if rc is None else bool(rc), autocast, dry_run, device,
     )  # fmt: skip
     return result, [*fixed, *result.overrides]

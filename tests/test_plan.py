@@ -42,6 +42,21 @@ def test_plan_fits_when_measured_and_trains_as_printed(capsys):
     assert cfg["data"]["batch_size"] == 16
 
 
+def test_plan_turns_on_mlaan_recompute_when_k_alone_does_not_fit(capsys):
+    """MLAAN's recompute option (block k-1 recomputed in the cascade's backward) is the planner's to choose,
+    as MAN's ``momentum.recompute``; a method option given (``method.mlaan.ema``) does not break bp's
+    build. 8.5 MiB: MLAAN K=2 at batch 64 on the digits holds ~9.6 MiB without recompute, ~7.4 with it."""
+    args = ["model.backbone=resnet20", "method.name=mlaan", "data.batch_size=64", "model.num_blocks=2",
+            "method.mlaan.ema=true"]  # fmt: skip
+    code, out, _ = run(["plan", "--memory", "8.5MiB", "--json", *args], capsys)
+    plan = json.loads(out)
+    assert code == 0 and plan["fits"] and plan["recompute"] is True
+    assert "method.mlaan.recompute=true" in plan["overrides"]
+    assert plan["peak_total_bytes"] == pytest.approx(plan["measured_peak_total_bytes"], rel=0.1)
+    code, out, _ = run(["plan", "--memory", "1GiB", "--json", *args], capsys)
+    assert code == 0 and "method.mlaan.recompute=false" in json.loads(out)["overrides"]  # as measured
+
+
 def test_a_budget_nothing_fits_is_one_line_and_a_non_zero_exit(capsys):
     code, out, err = run(["plan", "--memory", "1MiB", *TINY, "model.num_blocks=2"], capsys)
     assert code != 0 and out == ""

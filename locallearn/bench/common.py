@@ -190,6 +190,8 @@ def synthetic_batch(
 
 
 def _affine(points: dict[int, float], at: int) -> float:
+    if at in points:  # measured there
+        return points[at]
     (b1, y1), (b2, y2) = sorted(points.items())[:2]
     return y1 + (y2 - y1) / (b2 - b1) * (at - b1)
 
@@ -208,12 +210,12 @@ def whole_step(
     """The whole step (``metrics.step_memory``) at batch ``at``: the model's weights, gradients and optimizer
     state (its optimizers have stepped), the meter's fitted per-block bytes, and backward's workspace measured
     by the allocator at the two smallest ``batches`` (``make_batch(n)``) and extrapolated the same way (affine
-    in the batch). ``checkpoint_bytes``: activation checkpointing's analytic peak replaces the block's saved
+    in the batch), or at ``at`` alone when ``batches`` holds it (the workspace is not affine at small batches). ``checkpoint_bytes``: activation checkpointing's analytic peak replaces the block's saved
     bytes (its recomputation's workspace is not measured: it counts as 0)."""
     if checkpoint_bytes is not None:
         return step_memory(model, optimizers, [round(checkpoint_bytes)])
     passes = {}
-    for b in sorted(batches)[:2]:
+    for b in [at] if at in batches else sorted(batches)[:2]:  # ``at`` among them: measured there alone
         torch.manual_seed(0)
         passes[b] = block_workspace(model, make_batch(b), autocast)
     n = len(block_bytes)

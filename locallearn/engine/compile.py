@@ -151,7 +151,8 @@ def compile_blocks(
         if getattr(aux, "recompute", False) and k not in skip:
             # torch.utils.checkpoint inside a compiled region: Dynamo's checkpoint replays no BN
             # running-statistics update and the eager backend fails on the replayed counter
-            skip[k] = "it recomputes activations with torch.utils.checkpoint (momentum.recompute)"
+            why = getattr(aux, "recompute_option", "momentum.recompute")
+            skip[k] = f"it recomputes activations with torch.utils.checkpoint ({why})"
     if region == "block":
         why = block_region_refusal(model, auxes, skip)
         if why is None:

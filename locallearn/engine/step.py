@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint_sequential
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 from locallearn.engine.optim import GroupedOptimizer
 from locallearn.types import Batch
@@ -38,8 +39,8 @@ def local_step(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Train one block on its detached input; return its detached output and the aux's outputs.
 
-    With ``cascade`` (window 2), block k-1 runs again on its detached input and block k on that
-    output; the aux gets it as ``cascade=`` and its loss reaches blocks k-1 and k only, after which
+    With ``cascade`` (window 2), block k-1 runs again on its detached input and block k once, on that
+    output; the aux's own loss reaches block k only and its cascaded loss blocks k-1 and k, after which
     block k-1's optimizer steps (unless ``cascade.optimizer`` is None). ``defer_step`` keeps this
     block's gradients (for the next block's cascade, or for ``step_grouped``) instead of stepping now.
     ``clip`` (``optim.clip_grad_norm``): each stepped optimizer's gradients are first clipped to this
@@ -59,7 +60,9 @@ def local_step(
     loss = out["loss"]
     # the prediction is for the test pass (block scores); dropped here, it is not held past this block
     out.pop("output", None)
-    if loss.requires_grad:  # a block whose loss weights are all 0 has nothing to learn this step
+    if cascade is not None:
+        cascade_backward(out.pop("own_loss"), out.pop("cascade_loss"), (body, aux))
+    elif loss.requires_grad:  # a block whose loss weights are all 0 has nothing to learn this step
         (scaler.scale(loss) if scaler is not None else loss).backward()  # frees this block's graph
     optimizers = [] if cascade is None or cascade.optimizer is None else [cascade.optimizer]
     optimizers += [] if defer_step else [optimizer]
@@ -76,6 +79,18 @@ def local_step(
                 opt.step()
         opt.zero_grad(set_to_none=True)
     return h.detach(), out
+
+
+def cascade_backward(own: torch.Tensor, cascaded: torch.Tensor, modules: tuple[nn.Module, ...]) -> None:
+    """Window 2: the aux's two losses read one graph (block k run on block k-1 run again). The ``own``
+    loss's gradient reaches only ``modules`` (block k and its aux: ``inputs=`` stops it before block
+    k-1); the ``cascaded`` loss's reaches both blocks. Two backward passes over the one graph give each
+    parameter exactly the sum a second forward of block k would (the graph is kept for the second)."""
+    own_params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    if own.requires_grad and own_params:
+        torch.autograd.backward(own, inputs=own_params, retain_graph=cascaded.requires_grad)
+    if cascaded.requires_grad:
+        cascaded.backward()  # frees the graph
 
 
 def clip_block(optimizer: torch.optim.Optimizer, max_norm: float | None) -> None:
@@ -97,13 +112,35 @@ def block_forward(
     h_prev: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The forward half of ``local_step`` on an already detached input: the block's output (not
-    detached) and the aux's outputs. With ``cascade_body`` (window 2) the aux also gets block k-1 run
-    again on its detached input ``h_prev`` and block k on that, as ``cascade=``. Pure (no detach, no
-    backward, no step), so ``engine.compile_region=block`` compiles it as one region per block."""
+    detached) and the aux's outputs. With ``cascade_body`` (window 2) block k runs on block k-1 run
+    again on its detached input ``h_prev`` (the same values as ``h``, with block k-1's graph), once:
+    the aux (``cascade=True``) reads that one output for both its losses and returns them apart
+    (``own_loss``, ``cascade_loss``) for ``cascade_backward``. Pure (no detach, no backward, no step),
+    so ``engine.compile_region=block`` compiles it as one region per block."""
+    if cascade_body is not None:
+        h = rerun(cascade_body, h_prev) if getattr(aux, "recompute", False) else cascade_body(h_prev)
     h = body(h, batch.bank) if getattr(body, "writes_bank", False) else body(h)
     if cascade_body is None:
         return h, aux(h, batch)  # the last block's aux is the task head + task loss
-    return h, aux(h, batch, cascade=body(cascade_body(h_prev)))
+    return h, aux(h, batch, cascade=True)
+
+
+def rerun(body: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``body`` on ``h`` keeping only ``h``: its activations are recomputed during backward
+    (``torch.utils.checkpoint``, the RNG replayed), and the recomputation leaves its batch-norm
+    statistics as this forward set them (MLAAN's ``recompute``: block k-1 in cut k's cascade)."""
+    return checkpoint(body, h, use_reentrant=False, context_fn=lambda: (nullcontext(), buffers_kept(body)))
+
+
+@contextmanager
+def buffers_kept(module: nn.Module) -> Iterator[None]:
+    kept = [b.clone() for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in zip(module.buffers(), kept):
+                b.copy_(value)
 
 
 def step_grouped(grouped: GroupedOptimizer, clip: float | None = None) -> None:

@@ -11,9 +11,10 @@ what the engine must honour: ``window`` (how many blocks one local loss may span
 (the aux reads a later layer's live weights every step; the engine then calls ``aux.sync(layer)``
 after the optimizer steps, with the live first layer of block k+1).
 
-``window = 2`` (MLAAN's cascade): for k >= 1 the engine also runs block k-1 again on its cached,
-detached input, feeds that through block k, and calls ``aux(h, batch, cascade=z)``; the loss of block
-k then reaches blocks k-1 and k, and block k-1's optimizer steps after block k's backward. The last
+``window = 2`` (MLAAN's cascade): for k >= 1 the engine runs block k-1 again on its cached, detached
+input, block k on that, and calls ``aux(h, batch, cascade=True)``; the aux returns ``own_loss`` (its
+gradient reaches block k and the aux only) and ``cascade_loss`` (reaches blocks k-1 and k) besides
+``loss``, and block k-1's optimizer steps after block k's backward. The last
 block's aux is what ``make_head`` returns (default: the task head and loss unchanged).
 
 Initialisation of aux nets: ``AuxContext.init_weights`` is the backbone family's init for the layers a

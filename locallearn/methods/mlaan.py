@@ -31,7 +31,17 @@ e.g. ``[[3,8],[3,17]]`` after ``[3,1]``, where the rule keeps 4); ResNet-32 K=16
 stem alone in block 0) takes the K=15 list of the same cut, the official code having no K=16 list;
 block k-1's optimizer steps after block k's backward (the official code steps all blocks once per
 batch, after every backward).
-"""
+
+Memory and compute (ours, exact): the official code runs block k twice per cut, once on the detached
+input for the independent loss and once inside the cascade, and holds both graphs. Block k-1's
+parameters have not stepped since its own forward, so the cascade's block k-1 output has the same
+values as block k's input: block k runs once, on the cascade, and both losses read that output;
+the independent loss's gradient is kept from block k-1 by a backward pass restricted to block k's
+parameters (``engine.step.cascade_backward``). Same gradients (to float order), one forward of
+block k fewer, and the step holds one graph of blocks k-1 and k instead of that plus another of
+block k (ShuffleNet-v2 K=3 at 64 px: block 1's saved bytes 40.1 -> 24.7 MiB, 17.2 with
+``recompute``). Each block runs twice per step in training mode, as in the official code
+(batch-norm statistics update twice; ``recompute``'s third run leaves them as they were)."""
 
 from __future__ import annotations
 
@@ -68,6 +78,12 @@ class MLAANConfig:
     # Auto on an outside model also builds the chain past its first layer as fresh units at most
     # that wide (copies of ResNet-18's last stages outweighed the backbone)
     width: int = 0
+    # ours: block k-1, run again in cut k's cascade, keeps only its input and recomputes its activations
+    # during backward (torch.utils.checkpoint; exact gradients, batch-norm statistics left as the
+    # forward set them; one more forward of block k-1 per step, as many as the official code runs).
+    # None = auto: on for models outside the papers' tables, where holding two blocks' activations
+    # put MLAAN's step above bp's (docs/benchmarks.md), off on the listed backbones
+    recompute: bool | None = None
 
     def __post_init__(self) -> None:
         if self.copy not in ("auto", "layer", "unit", "op"):
@@ -203,6 +219,8 @@ class GAPHead(nn.Sequential):
 class MLAANAux(nn.Module):
     """Independent head on block k's output; cascaded path through the LAM chain (k >= 1)."""
 
+    recompute_option = "mlaan.recompute"  # named by engine.compile when ``recompute`` is on
+
     def __init__(self, ctx: AuxContext, cfg: MLAANConfig) -> None:
         super().__init__()
         if ctx.feature.fmt != "NCHW":
@@ -211,6 +229,8 @@ class MLAANAux(nn.Module):
         self.chain_layers: list[int] = []
         self._live: list[nn.Module] = []  # unregistered reference to the live layer the EMA tracks
         self.x_head = self.aug = self.pools = self.ema = self.y_head = None
+        # read by engine.step.block_forward (block k-1 in this cut's cascade) and engine.compile
+        self.recompute = bool(ctx.outside if cfg.recompute is None else cfg.recompute)
         if ctx.k == 0:
             return  # block 0 learns through the cascade of cut 1 only
         width = cfg.width or ctx.width
@@ -252,16 +272,20 @@ class MLAANAux(nn.Module):
             z = layer(pool(z))
         return z
 
-    def forward(self, h: torch.Tensor, batch: Batch, cascade: torch.Tensor | None = None) -> dict:
+    def forward(self, h: torch.Tensor, batch: Batch, cascade: bool = False) -> dict:
+        """``cascade`` (the training step): ``h`` is block k's output on block k-1 run again, so the
+        cascaded loss reads it too; the two terms come back apart for ``engine.step.cascade_backward``
+        (the independent one's gradient must not reach block k-1)."""
         if self.x_head is None:
-            return {"loss": h.new_zeros((), dtype=torch.float32)}
+            zero = h.new_zeros((), dtype=torch.float32)
+            return {"loss": zero, "own_loss": zero, "cascade_loss": zero} if cascade else {"loss": zero}
         output = self.x_head(h)
         out = {"x": self.task.loss(output, batch), "output": output}
-        loss = self.cfg.wx * out["x"]
-        if cascade is not None:
-            out["y"] = self.task.loss(self.y_head(self.leap(cascade)), batch)
-            loss = loss + self.cfg.wy * out["y"]
-        out["loss"] = loss
+        out["loss"] = self.cfg.wx * out["x"]
+        if cascade:
+            out["y"] = self.task.loss(self.y_head(self.leap(h)), batch)
+            out["own_loss"], out["cascade_loss"] = out["loss"], self.cfg.wy * out["y"]
+            out["loss"] = out["own_loss"] + out["cascade_loss"]
         return out
 
     @torch.no_grad()
@@ -278,21 +302,25 @@ class MLAANAux(nn.Module):
 class CascadeHead(nn.Module):
     """The last block: the task loss on its own output and on the cascade, both through the task head."""
 
-    def __init__(self, inner: nn.Module, cfg: MLAANConfig) -> None:
+    recompute_option = "mlaan.recompute"
+
+    def __init__(self, inner: nn.Module, cfg: MLAANConfig, recompute: bool = False) -> None:
         super().__init__()
-        self.inner, self.cfg = inner, cfg
+        self.inner, self.cfg, self.recompute = inner, cfg, recompute
 
     @property
     def head(self) -> nn.Module:
         return self.inner.head
 
-    def forward(self, h: torch.Tensor, batch: Batch, cascade: torch.Tensor | None = None) -> dict:
+    def forward(self, h: torch.Tensor, batch: Batch, cascade: bool = False) -> dict:
+        """``cascade``: ``h`` carries block K-2's graph; the independent and cascaded losses are one
+        value (the head on one output), weighted wx (block K-1 and the head only) and wy (both blocks)."""
         out = dict(self.inner(h, batch))
-        if cascade is None:
+        if not cascade:
             return out
-        out["x"] = out["loss"]
-        out["y"] = self.inner(cascade, batch)["loss"]
-        out["loss"] = self.cfg.wx * out["x"] + self.cfg.wy * out["y"]
+        out["x"] = out["y"] = out["loss"]
+        out["own_loss"], out["cascade_loss"] = self.cfg.wx * out["x"], self.cfg.wy * out["y"]
+        out["loss"] = out["own_loss"] + out["cascade_loss"]
         return out
 
 
@@ -315,10 +343,12 @@ class MLAAN(Method):
             raise ValueError(f"mlaan chain_depth must be >= 1, got {self.cfg.chain_depth}")
 
     def build_aux(self, k: int, ctx: AuxContext) -> nn.Module:
+        self._outside = ctx.outside  # the last block's cascade (make_head) follows the auxes'
         return MLAANAux(ctx, self.cfg)
 
     def make_aux(self, k: int, ctx: AuxContext) -> nn.Module:
         return self.build_aux(k, ctx)  # chain copies start equal to the live layers; heads keep their init
 
     def make_head(self, head: nn.Module) -> nn.Module:
-        return CascadeHead(head, self.cfg)
+        outside = getattr(self, "_outside", False)
+        return CascadeHead(head, self.cfg, outside if self.cfg.recompute is None else self.cfg.recompute)

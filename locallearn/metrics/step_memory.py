@@ -394,13 +394,15 @@ def block_workspace(
     are alive together, and a residual sum keeps the gradient of its output for the shortcut), ops'
     scratch, the loss's intermediates. Measured by the allocator (``allocator_rise``) while each block runs
     forward and backward once on ``batch`` (no optimizer step; BN statistics and the RNG are restored).
-    Linear in the batch like the saved bytes. Window-2 methods (a cascade spans two blocks) get 0.
+    Linear in the batch like the saved bytes. Window-2 methods (MLAAN): block k's step runs block k-1
+    again, as the engine does (block k-1's gradients count as gradients, not workspace).
 
     Also the bytes the engine holds from earlier blocks while block k >= 1 runs: the batch's images."""
     inputs: list[int] = []
-    if getattr(model, "window", 1) != 1:
+    window = getattr(model, "window", 1)
+    if window not in (1, 2):
         return BlockPass([0] * model.num_blocks, [0] * model.num_blocks)
-    from locallearn.engine.step import local_step  # the engine's own step, without the optimizer
+    from locallearn.engine.step import Cascade, local_step  # the engine's own step, no optimizer
 
     device = device or batch.x.device
     buffers = [b.detach().clone() for b in model.buffers()]
@@ -410,12 +412,12 @@ def block_workspace(
     out_bytes = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         bank_batch = type(batch)(batch.x, batch.targets, batch.mean, batch.std)  # a bank of its own
-        h = bank_batch.x
+        h = h_prev = bank_batch.x
         for k in range(model.num_blocks):
             inputs.append(h.untyped_storage().nbytes())
             for p in params:
                 p.grad = None
-            held = (h, *(t for _, t in bank_batch.bank.items()))
+            held = (h, h_prev, *(t for _, t in bank_batch.bank.items()))
             before = resident | {t.untyped_storage().data_ptr() for t in held}
             saved: dict[int, int] = {}
 
@@ -431,7 +433,9 @@ def block_workspace(
 
             result: dict[str, Any] = {}
 
-            def run(k=k, h=h, pack=pack, result=result) -> None:
+            cascade = Cascade(model.body(k - 1), h_prev, None) if window == 2 and k > 0 else None
+
+            def run(k=k, h=h, pack=pack, result=result, cascade=cascade) -> None:
                 hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x)
                 result["h"], _ = local_step(
                     model.body(k),
@@ -442,13 +446,14 @@ def block_workspace(
                     None,
                     autocast(),
                     hooks,
+                    cascade=cascade,
                     defer_step=True,
                 )
 
             rise = allocator_rise(run, device)
             saved_new = sum(saved.values())
             grads = storage_bytes(p.grad for p in params if p.grad is not None)
-            h = result["h"]
+            h_prev, h = h, result["h"]
             out_bytes.append(max(0, rise - saved_new - grads))
     for p, g in zip(params, kept):
         p.grad = g
@@ -548,13 +553,26 @@ def allocator_rise(fn: Callable[[], Any], device: torch.device | str = "cpu") ->
         event = stack.pop()
         stack.extend(event.children)
         if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            records.append(
-                (event.start_time_ns, event.extra_fields.alloc_size, event.extra_fields.total_allocated)
-            )
-    if not records:
-        return 0
-    records.sort(key=lambda r: r[0])
-    # the reporter's running total lives as long as the process: measure from the level before the first record
-    start = records[0][2] - records[0][1]
-    highest = max(total for _, _, total in records) - start
-    return max(0, highest)
+            records.append((event.start_time_ns, event.extra_fields.alloc_size, event.extra_fields.ptr))
+    return session_peak(records)
+
+
+def session_peak(records: Iterable[tuple[int, int, int]]) -> int:
+    """The highest running total of allocation records ``(time, size, address)`` (a free: size <= 0).
+
+    Our own running total, from this session's allocations and the frees of those allocations only. The
+    reporter's total (``total_allocated``) depends on the process's history: it keeps the size of every
+    block allocated while some profiler ran and freed while none did, and a later free of a new block at
+    that address takes the stale size off (seen: one cell of ``benchmarks/aux_sizes.py --totals`` at
+    1.08x bp after other cells in the same process, 0.92x alone). Blocks allocated before the session
+    and freed during it do not lower the total (none are, in the engine's step as measured here)."""
+    sizes: dict[int, int] = {}
+    total = highest = 0
+    for _, size, ptr in sorted(records, key=lambda r: r[0]):
+        if size > 0:
+            sizes[ptr] = size
+            total += size
+            highest = max(highest, total)
+        elif ptr in sizes:
+            total -= sizes.pop(ptr)
+    return highest

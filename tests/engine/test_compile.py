@@ -64,6 +64,21 @@ def test_compiled_blocks_train_exactly_as_eager(method):
     assert counters["stats"]["unique_graphs"] > 0  # something was really compiled
 
 
+def test_mlaan_recompute_gets_module_regions_and_trains_exactly_as_eager():
+    """``method.mlaan.recompute``: block k-1 of the cascade under torch.utils.checkpoint in the engine's
+    block forward; such a model gets module regions (one per body and aux), bitwise equal to eager."""
+    extra = {"method.mlaan.recompute": "true"}
+    (ma, oa, _, _), (mb, ob, _, _) = _pair("mlaan", **extra)
+    compile_blocks(mb, backend="eager", region="block")
+    assert all(is_compiled(mb.body(k)) for k in range(mb.num_blocks))
+    assert not any(hasattr(mb.body(k), "compiled_block_forward") for k in range(mb.num_blocks))
+    for la, lb in zip(_steps(ma, oa), _steps(mb, ob)):
+        assert torch.equal(la, lb)
+    sa, sb = ma.state_dict(), mb.state_dict()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
 def test_blocks_of_one_structure_share_their_graphs():
     """resnet20 K=10 (dgl): 10 bodies and 10 aux nets, but only the distinct structures compile: bodies
     stem, 16, 16->32, 32, 32->64, 64; aux nets at 16, 32, 64 channels; the head."""

@@ -141,6 +141,67 @@ def test_window_two_gradients_reach_blocks_k_minus_1_and_k_only():
     assert reached and all(reached)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 3])  # a middle cut, the next, and the last block (CascadeHead)
+def test_one_forward_of_block_k_gives_the_two_graph_gradients(k, recompute):
+    """Block k runs once, on the cascade, and both losses read it: every parameter's gradient is what the
+    official formulation (block k again on its detached input for the independent loss) gives; with
+    ``recompute`` (block k-1's activations recomputed in backward) too."""
+    model, _, _ = tiny_model("mlaan", k=4, **{"method.mlaan.recompute": recompute})
+    assert model.auxes[k].recompute is recompute
+    batch = tiny_batch()
+    with torch.no_grad():
+        inputs = [batch.x]
+        for j in range(k):
+            inputs.append(model.body(j)(inputs[-1]))
+    aux, wx, wy = model.auxes[k], 0.001, 0.999
+    params = [*model.body(k - 1).parameters(), *model.body(k).parameters(), *aux.parameters()]
+
+    def grads():
+        out = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        for p in params:
+            p.grad = None
+        return out
+
+    # reference: two graphs of block k, one loss
+    h = model.body(k)(inputs[k])
+    z = model.body(k)(model.body(k - 1)(inputs[k - 1]))
+    if k < model.num_blocks - 1:
+        x = aux.task.loss(aux.x_head(h), batch)
+        y = aux.task.loss(aux.y_head(aux.leap(z)), batch)
+    else:
+        x, y = aux.inner(h, batch)["loss"], aux.inner(z, batch)["loss"]
+    (wx * x + wy * y).backward()
+    want = grads()
+    _, out = local_step(model.body(k), aux, inputs[k], batch, None,
+                        cascade=Cascade(model.body(k - 1), inputs[k - 1], None), defer_step=True)  # fmt: skip
+    got = grads()
+    assert out["x"].item() == pytest.approx(x.item(), rel=1e-5)
+    assert out["y"].item() == pytest.approx(y.item(), rel=1e-5)
+    assert sum(g.abs().sum() for g in got[: len(list(model.body(k - 1).parameters()))]) > 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_recompute_leaves_batch_norm_statistics_as_the_forward_set_them():
+    stats = []
+    for recompute in (False, True):
+        model, optimizers, _ = tiny_model("mlaan", k=3, **{"method.mlaan.recompute": recompute})
+        train_step(model, tiny_batch(), optimizers)
+        stats.append([b.clone() for b in model.backbone.buffers()])
+    assert all(torch.equal(a, b) for a, b in zip(*stats))
+
+
+def test_recompute_defaults_on_for_outside_models_only():
+    listed = tiny_model("mlaan", k=3)[0]
+    assert not any(a.recompute for a in listed.auxes)
+    cfg = load_config(
+        None, ["method.name=mlaan", "model.backbone=torchvision:resnet18", "model.num_blocks=3"]
+    )
+    outside = build_model(cfg, InputInfo(3, 32, (0.5,) * 3, (0.5,) * 3), 10)[0]
+    assert all(a.recompute for a in outside.auxes)
+
+
 def test_every_ema_copy_moves_each_step():
     model, optimizers, _ = tiny_model("mlaan", k=4)
     auxes = [a for a in list(model.auxes)[:-1] if a.ema is not None]
