@@ -157,7 +157,8 @@ class Plan:
         out = [f"model.num_blocks={self.num_blocks}"]
         if self.num_blocks > 1:
             out += ["model.split=cuts", f"model.cuts=[{','.join(map(str, self.cuts))}]"]
-        if self.recompute is not None:  # as measured: an auto default may differ from it
+        # as measured; off is named only where the default may be on (MLAAN's auto, on outside models)
+        if self.recompute or (self.recompute is False and self.recompute_option in AUTO_ON):
             out.append(f"{self.recompute_option}={str(self.recompute).lower()}")
         return out + [f"data.batch_size={self.batch_size}"]
 
@@ -210,6 +211,9 @@ def candidate_ks(num_layers: int) -> list[int]:
         ks.append(k)
         k = k + 1 if k < 4 else int(k * 1.5) if k % 2 else k * 3 // 2
     return sorted({*ks, num_layers})
+
+
+AUTO_ON = ("method.mlaan.recompute",)  # recompute options whose default (auto) can be on
 
 
 def recompute_option(method_name: str) -> str | None:
