@@ -33,12 +33,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from locallearn.build import build_model
 from locallearn.config import load_config
-from locallearn.data.datasets import load_data
 from locallearn.engine.block_scores import BlockScores
 from locallearn.trainer import Trainer
 from tests.proof_report import report
+from tests.tasks.scenes_helpers import ScenesRun, train_on_scenes
 
 RECIPE = {
     "task.name": "detection", "model.backbone": "resnet18", "model.num_blocks": 4, "model.cuts": "[3,5,7]",
@@ -91,11 +90,7 @@ SEEDS = (0, 1)
 PROVEN = ["retinanet-dgl+manpp", "yolov1-slm", "yolov1-slm+man"]
 
 
-@dataclass
-class Result:
-    at_init: dict  # the head's test metrics and, per block k < K-1, ``block{k}`` -> its aux's metrics
-    final: dict
-    losses: list[list[float]]  # per step, each block's training loss
+Result = ScenesRun  # at_init / final: the head's metrics and ``block{k}`` -> block k's aux's; losses per step
 
 
 def scores(trainer: Trainer, test_loader) -> dict:
@@ -115,32 +110,8 @@ def scores(trainer: Trainer, test_loader) -> dict:
 def train(overrides: dict, steps: int, frozen: int = 0, seed: int = 0) -> Result:
     """``RECIPE`` with ``overrides`` trained ``steps`` steps; the first ``frozen`` blocks' optimizers never
     step (their aux nets neither). One thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg = load_config(None, [f"{k}={v}" for k, v in {**RECIPE, **overrides}.items()])
-        train_set, test_set = load_data(cfg.data, cfg.task.name)
-        torch.manual_seed(seed)
-        model, _, task = build_model(cfg, train_set.info, train_set.num_classes)
-        task.bind(test_set)
-        loader = train_set.loader(cfg.data.batch_size, True, seed, cfg.data.augment)
-        trainer = Trainer(model, cfg.optim, len(loader), task=task)
-        test_loader = test_set.loader(cfg.data.test_batch_size, False)
-        at_init = scores(trainer, test_loader)
-        for opt in trainer.optimizers[:frozen]:
-            opt.step = lambda *args, **kwargs: None  # the control: this block never learns
-        losses: list[list[float]] = []
-        epoch = 0
-        while len(losses) < steps:
-            loader.set_epoch(epoch)
-            epoch += 1
-            for batch in loader:
-                losses.append([float(o["loss"].detach()) for o in trainer.step(batch)])
-                if len(losses) == steps:
-                    break
-        return Result(at_init, scores(trainer, test_loader), losses)
-    finally:
-        torch.set_num_threads(threads)
+    cfg = load_config(None, [f"{k}={v}" for k, v in {**RECIPE, **overrides}.items()])
+    return train_on_scenes(cfg, steps, seed, never_step=frozen, score=scores)
 
 
 def blocks_line(r: Result, metric: str = "AP50") -> str:

@@ -24,13 +24,10 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
-from locallearn.build import build_model
 from locallearn.config import load_config
-from locallearn.data.datasets import load_data
-from locallearn.trainer import Trainer
 from tests.proof_report import report
+from tests.tasks.scenes_helpers import ScenesRun, train_on_scenes
 
 SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "segmentation" / "digit_scenes_r20_dgl.yaml"
 K = 4
@@ -74,43 +71,18 @@ VARIANTS = {
 }
 
 
-def train(steps: int, frozen: int = 0, seed: int = 0, patch_frozen: bool = False, **options) -> dict:
+def train(steps: int, frozen: int = 0, seed: int = 0, patch_frozen: bool = False, **options) -> ScenesRun:
     """The shipped digit_scenes config with ``options`` (dotted keys), its cosine schedule over ``steps``
-    steps (whole epochs of 30): test metrics at init (``init``) and after ``steps`` steps (``final``), and
-    per-step block losses (``losses``). ``frozen``: blocks 0..frozen-1 frozen (``model.frozen_blocks``),
-    or with ``patch_frozen`` their optimizers' ``step`` patched out instead (batch norm still tracks).
-    One thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        overrides = {"optim.epochs": steps // 30, "seed": seed, **options}
-        if frozen and not patch_frozen:
-            overrides["model.frozen_blocks"] = frozen
-        cfg = load_config(SHIPPED, [f"{k}={v}" for k, v in overrides.items()])
-        train_set, test_set = load_data(cfg.data, cfg.task.name)
-        torch.manual_seed(seed)
-        model, _, task = build_model(cfg, train_set.info, train_set.num_classes)
-        task.bind(test_set)
-        loader = train_set.loader(cfg.data.batch_size, True, seed, cfg.data.augment)
-        assert len(loader) * cfg.optim.epochs == steps, "steps are whole epochs of the shipped data"
-        trainer = Trainer(model, cfg.optim, len(loader), task=task)
-        test_loader = test_set.loader(cfg.data.test_batch_size, False)
-        at_init = trainer.evaluate(test_loader)
-        if patch_frozen:
-            for opt in trainer.optimizers[:frozen]:
-                opt.step = lambda *args, **kwargs: None  # the control: this block never learns
-        losses: list[list[float]] = []
-        epoch = 0
-        while len(losses) < steps:
-            loader.set_epoch(epoch)
-            epoch += 1
-            for batch in loader:
-                losses.append([float(o["loss"].detach()) for o in trainer.step(batch)])
-                if len(losses) == steps:
-                    break
-        return {"init": at_init, "final": trainer.evaluate(test_loader), "losses": losses}
-    finally:
-        torch.set_num_threads(threads)
+    steps (whole epochs of 30): test metrics at init and after ``steps`` steps, and per-step block losses.
+    ``frozen``: blocks 0..frozen-1 frozen (``model.frozen_blocks``), or with ``patch_frozen`` their
+    optimizers' ``step`` patched out instead (batch norm still tracks). One thread."""
+    overrides = {"optim.epochs": steps // 30, "seed": seed, **options}
+    if frozen and not patch_frozen:
+        overrides["model.frozen_blocks"] = frozen
+    cfg = load_config(SHIPPED, [f"{k}={v}" for k, v in overrides.items()])
+    run = train_on_scenes(cfg, steps, seed, never_step=frozen if patch_frozen else 0)
+    assert len(run.losses) == steps and steps % 30 == 0, "steps are whole epochs of the shipped data"
+    return run
 
 
 def per_block(metrics: dict) -> list[float | None]:
@@ -124,7 +96,7 @@ def shown(values: list[float | None]) -> str:
 
 def test_dgl_segments_held_out_digits() -> None:
     run = train(STEPS)
-    at_init, got, losses = run["init"], run["final"], run["losses"]
+    at_init, got, losses = run.at_init, run.final, run.losses
     report("segmentation", f"dgl K=4, {STEPS} steps (default suite)", 0, "mIoU", got["miou"], THRESHOLD,
            at_init=at_init["miou"], steps=STEPS, blocks=shown(per_block(got)))  # fmt: skip
     assert all(math.isfinite(v) for step in losses for v in step)
@@ -138,22 +110,21 @@ def test_dgl_segments_held_out_digits() -> None:
 
 @pytest.mark.slow
 def test_the_run_with_early_blocks_frozen_stays_below_the_bar() -> None:
-    run = train(STEPS, frozen=3, patch_frozen=True)
-    got = run["final"]
+    got = train(STEPS, frozen=3, patch_frozen=True).final
     report("segmentation", f"dgl K=4, {STEPS} steps, blocks 0-2 never stepping", 0, "mIoU", got["miou"],
            THRESHOLD, steps=STEPS, blocks=shown(per_block(got)))  # fmt: skip
     assert got["miou"] < THRESHOLD, got
 
 
-def proof_failures(normal: dict, frozen: dict) -> list[str]:
+def proof_failures(normal: ScenesRun, frozen: ScenesRun) -> list[str]:
     """What the slow proof finds wrong with a ``normal`` run against its init and the ``frozen`` control."""
     bad = []
-    got, control = normal["final"]["miou"], frozen["final"]["miou"]
+    got, control = normal.final["miou"], frozen.final["miou"]
     if not got >= METHOD_BAR:
         bad.append(f"held-out mIoU {got:.1f} is below the bar {METHOD_BAR}")
     if not got >= control + MARGIN:
         bad.append(f"held-out mIoU {got:.1f} is not {MARGIN} above the frozen control's {control:.1f}")
-    init, final = per_block(normal["init"]), per_block(normal["final"])
+    init, final = per_block(normal.at_init), per_block(normal.final)
     scored = [k for k in range(K - 1) if final[k] is not None]
     for k in scored:
         if not final[k] >= init[k] + EARLY_GAIN:
@@ -168,10 +139,10 @@ def prove(case: str, seed: int) -> list[str]:
     options = {"method.name": method, **options}
     normal = train(METHOD_STEPS, seed=seed, **options)
     frozen = train(METHOD_STEPS, frozen=K - 1, seed=seed, **options)
-    assert all(math.isfinite(v) for run in (normal, frozen) for step in run["losses"] for v in step)
-    report("segmentation", case, seed, "mIoU", normal["final"]["miou"], METHOD_BAR,
-           frozen=frozen["final"]["miou"], margin=MARGIN, at_init=normal["init"]["miou"], steps=METHOD_STEPS,
-           blocks=shown(per_block(normal["final"])), blocks_at_init=shown(per_block(normal["init"])),
+    assert all(math.isfinite(v) for run in (normal, frozen) for step in run.losses for v in step)
+    report("segmentation", case, seed, "mIoU", normal.final["miou"], METHOD_BAR,
+           frozen=frozen.final["miou"], margin=MARGIN, at_init=normal.at_init["miou"], steps=METHOD_STEPS,
+           blocks=shown(per_block(normal.final)), blocks_at_init=shown(per_block(normal.at_init)),
            frozen_blocks=K - 1)  # fmt: skip
     return proof_failures(normal, frozen)
 
