@@ -167,3 +167,18 @@ if __name__ == "__main__":  # one case: python -m tests.tasks.test_sr_learns MET
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         print(prove(sys.argv[1], int(sys.argv[2]), Path(tmp)) or "the proof holds")
+
+
+if __name__ == "__main__":  # one run: python -m tests.tasks.test_sr_learns METHOD SEED K FROZEN
+    import sys
+    import tempfile
+
+    torch.set_num_threads(1)
+    method, seed, k, frozen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    with tempfile.TemporaryDirectory() as root:
+        r = train_and_score(method, k, root, seed, frozen=frozen, **CASES[method][1])
+    print(
+        f"{method} seed {seed} K={k} frozen_blocks={frozen}: gain over bicubic {r['psnr'] - r['bicubic']:+.3f} dB "
+        f"(PSNR {r['psnr']:.2f}, bicubic {r['bicubic']:.2f}); per block {shown(r['blocks'])} "
+        f"(at init {shown(r['blocks_init'])})"
+    )
