@@ -53,7 +53,7 @@ def test_plan_turns_on_mlaan_recompute_when_k_alone_does_not_fit(capsys):
     assert code == 0 and plan["fits"] and plan["recompute"] is True
     assert "method.mlaan.recompute=true" in plan["overrides"]
     assert plan["peak_total_bytes"] == pytest.approx(plan["measured_peak_total_bytes"], rel=0.1)
-    code, out, _ = run(["plan", "--memory", "1GiB", "--json", *args], capsys)
+    code, out, _ = run(["plan", "--memory", "1GiB", "--json", "--no-dry-run", *args], capsys)
     assert code == 0 and "method.mlaan.recompute=false" in json.loads(out)["overrides"]  # as measured
 
 
