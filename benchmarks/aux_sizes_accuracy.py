@@ -115,6 +115,16 @@ def run(
     return ll.evaluate(test)["top1"], ll.model.parameter_counts(), time.perf_counter() - start
 
 
+def row(method: str, kind: str, results: list[tuple], seconds: bool = False) -> str:
+    """A table row: aux / backbone parameters, each seed's top-1, their mean (and the mean seconds per run)."""
+    tops, counts = [r[0] for r in results], results[0][1]
+    cells = [method, kind, f"{counts['aux'] / counts['backbone']:.2f}", ", ".join(f"{t:.1f}" for t in tops),
+             f"{sum(tops) / len(tops):.1f}"]  # fmt: skip
+    if seconds:
+        cells.append(f"{sum(r[2] for r in results) / len(results):.0f}")
+    return "| " + " | ".join(cells) + " |"
+
+
 def defaults() -> None:
     """``--defaults``: ResNet-18 by default and with the values the outside-model defaults replaced."""
     lines = [
@@ -148,12 +158,7 @@ def defaults() -> None:
         # the bank's first level is a constant, not an option: put back the one it replaced here
         slm.OUTSIDE_MIN_REDUCTION = 1 if options.pop("bank from C1", False) else 4
         results = [run(method, False, s, resnet18, DEFAULTS_SIZE, options, DEFAULTS_EPOCHS) for s in SEEDS]
-        tops = [r[0] for r in results]
-        counts = results[0][1]
-        lines.append(
-            f"| {method} | {kind} | {counts['aux'] / counts['backbone']:.2f} | "
-            f"{', '.join(f'{t:.1f}' for t in tops)} | {sum(tops) / len(tops):.1f} |"
-        )
+        lines.append(row(method, kind, results))
         print(lines[-1], flush=True)
     note = (
         f"\ntorchvision ResNet-18 (`locallearn.wrap`) on digits at {DEFAULTS_SIZE} px, K={K}, {DEFAULTS_EPOCHS} epochs, "
@@ -183,14 +188,8 @@ def main() -> None:
         ("infopro+manpp", False),
     ]:
         results = [run(method, paper, s) for s in SEEDS]
-        tops = [r[0] for r in results]
-        counts = results[0][1]
         kind = "—" if method == "bp" else ("papers' sizes" if paper else "default (sized)")
-        lines.append(
-            f"| {method} | {kind} | {counts['aux'] / counts['backbone']:.2f} | "
-            f"{', '.join(f'{t:.1f}' for t in tops)} | {sum(tops) / len(tops):.1f} | "
-            f"{sum(r[2] for r in results) / len(results):.0f} |"
-        )
+        lines.append(row(method, kind, results, seconds=True))
         print(lines[-1], flush=True)
     note = (
         f"\nWideTail (a model of one's own, this script) on digits at {SIZE} px, K={K}, {EPOCHS} epochs, batch 64, 1 CPU thread. "

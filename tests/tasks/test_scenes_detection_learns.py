@@ -149,6 +149,11 @@ def proof_failures(case: Case, normal: Result, frozen: Result) -> list[str]:
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("name", PROVEN)
 def test_detection_learns_held_out_digits_and_beats_the_frozen_control(name: str, seed: int) -> None:
+    assert prove(name, seed) == []
+
+
+def prove(name: str, seed: int) -> list[str]:
+    """Train case ``name`` and its frozen control, print the PROOF line, return the failures."""
     case = CASES[name]
     normal = train(case.overrides, case.steps, seed=seed)
     frozen = train(case.overrides, case.steps, frozen=case.frozen, seed=seed)
@@ -157,7 +162,7 @@ def test_detection_learns_held_out_digits_and_beats_the_frozen_control(name: str
         margin=case.margin, at_init=normal.at_init["AP50"], steps=case.steps, blocks=blocks_line(normal),
         frozen_blocks=blocks_line(frozen),
     )  # fmt: skip
-    assert proof_failures(case, normal, frozen) == []
+    return proof_failures(case, normal, frozen)
 
 
 # ------------------------------------------------------------------------ the fast proof (default suite)
@@ -209,12 +214,4 @@ if __name__ == "__main__":
     import sys
 
     name, seed = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0
-    case = CASES[name]
-    normal = train(case.overrides, case.steps, seed=seed)
-    frozen = train(case.overrides, case.steps, frozen=case.frozen, seed=seed)
-    report(
-        "detection", name, seed, "AP50", normal.final["AP50"], case.bar, frozen=frozen.final["AP50"],
-        margin=case.margin, at_init=normal.at_init["AP50"], steps=case.steps, blocks=blocks_line(normal),
-        frozen_blocks=blocks_line(frozen),
-    )  # fmt: skip
-    print(proof_failures(case, normal, frozen) or "the proof holds")
+    print(prove(name, seed) or "the proof holds")
