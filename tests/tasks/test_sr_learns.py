@@ -159,23 +159,22 @@ def test_every_sr_method_beats_bicubic_on_a_held_out_photo(method, seed, tmp_pat
     assert prove(method, seed, tmp_path) == []
 
 
-if __name__ == "__main__":  # one case: python -m tests.tasks.test_sr_learns METHOD SEED
+if __name__ == "__main__":
+    # one case (trained run, frozen control, PROOF line): python -m tests.tasks.test_sr_learns METHOD SEED
+    # one run: python -m tests.tasks.test_sr_learns METHOD SEED K FROZEN
     import sys
     import tempfile
     from pathlib import Path
 
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        print(prove(sys.argv[1], int(sys.argv[2]), Path(tmp)) or "the proof holds")
-
-
-if __name__ == "__main__":  # one run: python -m tests.tasks.test_sr_learns METHOD SEED K FROZEN
-    import sys
-    import tempfile
-
-    torch.set_num_threads(1)
-    method, seed, k, frozen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    if len(sys.argv) not in (3, 5):
+        sys.exit("usage: python -m tests.tasks.test_sr_learns METHOD SEED [K FROZEN]")
+    method, seed = sys.argv[1], int(sys.argv[2])
     with tempfile.TemporaryDirectory() as root:
+        if len(sys.argv) == 3:
+            print(prove(method, seed, Path(root)) or "the proof holds")
+            sys.exit()
+        k, frozen = int(sys.argv[3]), int(sys.argv[4])
         r = train_and_score(method, k, root, seed, frozen=frozen, **CASES[method][1])
     print(
         f"{method} seed {seed} K={k} frozen_blocks={frozen}: gain over bicubic {r['psnr'] - r['bicubic']:+.3f} dB "
