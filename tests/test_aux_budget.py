@@ -243,3 +243,30 @@ def test_slm_banks_no_stem_map_on_an_outside_model(shufflenet):
     model = build("torchvision:shufflenet_v2_x0_5", "slm", 3, 64, 4, bb=shufflenet)
     reads = {name for aux in model.auxes for m in aux.modules() if isinstance(m, SLMAux) for name in m.reads}
     assert reads and "C1" not in reads
+
+
+DENSE_BUILDS = {  # task options, backbone, input size, classes
+    "detection": (["task.name=detection", "data.name=digit_scenes"], "resnet18", 64, 10),
+    "super_resolution": (["task.name=super_resolution", "data.name=skimage_photos"], "edsr_tiny", 24, 3),
+}
+
+
+@pytest.mark.parametrize("task", sorted(DENSE_BUILDS))
+@pytest.mark.parametrize("method", ["dgl", "slm"])
+def test_the_warning_on_a_dense_task_names_options_that_shrink_the_aux_nets(caplog, task, method):
+    """On dense tasks a method's ``width`` leaves the aux nets as they are (they end in the task's local
+    head), so the warning must not name it; every option it names must shrink them."""
+    options, backbone, size, classes = DENSE_BUILDS[task]
+    args = [f"method.name={method}", f"model.backbone={backbone}", "model.num_blocks=4", *options]
+
+    def aux_params(*extra):
+        model, _, _ = build_model(load_config(None, [*args, *extra]), inputs(size), classes)
+        return model.parameter_counts()["aux"]
+
+    with caplog.at_level(logging.WARNING, logger="locallearn"):
+        before = aux_params()
+    (line,) = [r.getMessage() for r in caplog.records if "aux nets hold" in r.getMessage()]
+    named = line.split("; ")[-1].removesuffix(" makes them smaller").split(" or ")
+    assert f"method.{method}.width" not in line and "a smaller model.num_blocks" in named
+    for option in named[:-1]:
+        assert aux_params(option) < before, option

@@ -155,6 +155,10 @@ class Task:
     def evaluator(self) -> Evaluator:
         return Evaluator(self)
 
+    def shrink_options(self) -> list[str]:
+        """The task's config keys that make the aux nets' local heads smaller (build.py's warning)."""
+        return []
+
     def init_model(self, model: nn.Module) -> None:
         """Called once the whole model is built: load initial weights the task's options name
         (``pretrained=``). Not called when a checkpoint is about to be loaded over the model (resume,
