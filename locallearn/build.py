@@ -399,7 +399,9 @@ def build_model(
     auxes.append(method.make_head(HeadLoss(task, head)))
     taps = bank_taps(auxes, [*cuts, len(layers)], levels)
     model = LocalModel(backbone, cuts, auxes, window=method.window, taps=taps)
-    aux_budget.warn_if_large(model.parameter_counts(), method.name, method.shrink_options(task.dense) + task.shrink_options())
+    aux_budget.warn_if_large(
+        model.parameter_counts(), method.name, method.shrink_options(task.dense) + task.shrink_options()
+    )
     if load_weights:
         task.init_model(model)  # super-resolution: task.super_resolution.pretrained (a x2 run)
     try:
