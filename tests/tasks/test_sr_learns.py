@@ -161,23 +161,28 @@ def test_every_sr_method_beats_bicubic_on_a_held_out_photo(method, seed, tmp_pat
 
 if __name__ == "__main__":
     # one case (trained run, frozen control, PROOF line): python -m tests.tasks.test_sr_learns METHOD SEED
-    # one run: python -m tests.tasks.test_sr_learns METHOD SEED K FROZEN
+    # one run: python -m tests.tasks.test_sr_learns METHOD SEED K FROZEN [steps=N] [CONFIG_KEY=VALUE ...],
+    # e.g. ... slm 0 2 1 model.split=cuts model.cuts=[5] (the last block = EDSR's closing conv)
     import sys
     import tempfile
     from pathlib import Path
 
     torch.set_num_threads(1)
-    if len(sys.argv) not in (3, 5):
-        sys.exit("usage: python -m tests.tasks.test_sr_learns METHOD SEED [K FROZEN]")
+    if len(sys.argv) != 3 and len(sys.argv) < 5:
+        sys.exit(
+            "usage: python -m tests.tasks.test_sr_learns METHOD SEED [K FROZEN [steps=N] [KEY=VALUE ...]]"
+        )
     method, seed = sys.argv[1], int(sys.argv[2])
     with tempfile.TemporaryDirectory() as root:
         if len(sys.argv) == 3:
             print(prove(method, seed, Path(root)) or "the proof holds")
             sys.exit()
         k, frozen = int(sys.argv[3]), int(sys.argv[4])
-        r = train_and_score(method, k, root, seed, frozen=frozen, **CASES[method][1])
+        extra = dict(item.split("=", 1) for item in sys.argv[5:])
+        STEPS = int(extra.pop("steps", STEPS))
+        r = train_and_score(method, k, root, seed, frozen=frozen, **{**CASES[method][1], **extra})
     print(
-        f"{method} seed {seed} K={k} frozen_blocks={frozen}: gain over bicubic {r['psnr'] - r['bicubic']:+.3f} dB "
-        f"(PSNR {r['psnr']:.2f}, bicubic {r['bicubic']:.2f}); per block {shown(r['blocks'])} "
-        f"(at init {shown(r['blocks_init'])})"
+        f"{method} seed {seed} K={k} frozen_blocks={frozen} {' '.join(sys.argv[5:])}: gain over bicubic "
+        f"{r['psnr'] - r['bicubic']:+.3f} dB (PSNR {r['psnr']:.2f}, bicubic {r['bicubic']:.2f}); per block "
+        f"{shown(r['blocks'])} (at init {shown(r['blocks_init'])})"
     )
