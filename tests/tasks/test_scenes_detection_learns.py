@@ -210,8 +210,12 @@ def test_the_tiny_proof_fails_when_block_0_does_not_step() -> None:
 
 if __name__ == "__main__":
     # One case's trained run and its frozen control, printed as the slow test prints them (any case, also
-    # those not yet in the slow suite), e.g. python -m tests.tasks.test_scenes_detection_learns yolov1-slm-k16 0
+    # those not yet in the slow suite), e.g. python -m tests.tasks.test_scenes_detection_learns yolov1-slm-k16 0;
+    # a third argument trains that many steps instead of the case's
+    import dataclasses
     import sys
 
     name, seed = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    if len(sys.argv) > 3:
+        CASES[name] = dataclasses.replace(CASES[name], steps=int(sys.argv[3]))
     print(prove(name, seed) or "the proof holds")
