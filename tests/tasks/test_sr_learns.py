@@ -56,20 +56,22 @@ def bicubic_psnr(test) -> float:
     return float(np.mean(out))
 
 
-def train_and_score(method: str, k: int, tmp_path, seed: int = 0, frozen: int = 0, **options) -> dict:
+def train_and_score(
+    method: str, k: int, tmp_path, seed: int = 0, frozen: int = 0, scale: int = 2, **options
+) -> dict:
     """Train ``STEPS`` steps; held-out PSNR (``psnr``), bicubic's (``bicubic``), per-block PSNR at init and
     after training (``blocks_init``, ``blocks``; None where an aux predicts no image) and the losses."""
     from locallearn.data.super_resolution import SRLoader, skimage_photos
 
     args = [
         f"method.name={method}", "model.backbone=edsr_tiny", f"model.num_blocks={k}", "model.split=even",
-        "task.name=super_resolution", "task.super_resolution.scale=2", "data.name=skimage_photos",
+        "task.name=super_resolution", f"task.super_resolution.scale={scale}", "data.name=skimage_photos",
         "optim.name=adamw", f"optim.lr={LR}", "optim.betas=[0.9,0.999]", "optim.weight_decay=0",
         "optim.schedule=constant", "optim.warmup_epochs=0", f"model.frozen_blocks={frozen}",
     ]  # fmt: skip
     args += [f"{key}={value}" for key, value in options.items()]
     cfg = load_config(None, args)
-    train, test = skimage_photos(str(tmp_path), False, 2)
+    train, test = skimage_photos(str(tmp_path), False, scale)
     train.patch = PATCH
     torch.manual_seed(seed)
     model, _, task = build_model(cfg, InputInfo(3, PATCH, (0.0,) * 3, (1.0,) * 3), 3)
@@ -161,7 +163,7 @@ def test_every_sr_method_beats_bicubic_on_a_held_out_photo(method, seed, tmp_pat
 
 if __name__ == "__main__":
     # one case (trained run, frozen control, PROOF line): python -m tests.tasks.test_sr_learns METHOD SEED
-    # one run: python -m tests.tasks.test_sr_learns METHOD SEED K FROZEN [steps=N] [CONFIG_KEY=VALUE ...],
+    # one run: python -m tests.tasks.test_sr_learns METHOD SEED K FROZEN [steps=N] [scale=S] [CONFIG_KEY=VALUE ...],
     # e.g. ... slm 0 2 1 model.split=cuts model.cuts=[5] (the last block = EDSR's closing conv)
     import sys
     import tempfile
@@ -180,7 +182,8 @@ if __name__ == "__main__":
         k, frozen = int(sys.argv[3]), int(sys.argv[4])
         extra = dict(item.split("=", 1) for item in sys.argv[5:])
         STEPS = int(extra.pop("steps", STEPS))
-        r = train_and_score(method, k, root, seed, frozen=frozen, **{**CASES[method][1], **extra})
+        scale = int(extra.pop("scale", 2))
+        r = train_and_score(method, k, root, seed, frozen, scale, **{**CASES[method][1], **extra})
     print(
         f"{method} seed {seed} K={k} frozen_blocks={frozen} {' '.join(sys.argv[5:])}: gain over bicubic "
         f"{r['psnr'] - r['bicubic']:+.3f} dB (PSNR {r['psnr']:.2f}, bicubic {r['bicubic']:.2f}); per block "
