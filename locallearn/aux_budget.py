@@ -156,19 +156,25 @@ MOMENTUM_REMEDIES = ["method.momentum.copy=op"]
 AUTO = {"recon_at": ("feature", "input"), "copy": ("op", "layer"), "recompute": ("true", "false")}
 
 
-def remedies(method: object, outside: bool) -> list[str]:
+def remedies(method: object, outside: bool, task: object = None) -> list[str]:
     """The options of ``REMEDIES`` that would change ``method``'s build (one already in effect helps
     nothing and is left out); ``method`` is a built Method (``+man`` wrappers: their base's and
-    ``MOMENTUM_REMEDIES`` on outside models)."""
+    ``MOMENTUM_REMEDIES`` on outside models). On a dense ``task`` the widths are left out (its aux nets
+    end in the task's local head, which they do not set) and the task's own options come first."""
     base = getattr(method, "base", method)
     configs = {base.name: getattr(base, "cfg", None)}
     names = list(REMEDIES.get(base.name, []))
+    if getattr(task, "dense", False):
+        names = [*task.shrink_options(), *(n for n in names if not n.split("=")[0].endswith(".width"))]
     if base is not method:
         configs["momentum"] = getattr(method, "cfg", None)
         names += MOMENTUM_REMEDIES if outside else []
     kept = []
     for option in names:
         key, value = option.split("=")
+        if not key.startswith("method."):
+            kept.append(option)  # a task's option (task.shrink_options)
+            continue
         section, field = key.split(".")[1:]
         current = str(getattr(configs.get(section), field, "")).lower()
         if current in ("auto", "none") and field in AUTO:  # None: auto for a bool option

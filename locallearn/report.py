@@ -128,7 +128,7 @@ def record_measurements(
             try:
                 # an outside model's backbone keeps its source model's head (backbones/external.py)
                 outside = callable(getattr(run.model.backbone, "source_head", None))
-                options = aux_budget.remedies(method, outside)
+                options = aux_budget.remedies(method, outside, getattr(run, "task", None))
                 aux_budget.warn_if_over_bp(
                     run.model, step, info, run.memory["batch_size"], method.name, options
                 )

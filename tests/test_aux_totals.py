@@ -151,6 +151,25 @@ def test_remedies_name_only_what_changes_the_build(method, extra, outside, named
 
 
 @pytest.mark.parametrize(
+    "method,fpn,named",
+    [
+        ("dgl", 256, ["task.detection.fpn_channels=64"]),
+        ("dgl+manpp", 256, ["task.detection.fpn_channels=64"]),
+        ("slm", 256, ["task.detection.fpn_channels=64", "method.slm.bank=false"]),
+        ("dgl", 64, []),  # already that narrow
+    ],
+)
+def test_remedies_on_a_dense_task_name_the_tasks_option_not_widths(method, fpn, named):
+    """A dense task's aux nets end in its local head, which the methods' widths do not set (the warning
+    named method.dgl.width=16 on RetinaNet, which changes nothing); RetinaNet's FPN width does (ResNet-18
+    K=4 dgl on 64-px digit_scenes: 585 MiB -> 210 MiB a step, docs/methods.md)."""
+    from locallearn.tasks.detection import Detection, DetectionConfig
+
+    task = Detection(10, DetectionConfig(fpn_channels=fpn))
+    assert aux_budget.remedies(build_method(method), False, task) == named
+
+
+@pytest.mark.parametrize(
     "method,option",
     [("slm", "method.slm.width=16"), ("slm+manpp", "method.slm.bank=false")],
 )

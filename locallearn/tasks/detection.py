@@ -282,7 +282,8 @@ class Detection(Task):
     def shrink_options(self) -> list[str]:
         # RetinaNet's local heads are FPNs of ``fpn_channels`` (ResNet-18 K=4 DGL: 24.5 M -> 2.0 M
         # aux parameters at 64; the main head narrows too); YOLOv1's do not read it
-        return ["task.detection.fpn_channels=64"] if self.cfg.head == "retinanet" else []
+        narrower = self.cfg.head == "retinanet" and self.cfg.fpn_channels > 64
+        return ["task.detection.fpn_channels=64"] if narrower else []
 
     # -- loss and detections ---------------------------------------------------------------------
     def anchors(self, output: dict[str, Any], batch: Batch) -> list[torch.Tensor]:
