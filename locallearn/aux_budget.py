@@ -117,6 +117,15 @@ def sized_auxes(
     return auxes, widths
 
 
+def for_task(options: list[str], task: object) -> list[str]:
+    """The method ``options`` that shrink the aux nets on ``task``, after the task's own: on a dense task
+    the aux ends in the task's local head, whose widths a method's ``width`` does not set (measured: DGL's
+    and SLM's aux nets on detection and SR are the same size at any width), so widths are dropped there."""
+    if not getattr(task, "dense", False):
+        return list(options)
+    return [*task.shrink_options(), *(o for o in options if not o.split("=")[0].endswith(".width"))]
+
+
 def warn_if_large(counts: dict[str, int], method_name: str, options: list[str]) -> bool:
     """One warning line when the aux nets hold more parameters than the backbone; True if it warned."""
     aux, backbone = counts["aux"], counts["backbone"]
@@ -159,13 +168,10 @@ AUTO = {"recon_at": ("feature", "input"), "copy": ("op", "layer"), "recompute": 
 def remedies(method: object, outside: bool, task: object = None) -> list[str]:
     """The options of ``REMEDIES`` that would change ``method``'s build (one already in effect helps
     nothing and is left out); ``method`` is a built Method (``+man`` wrappers: their base's and
-    ``MOMENTUM_REMEDIES`` on outside models). On a dense ``task`` the widths are left out (its aux nets
-    end in the task's local head, which they do not set) and the task's own options come first."""
+    ``MOMENTUM_REMEDIES`` on outside models); on a ``task``, as ``for_task`` keeps them."""
     base = getattr(method, "base", method)
     configs = {base.name: getattr(base, "cfg", None)}
-    names = list(REMEDIES.get(base.name, []))
-    if getattr(task, "dense", False):
-        names = [*task.shrink_options(), *(n for n in names if not n.split("=")[0].endswith(".width"))]
+    names = for_task(REMEDIES.get(base.name, []), task)
     if base is not method:
         configs["momentum"] = getattr(method, "cfg", None)
         names += MOMENTUM_REMEDIES if outside else []

@@ -400,7 +400,7 @@ def build_model(
     taps = bank_taps(auxes, [*cuts, len(layers)], levels)
     model = LocalModel(backbone, cuts, auxes, window=method.window, taps=taps)
     aux_budget.warn_if_large(
-        model.parameter_counts(), method.name, method.shrink_options(task.dense) + task.shrink_options()
+        model.parameter_counts(), method.name, aux_budget.for_task(method.shrink_options(), task)
     )
     if load_weights:
         task.init_model(model)  # super-resolution: task.super_resolution.pretrained (a x2 run)

@@ -208,8 +208,6 @@ class Method:
         0 = auto); build.py then picks the width for an outside model."""
         return getattr(self.cfg, "width", None) == 0
 
-    def shrink_options(self, dense: bool = False) -> list[str]:
-        """The config keys that make this method's aux nets smaller (named in build.py's warning). On a
-        dense task the aux ends in the task's local head, whose widths ``width`` does not set (measured:
-        DGL's and SLM's aux nets are the same size at any width there), so it is not named."""
-        return [f"method.{self.name}.width=64"] if hasattr(self.cfg, "width") and not dense else []
+    def shrink_options(self) -> list[str]:
+        """The config keys that make this method's aux nets smaller (named in build.py's warning)."""
+        return [f"method.{self.name}.width=64"] if hasattr(self.cfg, "width") else []

@@ -196,8 +196,8 @@ class Momentum(Method):
     def sized_by_width(self) -> bool:
         return self.base.sized_by_width()
 
-    def shrink_options(self, dense: bool = False) -> list[str]:
-        return self.base.shrink_options(dense)
+    def shrink_options(self) -> list[str]:
+        return self.base.shrink_options()
 
     def make_head(self, head: nn.Module) -> nn.Module:
         return self.base.make_head(head)
